@@ -1,0 +1,175 @@
+"""``analyze``: the one offline entry. Runs (a base and its checkpoints) in, an ``Analysis`` table out.
+
+Streaming order: for each group of same-shape matrices, decompose the base once, then visit every
+checkpoint, reading only that group's tensors. Peak memory is one group plus its base factors,
+whatever the number of checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from geometry.config import AnalysisConfig
+from geometry.engine import BaseFactors, StepResult, decompose_base, group_size, locking_sims, measure_step
+from geometry.errors import GeometryError
+from geometry.sources import Checkpoint, MatrixSpec, TensorSource, open_run, open_source, read_matrix, select_matrices
+from geometry.table import Row, Table
+
+
+class Run(NamedTuple):
+    """One training run to analyze: its label, its base model, and checkpoint paths (files, model
+    dirs or Trainer output dirs with checkpoint-N folders)."""
+
+    label: str
+    base: str | Path
+    checkpoints: Sequence[str | Path]
+
+
+class Curve(NamedTuple):
+    """A per-matrix vector kept for plots: principal-angle curves ("angles_u", "angles_v", degrees,
+    ascending) and spectra ("spectrum": of W_t; at step 0 of W_0)."""
+
+    run: str
+    step: int
+    matrix: str
+    kind: str
+    values: np.ndarray
+
+
+class Analysis(Table):
+    """The tidy table of every metric, plus what does not fit in it.
+
+    curves: per-matrix angle curves and spectra; notes: fallbacks taken and matrices skipped, in words;
+    runs: the runs analysed, in order.
+    """
+
+    def __init__(self, rows: Iterable[Row], curves: list[Curve], notes: list[str], runs: list[Run],
+                 config: AnalysisConfig):
+        super().__init__(rows)
+        self.curves, self.notes, self.runs, self.config = curves, notes, runs, config
+
+
+def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | Path] | None = None, *,
+            label: str = "run", config: AnalysisConfig | None = None, progress: bool = False) -> Analysis:
+    """Measure every SPEC metric for every run, checkpoint and matrix.
+
+    ``analyze(base, [ckpt_dir])`` for one run, or ``analyze([Run("sft", base, [dir]), Run("opd", ...)])``
+    for several side by side, each with its own base.
+    """
+    cfg = config or AnalysisConfig()
+    if isinstance(runs, (str, Path)):
+        if not checkpoints:
+            raise GeometryError("analyze(base, checkpoints): no checkpoints given")
+        runs = [Run(label, runs, list(checkpoints))]
+    elif isinstance(runs, Run):
+        runs = [runs]
+    runs = list(runs)
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        raise GeometryError(f"run labels must be unique, got {labels}")
+    rows, curves, notes = [], [], []
+    for run in runs:
+        _analyze_run(run, cfg, rows, curves, notes, progress)
+    return Analysis(rows, curves, notes, runs, cfg)
+
+
+def _open_checkpoints(run: Run, cfg: AnalysisConfig) -> list[Checkpoint]:
+    ckpts = [c for path in run.checkpoints for c in open_run(path, allow_pickle=cfg.allow_pickle)]
+    if not ckpts:
+        raise GeometryError(f"run {run.label}: no checkpoints found")
+    ckpts.sort(key=lambda c: c.step)
+    steps = [c.step for c in ckpts]
+    if len(set(steps)) != len(steps):
+        dup = sorted(s for s, n in Counter(steps).items() if n > 1)
+        raise GeometryError(f"run {run.label}: two checkpoints share step {dup[0]}")
+    return ckpts
+
+
+def _groups(specs: list[MatrixSpec], memory_mb: float) -> list[list[MatrixSpec]]:
+    """Same-shape matrices batched together, each batch within the memory budget."""
+    out = []
+    for shape, same in groupby(sorted(specs, key=lambda s: s.shape), key=lambda s: s.shape):
+        same = list(same)
+        size = group_size(shape, memory_mb)
+        out += [same[i:i + size] for i in range(0, len(same), size)]
+    return out
+
+
+def _read_group(source: TensorSource, group: list[MatrixSpec], device: torch.device) -> torch.Tensor:
+    return torch.stack([read_matrix(source, spec) for spec in group]).to(device)  # (L, m, n), stored dtype
+
+
+def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Curve], notes: list[str],
+                 progress: bool) -> None:
+    base = open_source(run.base, allow_pickle=cfg.allow_pickle)
+    ckpts = _open_checkpoints(run, cfg)
+    sel = select_matrices(base, [c.source for c in ckpts], include=cfg.include, exclude=cfg.exclude,
+                          embeddings=cfg.embeddings, on_mismatch=cfg.on_mismatch)
+    for name, reason in sel.skipped:
+        notes.append(f"{run.label}: skipped {name}: {reason}")
+    device = cfg.torch_device()
+    methods: Counter = Counter()
+    groups = _groups(sel.matrices, cfg.memory_mb)
+    bar = _progress(len(groups) * len(ckpts), f"analyze {run.label}", progress)
+    for group in groups:
+        factors = decompose_base(_read_group(base, group, device), cfg)
+        for i, spec in enumerate(group):
+            curves.append(Curve(run.label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
+        results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
+        _emit(run.label, [c.step for c in ckpts], group, results, rows, curves)
+        methods.update(m for res in results for m in res.methods)
+    bar.close()
+    for method, count in sorted(methods.items()):
+        if "->" in method:
+            notes.append(f"{run.label}: {count} batch decompositions fell back {method} (fast path failed its check)")
+
+
+def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: list[MatrixSpec], cfg: AnalysisConfig,
+                       device: torch.device, bar) -> list[StepResult]:
+    results, prev = [], factors.W0
+    for ckpt in ckpts:
+        Wt = _read_group(ckpt.source, group, device)
+        results.append(measure_step(factors, Wt, prev, cfg))
+        prev = Wt
+        bar.update(1)
+    return results
+
+
+def _emit(label: str, steps: list[int], group: list[MatrixSpec], results: list[StepResult], rows: list[Row],
+          curves: list[Curve]) -> None:
+    for step, res, sims in zip(steps, results, locking_sims(results), strict=True):
+        values = {**res.values, **sims}
+        cols = {name: v.cpu().double().numpy() for name, v in values.items()}
+        for i, spec in enumerate(group):
+            for name, col in cols.items():
+                rows.append(Row(label, step, spec.name, spec.layer, spec.module, name, float(col[i])))
+            for kind, tensor in (("angles_u", res.angles_u), ("angles_v", res.angles_v), ("spectrum", res.spectrum)):
+                curves.append(Curve(label, step, spec.name, kind, tensor[i].cpu().numpy()))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ckpt-group", leave=False)
+
+
+def curves_by(analysis: Analysis, kind: str) -> dict[tuple[str, int, str], np.ndarray]:
+    """The curves of one kind keyed by (run, step, matrix)."""
+    return {(c.run, c.step, c.matrix): c.values for c in analysis.curves if c.kind == kind}

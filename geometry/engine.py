@@ -1,0 +1,125 @@
+"""The batched measuring engine: one group of same-shape matrices (L, m, n), every checkpoint in turn.
+
+The base is decomposed once per group and reused for every checkpoint; per checkpoint the engine
+needs W_t and the previous W_s, nothing else, so memory does not grow with the number of checkpoints.
+No I/O here: ``geometry.analyze`` feeds the tensors and turns the results into rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from geometry import metrics as M
+from geometry.config import AnalysisConfig
+from geometry.linalg import SVD, default_k, exact_svd, gram_svd, randomized_svd, spectrum, subspace_sim
+
+N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
+
+
+class BaseFactors(NamedTuple):
+    """What every checkpoint of a group is measured against, computed once."""
+
+    W0: torch.Tensor  # (L, m, n) float64
+    svd: SVD  # exact, all r = min(m, n) vectors: U (L, m, r), S (L, r), V (L, n, r)
+    k: int  # principal subspace size
+    principal: torch.Tensor  # (L, m, n) bool, SPEC 5
+    lowmag: torch.Tensor  # (L, m, n) bool, SPEC 5
+
+
+class StepResult(NamedTuple):
+    """One checkpoint of one group."""
+
+    values: dict[str, torch.Tensor]  # canonical metric name -> (L,)
+    UK: torch.Tensor  # (L, m, K) top-K left singular subspace of D_t, for locking
+    VK: torch.Tensor  # (L, n, K)
+    angles_u: torch.Tensor  # (L, k) principal angles in degrees, ascending
+    angles_v: torch.Tensor  # (L, k)
+    spectrum: torch.Tensor  # (L, r) singular values of W_t
+    methods: list[str]  # decomposition paths taken (for the notes on fallbacks)
+
+
+def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig) -> BaseFactors:
+    W0 = W0.double()
+    m, n = W0.shape[-2:]
+    svd = exact_svd(W0)
+    k = min(cfg.k or default_k(m, n), m, n)
+    r = min(cfg.mask_rank, m, n)
+    return BaseFactors(W0, svd, k, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha))
+
+
+def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig) -> StepResult:
+    """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7."""
+    Wt = Wt.double()
+    W0, k = base.W0, base.k
+    m, n = W0.shape[-2:]
+    D, d = Wt - W0, Wt - Wprev.double()
+    Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
+    out: dict[str, torch.Tensor] = {}
+
+    changed = M.changed_mask(W0, Wt)
+    out["sparsity_bf16"] = 1.0 - changed.double().mean((-2, -1))
+    out["sparsity_abs"] = M.sparsity_abs(W0, Wt, cfg.abs_tol)
+
+    top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
+    out["angle_max_u"], out["angle_mean_u"], angles_u = M.angle_stats(Uk, top.U[..., :k])
+    out["angle_max_v"], out["angle_mean_v"], angles_v = M.angle_stats(Vk, top.V[..., :k])
+    out["nss"] = M.nss(base.svd.S, top.S)
+
+    ov = M.overlap(D, Uk, Vk)
+    out["overlap_2s"], out["overlap_2s_ratio"] = ov.two_sided, ov.two_sided_ratio
+    out["overlap_left"], out["overlap_right"] = ov.left, ov.right
+    ov_int = M.overlap(d, Uk, Vk)
+    out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
+
+    out["mask_overlap_principal"] = M.mask_overlap(changed, base.principal)
+    out["mask_overlap_lowmag"] = M.mask_overlap(changed, base.lowmag)
+
+    sD = spectrum(D, small_values=False)  # (L, r)
+    for name, value in zip(M.RankStats._fields, M.rank_stats(sD), strict=True):
+        out[name] = value
+    interval = M.rank_stats(spectrum(d, small_values=False))
+    out["stable_rank_interval"], out["effective_rank_interval"] = interval.stable_rank, interval.effective_rank
+
+    out["intruders"] = M.intruders(base.svd.U, top.U[..., :N_INTRUDER], cfg.intruder_threshold)
+
+    K = min(cfg.K, m, n)
+    if cfg.randomized:
+        upd = randomized_svd(D, K, oversample=cfg.oversample, n_iter=cfg.n_iter, seed=cfg.seed, check=sD)
+    else:
+        upd = exact_svd(D, K)
+    return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
+
+
+def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:
+    """Per step: Sim_K of D_t's top-K subspaces to the final D_T's and to the previous step's (SPEC 7).
+
+    A zero update has no subspace: its similarities are NaN.
+    """
+    final = results[-1]
+    sims = []
+    for i, res in enumerate(results):
+        prev = results[i - 1] if i > 0 else None
+        moved = res.values["fro_norm"] > 0
+        nan = torch.full_like(res.values["fro_norm"], float("nan"))
+
+        def sim(a, b):
+            return torch.where(moved, subspace_sim(a, b), nan)  # noqa: B023 - evaluated immediately
+
+        sims.append({
+            "sim_final_u": sim(res.UK, final.UK),
+            "sim_final_v": sim(res.VK, final.VK),
+            "sim_prev_u": sim(res.UK, prev.UK) if prev else nan,
+            "sim_prev_v": sim(res.VK, prev.VK) if prev else nan,
+        })
+    return sims
+
+
+def group_size(shape: tuple[int, int], memory_mb: float) -> int:
+    """How many (m, n) matrices fit in one batch: ~12 float64 working copies each (W0, its factors and
+    masks, W_t, W_s, D, d, Gram matrices), at least one."""
+    m, n = shape
+    per_matrix = 12 * 8 * m * n + 8 * (m + n) ** 2
+    return max(1, int(memory_mb * 2**20 // per_matrix))

@@ -1,0 +1,169 @@
+"""Batched decompositions and subspace comparisons: exact, fast, and the checks between them.
+
+Every function takes tensors batched over leading dimensions, ``(..., m, n)``, on whatever
+device they live on, and works in float64: the metrics of SPEC.md need small angles and
+spectral shifts of 1e-5 that float32 cannot resolve (SPEC items 2, 3).
+
+Fast paths, each with the check that sends it back to the exact path:
+
+- ``gram_svd``: eigendecomposition of the float64 Gram matrix of the smaller side. About 3x
+  cheaper than an SVD on the CPU. Squaring the matrix loses the singular values below
+  ~sqrt(eps64) * s1, so matrices that ill-conditioned fall back to ``exact_svd``.
+- ``randomized_svd``: Halko et al. 2011, Alg. 4.4 (subspace iteration with re-orthonormalisation),
+  seeded. Its top singular values are checked against a spectrum computed exactly; a miss
+  falls back to ``exact_svd``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+# Below this ratio s_min / s_max a Gram matrix has lost the small singular values (sqrt(eps64) ~ 1.5e-8),
+# with a margin so that those it keeps are accurate to well under SPEC's 1% on the NSS.
+GRAM_MIN_CONDITION = 1e-6
+
+
+class SVD(NamedTuple):
+    """A (possibly truncated) SVD x ~ U diag(S) V^T, batched.
+
+    U: (..., m, k) left singular vectors; S: (..., r) all r = min(m, n) singular values, descending
+    (the full spectrum even when only k vectors are kept); V: (..., n, k) right singular vectors;
+    method: which path produced it ("exact", "gram", "randomized", or "<fast>->exact" after a fallback).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    method: str
+
+
+def exact_svd(x: torch.Tensor, k: int | None = None) -> SVD:
+    """The reference: LAPACK SVD in float64, thin; keeps the top-k vectors (all when k is None)."""
+    U, S, Vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return SVD(U[..., :k], S, Vh.mT[..., :k], "exact")
+
+
+def gram_svd(x: torch.Tensor, k: int | None = None) -> SVD:
+    """Top-k singular vectors and the full spectrum from eigh of the float64 Gram matrix.
+
+    With m >= n: x^T x = V diag(S^2) V^T, then U_k = x V_k / S_k (and symmetrically for m < n).
+    Falls back to ``exact_svd`` when the matrix is too ill-conditioned for the Gram matrix to hold
+    its spectrum, or when eigh fails.
+    """
+    x = x.double()
+    m, n = x.shape[-2:]
+    k = min(m, n) if k is None else k
+    tall = m >= n
+    try:
+        gram = x.mT @ x if tall else x @ x.mT  # (..., r, r)
+        evals, evecs = torch.linalg.eigh(gram)  # ascending
+    except torch.linalg.LinAlgError:
+        return _fallback(x, k, "gram")
+    S = evals.flip(-1).clamp_min(0).sqrt()  # (..., r) descending
+    if not _well_conditioned(S):
+        return _fallback(x, k, "gram")
+    small = evecs.flip(-1)[..., :k]  # (..., r, k) vectors of the smaller side
+    big = (x @ small if tall else x.mT @ small) / S[..., None, :k]  # (..., m or n, k)
+    U, V = (big, small) if tall else (small, big)
+    return SVD(U, S, V, "gram")
+
+
+def spectrum(x: torch.Tensor, *, small_values: bool = True) -> torch.Tensor:
+    """All singular values, descending, float64, from Gram eigenvalues.
+
+    With ``small_values`` (spectral shift needs them) an ill-conditioned matrix goes to the exact SVD.
+    Without it, values below ~1e-8 * s1 may be off by ~1e-8 * s1, which no rank metric can see
+    (an update D is often exactly low-rank, and would otherwise always take the slow path).
+    """
+    x = x.double()
+    m, n = x.shape[-2:]
+    try:
+        evals = torch.linalg.eigvalsh(x.mT @ x if m >= n else x @ x.mT)
+        S = evals.flip(-1).clamp_min(0).sqrt()
+        if not small_values and torch.isfinite(S).all():
+            return S
+        if _well_conditioned(S):
+            return S
+    except torch.linalg.LinAlgError:
+        pass
+    return torch.linalg.svdvals(x)
+
+
+def randomized_svd(x: torch.Tensor, k: int, *, oversample: int = 8, n_iter: int = 4, seed: int = 0,
+                   check: torch.Tensor | None = None, rtol: float = 1e-3) -> SVD:
+    """Top-k singular triplets by seeded randomized subspace iteration (Halko et al. 2011, Alg. 4.4).
+
+    ``check``, when given, is the exact spectrum of x (..., r): if the estimated top-k singular values
+    miss it by more than ``rtol`` relative to s1, the result is replaced by the exact SVD. The returned
+    S is ``check`` when given (the exact spectrum), else the k estimated values.
+    """
+    x = x.double()
+    m, n = x.shape[-2:]
+    p = min(k + oversample, m, n)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    omega = torch.randn(*x.shape[:-2], n, p, generator=gen, device=x.device, dtype=x.dtype)  # (..., n, p)
+    try:
+        Q = torch.linalg.qr(x @ omega).Q  # (..., m, p)
+        for _ in range(n_iter):
+            Q = torch.linalg.qr(x.mT @ Q).Q  # (..., n, p)
+            Q = torch.linalg.qr(x @ Q).Q  # (..., m, p)
+        Ub, Sb, Vbh = torch.linalg.svd(Q.mT @ x, full_matrices=False)  # (..., p, p), (..., p), (..., p, n)
+    except torch.linalg.LinAlgError:
+        return _fallback(x, k, "randomized")
+    U, S, V = Q @ Ub[..., :k], Sb[..., :k], Vbh.mT[..., :k]
+    if not torch.isfinite(S).all():
+        return _fallback(x, k, "randomized")
+    if check is not None:
+        scale = check[..., :1].clamp_min(torch.finfo(x.dtype).tiny)
+        if ((S - check[..., :k]).abs() / scale).max() > rtol:
+            return _fallback(x, k, "randomized")
+        S = check
+    return SVD(U, S, V, "randomized")
+
+
+def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, ascending) between span(A) and span(B), orthonormal (..., m, k).
+
+    Small angles come from sines, sigma(B - A A^T B), and large ones from cosines, sigma(A^T B)
+    (Knyazev & Argentati 2002): arccos of a cosine near 1 loses every digit of a small angle.
+    """
+    A, B = A.double(), B.double()
+    C = A.mT @ B  # (..., k, k)
+    cos = torch.linalg.svdvals(C).clamp(0, 1)  # descending -> angles ascending
+    sin = torch.linalg.svdvals(B - A @ C).clamp(0, 1).flip(-1)  # ascending
+    k = cos.shape[-1]
+    sin = sin[..., -k:] if sin.shape[-1] >= k else torch.nn.functional.pad(sin, (k - sin.shape[-1], 0))
+    from_cos, from_sin = torch.arccos(cos), torch.arcsin(sin)
+    return torch.where(cos * cos > 0.5, from_sin, from_cos)
+
+
+def subspace_sim(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Sim_K(A, B) = ||A^T B||_F^2 / K for orthonormal (..., n, K) bases (SPEC item 7); in [0, 1]."""
+    K = A.shape[-1]
+    return (A.double().mT @ B.double()).square().sum((-2, -1)) / K
+
+
+def default_k(m: int, n: int) -> int:
+    """SPEC item 2: k = min(512, max(1, rank // 8)), the paper's 512 of 4096."""
+    return min(512, max(1, min(m, n) // 8))
+
+
+def _well_conditioned(S: torch.Tensor) -> bool:
+    top = S[..., 0]
+    if not torch.isfinite(S).all():
+        return False
+    # An all-zero matrix is fine (its spectrum is exactly zero); otherwise require s_min / s_max above the floor.
+    nonzero = top > 0
+    return bool((S[..., -1][nonzero] >= GRAM_MIN_CONDITION * top[nonzero]).all())
+
+
+def _fallback(x: torch.Tensor, k: int, fast: str) -> SVD:
+    res = exact_svd(x, k)
+    return res._replace(method=f"{fast}->exact")
+
+
+def degrees(radians: torch.Tensor) -> torch.Tensor:
+    return radians * (180.0 / math.pi)

@@ -1,0 +1,157 @@
+"""The metrics of SPEC.md items 1-8 as pure tensor functions, batched over leading dimensions.
+
+Inputs are weight tensors ``(..., m, n)`` in any float dtype, or factors from ``geometry.linalg``.
+Outputs are float64 tensors of shape ``(...)``: one value per matrix. No I/O, no device choices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from geometry.linalg import degrees, principal_angles, subspace_sim
+
+__all__ = [
+    "changed_mask", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap", "overlap",
+    "principal_mask", "lowmag_mask", "mask_overlap", "RankStats", "rank_stats", "intruders",
+    "subspace_sim", "HILL_K",
+]
+
+HILL_K = 10  # SPEC item 6: Hill tail exponent over the top 10 singular values
+
+
+# --- 1. bf16 update sparsity -------------------------------------------------------------------
+
+def changed_mask(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """Entries whose bf16 bit pattern changed (SPEC item 1; Mukherjee et al. 2025). Bool (..., m, n)."""
+    return w0.to(torch.bfloat16).view(torch.int16) != wt.to(torch.bfloat16).view(torch.int16)
+
+
+def sparsity_bf16(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """Fraction of entries unchanged at bf16 precision, bit for bit."""
+    return 1.0 - changed_mask(w0, wt).double().mean((-2, -1))
+
+
+def sparsity_abs(w0: torch.Tensor, wt: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """Older papers' variant: fraction of entries with |w_t - w_0| <= tol (computed in float64)."""
+    return ((wt.double() - w0.double()).abs() <= tol).double().mean((-2, -1))
+
+
+# --- 2. principal angles -----------------------------------------------------------------------
+
+def angle_stats(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, mean, full ascending curve) of the principal angles in degrees between span(A), span(B)."""
+    theta = degrees(principal_angles(A, B))  # (..., k)
+    return theta.amax(-1), theta.mean(-1), theta
+
+
+# --- 3. normalised spectral shift --------------------------------------------------------------
+
+def nss(s0: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
+    """||s(W_t) - s(W_0)||_2 / ||s(W_0)||_2 over the full spectra, in float64 (SPEC item 3)."""
+    s0, st = s0.double(), st.double()
+    return torch.linalg.vector_norm(st - s0, dim=-1) / torch.linalg.vector_norm(s0, dim=-1)
+
+
+# --- 4. principal-direction overlap ------------------------------------------------------------
+
+class Overlap(NamedTuple):
+    """Fractions of ||D||_F^2 inside the top-k principal subspaces of W0 (SPEC item 4), each (...)."""
+
+    two_sided: torch.Tensor  # ||U_k^T D V_k||_F^2 / ||D||_F^2
+    two_sided_ratio: torch.Tensor  # two_sided / (k^2 / (m n)), 1 for a random update
+    left: torch.Tensor  # ||U_k^T D||_F^2 / ||D||_F^2, random baseline k / m
+    right: torch.Tensor  # ||D V_k||_F^2 / ||D||_F^2, random baseline k / n
+
+
+def overlap(d: torch.Tensor, Uk: torch.Tensor, Vk: torch.Tensor) -> Overlap:
+    """Overlap of an update d (..., m, n) with base factors Uk (..., m, k), Vk (..., n, k)."""
+    d = d.double()
+    m, n = d.shape[-2:]
+    k = Uk.shape[-1]
+    total = d.square().sum((-2, -1))  # (...)
+    left = Uk.mT @ d  # (..., k, n)
+    two = (left @ Vk).square().sum((-2, -1)) / total
+    baseline = k * k / (m * n)
+    return Overlap(two, two / baseline, left.square().sum((-2, -1)) / total,
+                   (d @ Vk).square().sum((-2, -1)) / total)
+
+
+# --- 5. mask localisation ----------------------------------------------------------------------
+
+def _top_fraction(score: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Bool mask of the ceil(alpha * mn) largest entries of score (..., m, n), ties broken by position."""
+    flat = score.flatten(-2)  # (..., mn)
+    count = math.ceil(alpha * flat.shape[-1])
+    idx = flat.topk(count, dim=-1, sorted=False).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.view(score.shape)
+
+
+def principal_mask(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int, alpha: float = 0.5) -> torch.Tensor:
+    """Top-alpha fraction of entries of |rank-r reconstruction of W0| (SPEC item 5)."""
+    recon = (U[..., :r] * S[..., None, :r]) @ V[..., :r].mT  # (..., m, n)
+    return _top_fraction(recon.abs(), alpha)
+
+
+def lowmag_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Bottom-alpha fraction of entries of |W0| (SPEC item 5)."""
+    return _top_fraction(-w0.abs().float(), alpha)
+
+
+def mask_overlap(update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """|reference ∩ update| / |update| (random baseline: reference's fraction); NaN for an empty update."""
+    hits = (update & reference).double().sum((-2, -1))
+    return hits / update.double().sum((-2, -1))
+
+
+# --- 6. rank of the update ---------------------------------------------------------------------
+
+class RankStats(NamedTuple):
+    """Rank summaries of a spectrum (SPEC item 6), each (...); NaN for a zero matrix except fro_norm."""
+
+    stable_rank: torch.Tensor  # ||D||_F^2 / s1^2
+    effective_rank: torch.Tensor  # exp(H(p)), p_i = s_i / sum_j s_j (Roy & Vetterli 2007)
+    r90: torch.Tensor  # smallest r with sum_{i<=r} s_i^2 >= 0.9 ||D||_F^2
+    r99: torch.Tensor
+    fro_norm: torch.Tensor  # ||D||_F
+    hill_alpha: torch.Tensor  # [mean_{i<k_h} log(s_i / s_{k_h})]^-1, k_h = 10
+
+
+def rank_stats(s: torch.Tensor) -> RankStats:
+    """Rank summaries from a full spectrum s (..., r), descending."""
+    s = s.double()
+    energy = s.square()
+    total = energy.sum(-1)
+    nan = torch.full_like(total, math.nan)
+    zero = total <= 0
+    p = s / s.sum(-1, keepdim=True)
+    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
+    frac = energy.cumsum(-1) / total[..., None]
+
+    def energy_rank(level: float) -> torch.Tensor:
+        # 1e-12 slack: a cumulative sum that should reach the level exactly must not miss it by rounding
+        return (frac < level - 1e-12).sum(-1).double() + 1
+
+    kh = min(HILL_K, s.shape[-1])
+    logs = (s[..., : kh - 1] / s[..., kh - 1 : kh]).log()  # (..., kh - 1)
+    hill = 1.0 / logs.mean(-1) if kh > 1 else nan
+    return RankStats(
+        torch.where(zero, nan, total / energy[..., 0]),
+        torch.where(zero, nan, entropy.exp()),
+        torch.where(zero, nan, energy_rank(0.9)),
+        torch.where(zero, nan, energy_rank(0.99)),
+        total.sqrt(),
+        torch.where(zero, nan, hill),
+    )
+
+
+# --- 8. intruder dimensions --------------------------------------------------------------------
+
+def intruders(U0: torch.Tensor, Ut_top: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Count of the columns of Ut_top (..., m, 10) whose largest |cos| with any column of U0 (..., m, r)
+    is below threshold (Shuttleworth et al. 2024, 'intruder dimensions')."""
+    best = (U0.double().mT @ Ut_top.double()).abs().amax(-2)  # (..., 10)
+    return (best < threshold).double().sum(-1)
