@@ -59,6 +59,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
     out: dict[str, torch.Tensor] = {}
 
+    out["n_params"] = torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device)
     changed = M.changed_mask(W0, Wt)
     out["sparsity_bf16"] = 1.0 - changed.double().mean((-2, -1))
     out["sparsity_abs"] = M.sparsity_abs(W0, Wt, cfg.abs_tol)

@@ -60,11 +60,15 @@ class Table:
 
     def to_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(COLUMNS)
-            for r in self.rows:
-                w.writerow([r.run, r.step, r.matrix, "" if r.layer is None else r.layer, r.module, r.metric,
-                            repr(float(r.value))])
+            self.write_csv(f)
+
+    def write_csv(self, f) -> None:
+        """Write the rows as CSV to an open text stream (values in full precision)."""
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in self.rows:
+            w.writerow([r.run, r.step, r.matrix, "" if r.layer is None else r.layer, r.module, r.metric,
+                        repr(float(r.value))])
 
     @classmethod
     def from_csv(cls, path: str | Path) -> Table:

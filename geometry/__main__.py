@@ -1,0 +1,5 @@
+import sys
+
+from geometry.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""The ``geometry`` command: analyze, demo, lab. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from geometry.errors import GeometryError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage block."""
+
+    def error(self, message: str):
+        raise GeometryError(f"{message} (see: {self.prog} --help)")
+
+
+def _analyze_args(sub) -> None:
+    p = sub.add_parser("analyze", help="measure the update geometry of checkpoints against a base",
+                       description="Measure every metric of SPEC.md for one or more runs. One run: "
+                       "`geometry analyze BASE CKPT_OR_RUN_DIR...`; several side by side: "
+                       "`geometry analyze --run sft BASE DIR --run opd SFT_BASE DIR`.")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="BASE then checkpoints (files, model dirs, run dirs)")
+    p.add_argument("--run", nargs="+", action="append", metavar="ARG", default=[],
+                   help="LABEL BASE CKPT... : one labelled run (repeatable)")
+    p.add_argument("--label", default="run", help="label of the run given by positional paths")
+    p.add_argument("-o", "--out", default="geometry-out", help="output directory (default: geometry-out)")
+    p.add_argument("--k", type=int, help="principal subspace size (default: min(512, rank // 8))")
+    p.add_argument("--K", type=int, default=16, help="locking subspace size (default 16)")
+    p.add_argument("--tau", type=float, default=0.9, help="locking threshold (default 0.9)")
+    p.add_argument("--include", help="regex over parameter names to keep")
+    p.add_argument("--exclude", help="regex over parameter names to drop")
+    p.add_argument("--embeddings", action="store_true", help="also measure embeddings and lm_head")
+    p.add_argument("--skip-mismatch", action="store_true",
+                   help="skip (and list) matrices missing from a checkpoint or of another shape")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read .bin pickle checkpoints (with weights_only=True); only for files you trust")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--memory-mb", type=float, default=2048.0, help="memory budget of one matrix group")
+    p.add_argument("--exact", action="store_true", help="exact SVD everywhere (no randomized fast path)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized methods")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _runs(args):
+    from geometry.analyze import Run
+
+    runs = []
+    if args.paths:
+        if len(args.paths) < 2:
+            raise GeometryError("analyze needs a BASE and at least one checkpoint or run directory")
+        runs.append(Run(args.label, args.paths[0], args.paths[1:]))
+    for spec in args.run:
+        if len(spec) < 3:
+            raise GeometryError(f"--run needs LABEL BASE CKPT..., got {' '.join(spec)}")
+        runs.append(Run(spec[0], spec[1], spec[2:]))
+    if not runs:
+        raise GeometryError("analyze needs BASE CKPT... or --run LABEL BASE CKPT...")
+    return runs
+
+
+def cmd_analyze(args) -> int:
+    from geometry.analyze import analyze
+    from geometry.config import AnalysisConfig
+    from geometry.outputs import write_analysis
+
+    cfg = AnalysisConfig(k=args.k, K=args.K, tau=args.tau, include=args.include, exclude=args.exclude,
+                         embeddings=args.embeddings, on_mismatch="skip" if args.skip_mismatch else "error",
+                         allow_pickle=args.allow_pickle, device=args.device, memory_mb=args.memory_mb,
+                         randomized=not args.exact, seed=args.seed)
+    analysis = analyze(_runs(args), config=cfg, progress=not args.no_progress)
+    paths = write_analysis(analysis, args.out)
+    for note in analysis.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="geometry", description="Parameter-space update geometry of LLM post-training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _analyze_args(sub)
+    return parser
+
+
+COMMANDS = {"analyze": cmd_analyze}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except GeometryError as e:
+        print(f"geometry: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("geometry: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Run-level summaries: per-matrix rows aggregated per step as SPEC.md says, and locking onset."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import NamedTuple
+
+from geometry.locking import locking_onset, median_onset
+from geometry.table import Row, Table
+
+# SPEC 1: sparsity is parameter-count-weighted. SPEC 5: a mask overlap is pooled over the update masks,
+# |M* ∩ M| / |M| summed over matrices, i.e. weighted by each matrix's changed-entry count.
+WEIGHTED_BY_PARAMS = ("sparsity_bf16", "sparsity_abs")
+WEIGHTED_BY_CHANGED = ("mask_overlap_principal", "mask_overlap_lowmag")
+ONSET_METRIC = "sim_final_v"  # onset follows the right subspace, the one gradient projection (SPEC 9) uses
+
+
+class RunSummary(NamedTuple):
+    """One run, aggregated over its matrices."""
+
+    run: str
+    steps: list[int]  # measured steps, ascending
+    matrices: int  # matrices measured
+    per_step: dict[str, list[float]]  # metric -> run-level value at each step
+    onsets: dict[str, int | None]  # matrix -> locking onset step (None: never locks)
+    locking_onset_step: int | None  # median over matrices; None: the run never locks
+    locking_onset_frac: float | None  # onset step / final step
+
+    def final(self, metric: str) -> float:
+        return self.per_step[metric][-1]
+
+    def to_json(self) -> dict:
+        def clean(v: float):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {
+            "steps": self.steps,
+            "matrices": self.matrices,
+            "final": {m: clean(v[-1]) for m, v in self.per_step.items()},
+            "per_step": {m: [clean(x) for x in v] for m, v in self.per_step.items()},
+            "locking_onset_step": "none" if self.locking_onset_step is None else self.locking_onset_step,
+            "locking_onset_frac": "none" if self.locking_onset_frac is None else self.locking_onset_frac,
+        }
+
+
+def summarize(table: Table, tau: float = 0.9) -> list[RunSummary]:
+    """A RunSummary per run of the table, in the table's run order."""
+    return [_summarize_run(table.where(run=run), run, tau) for run in table.unique("run")]
+
+
+def onset_rows(table: Table, tau: float = 0.9) -> Table:
+    """Per-matrix ``locking_onset_step`` / ``locking_onset_frac`` rows at the final step (NaN: never locks)."""
+    rows = []
+    for summary in summarize(table, tau):
+        final = summary.steps[-1]
+        first = {r.matrix: r for r in table.where(run=summary.run, step=final, metric=ONSET_METRIC)}
+        for matrix, onset in summary.onsets.items():
+            r = first[matrix]
+            step = math.nan if onset is None else float(onset)
+            rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_step", step))
+            rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_frac", step / final))
+    return Table(rows)
+
+
+def _summarize_run(table: Table, run: str, tau: float) -> RunSummary:
+    steps = sorted(table.unique("step"))
+    by = defaultdict(dict)  # (step, matrix) -> metric -> value
+    for r in table:
+        by[(r.step, r.matrix)][r.metric] = r.value
+    matrices = sorted({m for _, m in by})
+    metrics = [m for m in table.unique("metric") if m != "n_params"]
+    per_step = {m: [_aggregate(m, [by[(s, x)] for x in matrices if (s, x) in by]) for s in steps] for m in metrics}
+    onsets = {}
+    for x in matrices:
+        traj = [(s, by[(s, x)].get(ONSET_METRIC, math.nan)) for s in steps if (s, x) in by]
+        onsets[x] = locking_onset([s for s, _ in traj], [v for _, v in traj], tau)
+    onset = median_onset(list(onsets.values()))
+    frac = None if onset is None or steps[-1] == 0 else onset / steps[-1]
+    return RunSummary(run, steps, len(matrices), per_step, onsets, onset, frac)
+
+
+def _aggregate(metric: str, cells: list[dict[str, float]]) -> float:
+    pairs = []
+    for c in cells:
+        v = c.get(metric, math.nan)
+        if not math.isfinite(v):
+            continue
+        if metric in WEIGHTED_BY_PARAMS:
+            w = c["n_params"]
+        elif metric in WEIGHTED_BY_CHANGED:
+            w = c["n_params"] * (1.0 - c["sparsity_bf16"])
+        else:
+            w = 1.0
+        pairs.append((v, w))
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
+
+
+def summary_json(summaries: list[RunSummary], notes: list[str]) -> str:
+    return json.dumps({"runs": {s.run: s.to_json() for s in summaries}, "notes": notes}, indent=2)
