@@ -47,9 +47,9 @@ class _SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._handle = safe_open(str(path), framework="pt", device="cpu")
-            slices = {k: self._handle.get_slice(k) for k in self._handle.keys()}
-            self.meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                slices = {k: handle.get_slice(k) for k in handle.keys()}
+                self.meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
         except Exception as e:  # SafetensorError: truncated, garbage, header/size mismatch
             raise GeometryError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
@@ -58,7 +58,10 @@ class _SafetensorsFile:
         return _ST_DTYPES[code] if code in _ST_DTYPES else self.read(name, slice(0, 0)).dtype
 
     def read(self, name: str, rows: slice | None) -> torch.Tensor:
-        return self._handle.get_tensor(name) if rows is None else self._handle.get_slice(name)[rows]
+        # Opened per read: a file kept mapped would keep every page it ever served resident, and memory
+        # would grow with the number of checkpoints an analysis visits.
+        with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
 
 
 class _PickleFile:
