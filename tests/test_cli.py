@@ -1,0 +1,139 @@
+"""`geometry analyze` end to end on real safetensors files: outputs, several runs, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from geometry.cli import main
+from geometry.outputs import FILES
+from geometry.table import Table
+
+NAMES = [f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("up_proj", "down_proj")]
+
+
+def _model(seed: int, shape=(24, 16)) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(*(shape if "up" in n else shape[::-1]), generator=g) for n in NAMES}
+
+
+def _save(tensors, path):
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.fixture
+def run(tmp_path):
+    base = _model(0)
+    _save(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(1)
+    for step in (10, 20, 30):
+        _save({n: w + 1e-2 * step / 30 * torch.randn(w.shape, generator=g) for n, w in base.items()},
+              tmp_path / "run" / f"checkpoint-{step}")
+    return tmp_path
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_analyze_writes_every_output(run, capsys):
+    code, out, _ = _cli(capsys, "analyze", run / "base", run / "run", "-o", run / "out", "--no-progress")
+    assert code == 0
+    assert sorted(p.name for p in (run / "out").iterdir()) == sorted(FILES)
+    table = Table.from_csv(run / "out" / "metrics.csv")
+    assert table.unique("step") == [10, 20, 30]
+    assert set(table.unique("matrix")) == set(NAMES)
+    assert {"sparsity_bf16", "nss", "sim_final_v", "locking_onset_step"} <= set(table.unique("metric"))
+    summary = json.loads((run / "out" / "summary.json").read_text())
+    assert summary["runs"]["run"]["steps"] == [10, 20, 30]
+    md = (run / "out" / "summary.md").read_text()
+    assert "Table 1 layout" in md and "Subspace locking" in md
+
+
+def test_several_runs_each_with_its_own_base(run, capsys):
+    # the second run starts from the first run's final checkpoint, as OPD/RLVR start from an SFT anchor
+    anchor = run / "run" / "checkpoint-30"
+    _save({n: w * 1.001 for n, w in _model(0).items()}, run / "run2" / "checkpoint-5")
+    code, _, _ = _cli(capsys, "analyze", "--run", "sft", run / "base", run / "run",
+                      "--run", "opd", anchor, run / "run2", "-o", run / "out", "--no-progress")
+    assert code == 0
+    table = Table.from_csv(run / "out" / "metrics.csv")
+    assert table.unique("run") == ["sft", "opd"]
+    assert table.where(run="opd").unique("step") == [5]
+
+
+def _expect_error(capsys, run, *argv, match: str):
+    out_dir = run / "out-bad"
+    code, _, err = _cli(capsys, "analyze", *argv, "-o", out_dir, "--no-progress")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("geometry: error:"), err
+    assert match in lines[0], lines[0]
+    assert not out_dir.exists(), "a failed analysis must leave no output behind"
+
+
+def test_missing_file(run, capsys):
+    _expect_error(capsys, run, run / "base", run / "nope", match="nope")
+
+
+def test_truncated_checkpoint(run, capsys):
+    f = run / "run" / "checkpoint-20" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    _expect_error(capsys, run, run / "base", run / "run", match="checkpoint-20")
+
+
+def test_shape_mismatch_is_an_error_or_a_listed_skip(run, capsys):
+    bad = _model(0)
+    bad[NAMES[0]] = torch.zeros(5, 5)
+    _save(bad, run / "run" / "checkpoint-40")
+    _expect_error(capsys, run, run / "base", run / "run", match="shape")
+    code, _, err = _cli(capsys, "analyze", run / "base", run / "run", "--skip-mismatch", "-o", run / "o",
+                        "--no-progress")
+    assert code == 0 and NAMES[0] in err
+    assert NAMES[0] not in Table.from_csv(run / "o" / "metrics.csv").unique("matrix")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights(run, capsys, value):
+    bad = _model(0)
+    bad[NAMES[1]][3, 2] = value
+    _save(bad, run / "run" / "checkpoint-40")
+    _expect_error(capsys, run, run / "base", run / "run", match="NaN/Inf")
+
+
+def test_empty_dir(run, capsys):
+    (run / "empty").mkdir()
+    _expect_error(capsys, run, run / "base", run / "empty", match="empty")
+
+
+def test_non_matrix_tensor_asked_for(run, capsys):
+    tensors = _model(0) | {"model.norm.weight": torch.ones(16)}
+    _save(tensors, run / "b2")
+    _save(tensors, run / "c2" / "checkpoint-1")
+    _expect_error(capsys, run, run / "b2", run / "c2", "--include", r"model\.norm", match="not a matrix")
+
+
+def test_unknown_option_and_bad_values(run, capsys):
+    _expect_error(capsys, run, run / "base", run / "run", "--frobnicate", match="unrecognized")
+    _expect_error(capsys, run, run / "base", run / "run", "--tau", "2", match="tau")
+    _expect_error(capsys, run, run / "base", run / "run", "--include", "(", match="regex")
+
+
+def test_pickle_refused_without_opt_in(run, capsys):
+    (run / "pkl").mkdir()
+    torch.save(_model(0), run / "pkl" / "pytorch_model.bin")
+    _expect_error(capsys, run, run / "base", run / "pkl", match="pickle")
+
+
+def test_real_process_exit_code_and_no_traceback(run):
+    proc = subprocess.run([sys.executable, "-m", "geometry", "analyze", str(run / "base"), str(run / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
