@@ -1,0 +1,157 @@
+"""Figures from an analysis table. Each function takes the table, accepts ``ax=``, returns the Figure.
+
+The only module that imports matplotlib. Runs keep one colour everywhere, so SFT, RLVR and OPD
+are told apart at a glance across figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from geometry.summary import summarize
+from geometry.table import Table, finite_mean
+
+_KNOWN = {"sft": "#1f77b4", "rlvr": "#d62728", "opd": "#2ca02c"}
+_OTHERS = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+
+
+def color(run: str, runs: Sequence[str] = ()) -> str:
+    """A run's colour: fixed for the three regimes (by label prefix), cycling for the rest."""
+    for key, c in _KNOWN.items():
+        if run.lower() == key:
+            return c
+    others = [r for r in runs if r.lower() not in _KNOWN] or [run]
+    return _OTHERS[others.index(run) % len(_OTHERS)] if run in others else _OTHERS[0]
+
+
+def _axes(ax, figsize=(6, 4)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax.figure, ax
+
+
+def metric_over_steps(table: Table, metric: str, ax=None, *, runs: Sequence[str] | None = None,
+                      ylabel: str | None = None, logy: bool = False, band: bool = True):
+    """Mean over matrices of one metric at each step, one line per run, with the inter-quartile band."""
+    fig, ax = _axes(ax)
+    runs = list(runs or table.unique("run"))
+    for run in runs:
+        rows = table.where(run=run, metric=metric)
+        steps = sorted(rows.unique("step"))
+        if not steps:
+            continue
+        vals = [np.array([v for v in rows.where(step=s).values() if np.isfinite(v)]) for s in steps]
+        keep = [i for i, v in enumerate(vals) if v.size]
+        steps, vals = [steps[i] for i in keep], [vals[i] for i in keep]
+        c = color(run, runs)
+        ax.plot(steps, [v.mean() for v in vals], marker="o", ms=3, color=c, label=run)
+        if band and any(v.size > 1 for v in vals):
+            ax.fill_between(steps, [np.percentile(v, 25) for v in vals], [np.percentile(v, 75) for v in vals],
+                            color=c, alpha=0.15, lw=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel or metric)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    return fig
+
+
+def locking(table: Table, ax=None, *, side: str = "v", tau: float = 0.9, tracked: bool = False,
+            runs: Sequence[str] | None = None):
+    """Sim_K of D_t's top-K subspace to the final update's, per run, with the locking threshold."""
+    metric = f"{'track_' if tracked else ''}sim_final_{side}"
+    fig = metric_over_steps(table, metric, ax, runs=runs, ylabel=f"Sim_K to final update ({side.upper()})")
+    ax = fig.axes[0] if ax is None else ax
+    ax.axhline(tau, color="k", ls="--", lw=0.8)
+    ax.text(ax.get_xlim()[0], tau, f" tau = {tau}", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    return fig
+
+
+def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, ylabel: str = "",
+         baseline: float | None = None, baseline_label: str = "random", colors: dict[str, str] | None = None,
+         fmt: str = "{:.1f}"):
+    """Grouped bars: one group per entry of ``groups``, one bar per series (e.g. per run), values printed."""
+    fig, ax = _axes(ax)
+    names = list(series)
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(groups))
+    for i, name in enumerate(names):
+        vals = np.asarray(series[name], dtype=float)
+        pos = x - 0.4 + width * (i + 0.5)
+        rects = ax.bar(pos, np.nan_to_num(vals), width, label=name,
+                       color=(colors or {}).get(name, color(name, names)))
+        ax.bar_label(rects, labels=[fmt.format(v) if np.isfinite(v) else "n/a" for v in vals], fontsize=7, padding=1)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", ls="--", lw=0.8, label=baseline_label)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.margins(y=0.15)
+    return fig
+
+
+def localisation(table: Table, ax=None, *, runs: Sequence[str] | None = None):
+    """The paper's localisation table as bars: density, principal-mask and low-magnitude-mask overlap (%)."""
+    summaries = {s.run: s for s in summarize(table)}
+    runs = list(runs or summaries)
+    series = {r: [100 * (1 - summaries[r].final("sparsity_bf16")), 100 * summaries[r].final("mask_overlap_principal"),
+                  100 * summaries[r].final("mask_overlap_lowmag")] for r in runs}
+    return bars(["update density", "principal-mask overlap", "low-magnitude overlap"], series, ax,
+                ylabel="% (final checkpoint)", baseline=50.0, baseline_label="random mask overlap (50%)")
+
+
+def angle_curves(curves: dict[tuple[str, int, str], np.ndarray], ax=None, *, step: int | None = None,
+                 runs: Sequence[str] | None = None):
+    """Principal angles (degrees) vs index i of the top-k subspace, mean over matrices, at the last step."""
+    fig, ax = _axes(ax)
+    runs = list(runs or dict.fromkeys(r for r, _, _ in curves))
+    for run in runs:
+        steps = sorted({s for r, s, _ in curves if r == run})
+        if not steps:
+            continue
+        at = step if step is not None else steps[-1]
+        stack = [v for (r, s, _), v in curves.items() if r == run and s == at]
+        n = min(len(v) for v in stack)
+        ax.plot(np.arange(1, n + 1), np.mean([v[:n] for v in stack], axis=0), color=color(run, runs),
+                label=f"{run} (step {at})")
+    ax.set_xlabel("principal angle index i (ascending)")
+    ax.set_ylabel("angle (degrees)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False)
+    return fig
+
+
+def spectra(curves: dict[tuple[str, int, str], np.ndarray], matrix: str, ax=None, *, runs: Sequence[str] | None = None):
+    """Singular values of one matrix: the base (dashed) and each run's final W_t, with the relative shift."""
+    fig, ax = _axes(ax)
+    runs = list(runs or dict.fromkeys(r for r, _, _ in curves))
+    for run in runs:
+        steps = sorted(s for r, s, m in curves if r == run and m == matrix)
+        if not steps:
+            continue
+        base, final = curves[(run, steps[0], matrix)], curves[(run, steps[-1], matrix)]
+        shift = np.abs(final - base) / np.maximum(base, 1e-30)
+        ax.semilogy(np.arange(1, len(shift) + 1), shift, color=color(run, runs), label=f"{run} (step {steps[-1]})")
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("|s_i(W_t) - s_i(W_0)| / s_i(W_0)")
+    ax.set_title(matrix, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False)
+    return fig
+
+
+def final_values(table: Table, metric: str) -> dict[str, float]:
+    """Mean over matrices of a metric at each run's final step."""
+    out = {}
+    for run in table.unique("run"):
+        rows = table.where(run=run, metric=metric)
+        if len(rows):
+            out[run] = finite_mean(rows.where(step=max(rows.unique("step"))).values())
+    return out
