@@ -29,7 +29,8 @@ class RunSummary(NamedTuple):
     locking_onset_frac: float | None  # onset step / final step
 
     def final(self, metric: str) -> float:
-        return self.per_step[metric][-1]
+        """Run-level value at the final step; NaN for a metric the table does not hold."""
+        return self.per_step.get(metric, [math.nan])[-1]
 
     def to_json(self) -> dict:
         def clean(v: float):

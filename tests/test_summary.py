@@ -1,0 +1,52 @@
+"""Run-level aggregation follows SPEC: weighted sparsity, pooled mask overlap, median onset or 'none'."""
+
+import json
+import math
+
+import pytest
+
+from geometry.markdown import render_summary
+from geometry.summary import onset_rows, summarize, summary_json
+from geometry.table import Row, Table
+
+
+def _rows(run, step, matrix, **values):
+    return [Row(run, step, matrix, 0, "up_proj", m, float(v)) for m, v in values.items()]
+
+
+def test_sparsity_is_parameter_weighted_and_mask_overlap_pooled():
+    rows = _rows("r", 1, "a", n_params=100, sparsity_bf16=0.9, mask_overlap_lowmag=1.0, nss=1.0, sim_final_v=1)
+    rows += _rows("r", 1, "b", n_params=300, sparsity_bf16=0.5, mask_overlap_lowmag=0.0, nss=3.0, sim_final_v=1)
+    (s,) = summarize(Table(rows))
+    assert s.final("sparsity_bf16") == pytest.approx((0.9 * 100 + 0.5 * 300) / 400)
+    # changed entries: a 10, b 150 -> pooled overlap 10 / 160
+    assert s.final("mask_overlap_lowmag") == pytest.approx(10 / 160)
+    assert s.final("nss") == pytest.approx(2.0)  # unweighted mean
+
+
+def _trajectory(run, matrix, sims):
+    out = []
+    for step, sim in zip((10, 20, 30, 40), sims, strict=True):
+        out += _rows(run, step, matrix, n_params=1, sparsity_bf16=0.5, sim_final_v=sim)
+    return out
+
+
+def test_onset_median_and_fraction():
+    rows = _trajectory("r", "a", [0.95, 0.95, 0.95, 1.0])  # locks at 10
+    rows += _trajectory("r", "b", [0.2, 0.95, 0.99, 1.0])  # locks at 20
+    rows += _trajectory("r", "c", [0.2, 0.5, 0.5, 1.0])  # never
+    (s,) = summarize(Table(rows))
+    assert s.onsets == {"a": 10, "b": 20, "c": None}
+    assert (s.locking_onset_step, s.locking_onset_frac) == (20, 0.5)
+    per_matrix = {(r.matrix, r.metric): r.value for r in onset_rows(Table(rows))}
+    assert per_matrix[("a", "locking_onset_frac")] == 0.25
+    assert math.isnan(per_matrix[("c", "locking_onset_step")])
+
+
+def test_a_run_that_never_locks_says_none():
+    rows = _trajectory("r", "a", [0.2, 0.5, 0.5, 1.0]) + _trajectory("r", "b", [0.95, 0.95, 0.5, 1.0])
+    (s,) = summarize(Table(rows))
+    assert s.locking_onset_step is None
+    doc = json.loads(summary_json([s], []))
+    assert doc["runs"]["r"]["locking_onset_step"] == "none"
+    assert "| r | none | none | 0/2 |" in render_summary([s], [], 0.9)
