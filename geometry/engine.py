@@ -74,6 +74,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["overlap_left"], out["overlap_right"] = ov.left, ov.right
     ov_int = M.overlap(d, Uk, Vk)
     out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
+    out["overlap_left_interval"], out["overlap_right_interval"] = ov_int.left, ov_int.right
 
     out["mask_overlap_principal"] = M.mask_overlap(changed, base.principal)
     out["mask_overlap_lowmag"] = M.mask_overlap(changed, base.lowmag)
@@ -82,7 +83,8 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     for name, value in zip(M.RankStats._fields, M.rank_stats(sD), strict=True):
         out[name] = value
     interval = M.rank_stats(spectrum(d, small_values=False))
-    out["stable_rank_interval"], out["effective_rank_interval"] = interval.stable_rank, interval.effective_rank
+    for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm"):
+        out[f"{name}_interval"] = getattr(interval, name)
 
     out["intruders"] = M.intruders(base.svd.U, top.U[..., :N_INTRUDER], cfg.intruder_threshold)
 

@@ -135,7 +135,8 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     cos = torch.linalg.svdvals(C).clamp(0, 1)  # descending -> angles ascending
     sin = torch.linalg.svdvals(B - A @ C).clamp(0, 1).flip(-1)  # ascending
     k = cos.shape[-1]
-    sin = sin[..., -k:] if sin.shape[-1] >= k else torch.nn.functional.pad(sin, (k - sin.shape[-1], 0))
+    # B wider than A: its extra directions are orthogonal to span(A), sines of 1 that sort last
+    sin = sin[..., :k] if sin.shape[-1] >= k else torch.nn.functional.pad(sin, (k - sin.shape[-1], 0))
     from_cos, from_sin = torch.arccos(cos), torch.arcsin(sin)
     return torch.where(cos * cos > 0.5, from_sin, from_cos)
 

@@ -20,6 +20,7 @@ __all__ = [
 ]
 
 HILL_K = 10  # SPEC item 6: Hill tail exponent over the top 10 singular values
+HILL_FLOOR = 1e-6  # s_{k_h} / s_1 below this is numerical noise (float64 Gram spectra resolve ~1e-8)
 
 
 # --- 1. bf16 update sparsity -------------------------------------------------------------------
@@ -84,8 +85,10 @@ def overlap(d: torch.Tensor, Uk: torch.Tensor, Vk: torch.Tensor) -> Overlap:
 def _top_fraction(score: torch.Tensor, alpha: float) -> torch.Tensor:
     """Bool mask of the ceil(alpha * mn) largest entries of score (..., m, n), ties broken by position."""
     flat = score.flatten(-2)  # (..., mn)
-    count = math.ceil(alpha * flat.shape[-1])
-    idx = flat.topk(count, dim=-1, sorted=False).indices
+    # relative slack: alpha * mn that should be an integer (0.07 * 200) must not round up past it
+    count = math.ceil(alpha * flat.shape[-1] * (1 - 1e-12))
+    # a stable sort breaks ties (bf16 weights tie often) by position, the same on every device and version
+    idx = flat.argsort(dim=-1, descending=True, stable=True)[..., :count]
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.view(score.shape)
 
@@ -138,6 +141,8 @@ def rank_stats(s: torch.Tensor) -> RankStats:
     kh = min(HILL_K, s.shape[-1])
     logs = (s[..., : kh - 1] / s[..., kh - 1 : kh]).log()  # (..., kh - 1)
     hill = 1.0 / logs.mean(-1) if kh > 1 else nan
+    # an update of rank < k_h has s_{k_h} at the noise floor: no tail to measure
+    hill = torch.where(s[..., kh - 1] > HILL_FLOOR * s[..., 0], hill, nan)
     return RankStats(
         torch.where(zero, nan, total / energy[..., 0]),
         torch.where(zero, nan, entropy.exp()),

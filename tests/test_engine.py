@@ -1,0 +1,299 @@
+"""The measuring engine against a plain per-matrix float64 scipy pipeline written here, its precision on
+planted float32 cases (SPEC items 2 and 3: a 0.01-degree rotation, an NSS of 1e-5), and a planted locking
+onset recovered end to end by ``analyze`` from safetensors checkpoints on disk (SPEC item 7)."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+import torch
+from safetensors.torch import save_file
+
+from geometry.analyze import analyze
+from geometry.config import AnalysisConfig
+from geometry.engine import decompose_base, group_size, locking_sims, measure_step
+from geometry.locking import locking_onset, median_onset
+
+
+def _orthonormal(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((m, k)))[0]  # (m, k)
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns by round-to-nearest-even on the float32 bits, independent of torch."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _top_fraction(score: np.ndarray, alpha: float) -> np.ndarray:
+    flat = score.ravel()
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[np.argsort(-flat, kind="stable")[: math.ceil(alpha * flat.size)]] = True
+    return mask.reshape(score.shape)
+
+
+def _overlaps(D: np.ndarray, Uk: np.ndarray, Vk: np.ndarray) -> tuple[float, float, float, float]:
+    m, n, k = D.shape[0], D.shape[1], Uk.shape[1]
+    total = np.sum(D ** 2)
+    two = np.sum((Uk.T @ D @ Vk) ** 2) / total
+    return two, two * m * n / k ** 2, np.sum((Uk.T @ D) ** 2) / total, np.sum((D @ Vk) ** 2) / total
+
+
+def _ranks(s: np.ndarray) -> dict[str, float]:
+    e, p = s ** 2, s / s.sum()
+    cum = np.cumsum(e) / e.sum()
+    return {
+        "stable_rank": e.sum() / e[0],
+        "effective_rank": math.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))),
+        "r90": np.argmax(cum >= 0.9) + 1.0,
+        "r99": np.argmax(cum >= 0.99) + 1.0,
+        "fro_norm": math.sqrt(e.sum()),
+        "hill_alpha": 1 / np.mean(np.log(s[:9] / s[9])),
+    }
+
+
+def _reference_step(W0: np.ndarray, Wt: np.ndarray, Ws: np.ndarray, cfg: AnalysisConfig, k: int) -> dict:
+    """Every value of StepResult.values for one matrix, straight from SPEC.md with scipy's SVD."""
+    W0, Wt, Ws = (np.asarray(w, dtype=np.float64) for w in (W0, Wt, Ws))
+    U0, s0, V0h = sl.svd(W0, full_matrices=False)
+    Ut, st, Vth = sl.svd(Wt, full_matrices=False)
+    D, d = Wt - W0, Wt - Ws
+    out = {"n_params": float(W0.size)}
+    changed = _bf16_bits(W0) != _bf16_bits(Wt)
+    out["sparsity_bf16"] = 1 - changed.mean()
+    out["sparsity_abs"] = np.mean(np.abs(D) <= cfg.abs_tol)
+    for side, A, B in (("u", U0[:, :k], Ut[:, :k]), ("v", V0h[:k].T, Vth[:k].T)):
+        theta = np.degrees(sl.subspace_angles(A, B))
+        out[f"angle_max_{side}"], out[f"angle_mean_{side}"] = theta.max(), theta.mean()
+    out["nss"] = np.linalg.norm(st - s0) / np.linalg.norm(s0)
+    Uk, Vk = U0[:, :k], V0h[:k].T
+    out["overlap_2s"], out["overlap_2s_ratio"], out["overlap_left"], out["overlap_right"] = _overlaps(D, Uk, Vk)
+    (out["overlap_2s_interval"], out["overlap_2s_interval_ratio"], out["overlap_left_interval"],
+     out["overlap_right_interval"]) = _overlaps(d, Uk, Vk)
+    r = min(cfg.mask_rank, *W0.shape)
+    principal = _top_fraction(np.abs((U0[:, :r] * s0[:r]) @ V0h[:r]), cfg.alpha)
+    lowmag = _top_fraction(-np.abs(W0), cfg.alpha)
+    out["mask_overlap_principal"] = (changed & principal).sum() / changed.sum()
+    out["mask_overlap_lowmag"] = (changed & lowmag).sum() / changed.sum()
+    out.update(_ranks(sl.svdvals(D)))
+    interval = _ranks(sl.svdvals(d))
+    out.update({f"{name}_interval": interval[name] for name in ("stable_rank", "effective_rank", "r90", "r99",
+                                                                  "fro_norm")})
+    best = np.abs(U0.T @ Ut[:, :10]).max(axis=0)
+    out["intruders"] = float((best < cfg.intruder_threshold).sum())
+    return out
+
+
+def _stack(seed: int, L: int, m: int, n: int, dtype: torch.dtype = torch.float32):
+    """W0, W_s, W_t as stored: a full-rank update with a strong rank-6 part (a gap after K = 4), some rows
+    untouched (exact zeros for sparsity_abs), entries near bf16 resolution (a non-trivial bf16 sparsity)."""
+    rng = np.random.default_rng(seed)
+    W0 = rng.standard_normal((L, m, n)) / math.sqrt(n)
+    strong = np.stack([(_orthonormal(rng, m, 6) * [8, 7, 6, 5, 2, 1.5]) @ _orthonormal(rng, n, 6).T
+                       for _ in range(L)])
+    D = 1e-3 * rng.standard_normal((L, m, n)) + 5e-3 * strong
+    D[:, : m // 4] = 0.0
+    Ws = W0 + 0.5 * D + 2e-4 * rng.standard_normal((L, m, n))
+    return tuple(torch.tensor(a, dtype=torch.float32).to(dtype) for a in (W0, Ws, W0 + D))
+
+
+@pytest.mark.parametrize("m, n", [(72, 48), (48, 72)])
+def test_measure_step_matches_scipy_reference(m, n):
+    L = 3
+    cfg = AnalysisConfig(k=6, K=4, mask_rank=16, device="cpu")
+    W0, Ws, Wt = _stack(0, L, m, n)
+    res = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
+    refs = [_reference_step(W0[i].numpy(), Wt[i].numpy(), Ws[i].numpy(), cfg, 6) for i in range(L)]
+    assert set(res.values) == set(refs[0])  # a new metric needs a reference here
+    for name, value in res.values.items():
+        assert value.shape == (L,) and value.dtype == torch.float64, name
+        np.testing.assert_allclose(value.numpy(), [r[name] for r in refs], rtol=1e-7, atol=1e-10, err_msg=name)
+    assert 0.1 < refs[0]["sparsity_bf16"] < 0.9 and 0.2 < refs[0]["sparsity_abs"] < 0.3  # the case is not trivial
+    for i in range(L):
+        np.testing.assert_allclose(res.spectrum[i].numpy(), sl.svdvals(Wt[i].double().numpy()), rtol=1e-10)
+        ref_theta = np.sort(np.degrees(sl.subspace_angles(
+            sl.svd(W0[i].double().numpy())[0][:, :6], sl.svd(Wt[i].double().numpy())[0][:, :6])))
+        np.testing.assert_allclose(res.angles_u[i].numpy(), ref_theta, rtol=1e-7, atol=1e-10)
+    assert res.methods == ["gram", "randomized"]
+
+
+def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():
+    L = 2
+    cfg = AnalysisConfig(k=6, K=4, mask_rank=16, device="cpu")
+    W0, Ws, Wt = _stack(8, L, 64, 48, torch.bfloat16)
+    res = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
+    refs = [_reference_step(*(w[i].float().numpy() for w in (W0, Wt, Ws)), cfg, 6) for i in range(L)]
+    # bf16 |W0| can tie exactly at the median, where which entries the low-magnitude mask takes is up to topk
+    names = [name for name in res.values if name != "mask_overlap_lowmag"]
+    for name in names:
+        np.testing.assert_allclose(res.values[name].numpy(), [r[name] for r in refs], rtol=1e-7, atol=1e-10,
+                                   err_msg=name)
+    assert 0.1 < refs[0]["sparsity_bf16"] < 0.9
+
+
+def test_measure_step_update_subspaces_match_exact():
+    cfg = AnalysisConfig(k=6, K=4, device="cpu")
+    W0, Ws, Wt = _stack(1, 2, 64, 40)
+    res = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
+    assert res.UK.shape == (2, 64, 4) and res.VK.shape == (2, 40, 4)
+    for i in range(2):
+        U, _, Vh = sl.svd((Wt[i].double() - W0[i].double()).numpy(), full_matrices=False)
+        A = res.UK[i].numpy()
+        assert np.sum((A.T @ U[:, :4]) ** 2) / 4 > 0.999
+        assert np.sum((res.VK[i].numpy().T @ Vh[:4].T) ** 2) / 4 > 0.999
+
+
+def test_measure_step_default_k_and_exact_update_path():
+    cfg = AnalysisConfig(K=4, randomized=False, device="cpu")
+    W0, Ws, Wt = _stack(2, 2, 64, 48)
+    base = decompose_base(W0, cfg)
+    assert base.k == 6  # min(512, max(1, 48 // 8))
+    res = measure_step(base, Wt, Ws, cfg)
+    assert res.methods[1] == "exact" and res.angles_u.shape == (2, 6)
+    ref = _reference_step(W0[0].numpy(), Wt[0].numpy(), Ws[0].numpy(), cfg, 6)
+    assert res.values["angle_max_v"][0].item() == pytest.approx(ref["angle_max_v"], rel=1e-7)
+
+
+def test_measure_step_of_unchanged_weights():
+    cfg = AnalysisConfig(k=4, K=4, device="cpu")
+    W0, _, _ = _stack(3, 2, 40, 32)
+    res = measure_step(decompose_base(W0, cfg), W0.clone(), W0.clone(), cfg)
+    v = res.values
+    assert (v["sparsity_bf16"] == 1).all() and (v["sparsity_abs"] == 1).all()
+    assert (v["nss"] < 1e-14).all() and (v["angle_max_u"] < 1e-5).all() and (v["intruders"] == 0).all()
+    assert (v["fro_norm"] == 0).all() and torch.isnan(v["stable_rank"]).all()
+    sims = locking_sims([res])[0]
+    assert torch.isnan(sims["sim_final_v"]).all()  # a zero update has no subspace
+
+
+# --- planted precision (SPEC items 2 and 3) ----------------------------------------------------
+
+def _planted_factors(seed: int, m: int, n: int, k: int):
+    rng = np.random.default_rng(seed)
+    U = _orthonormal(rng, m, m)
+    V = _orthonormal(rng, n, n)
+    s = np.concatenate([np.linspace(10, 6, k), np.linspace(2, 0.2, min(m, n) - k)])  # a gap after k
+    return U, s, V
+
+
+def _engine_angles(W0: torch.Tensor, Wt: torch.Tensor, k: int) -> dict[str, float]:
+    """The engine's path on one float32 matrix: exact SVD of W0, gram_svd of W_t, principal_angles."""
+    cfg = AnalysisConfig(k=k, K=4, device="cpu")
+    res = measure_step(decompose_base(W0[None], cfg), Wt[None], W0[None], cfg)
+    assert res.methods[0] == "gram"
+    return {name: res.values[name].item() for name in ("angle_max_u", "angle_max_v", "nss")}
+
+
+@pytest.mark.parametrize("theta_deg", [10.0, 1.0, 0.1, 0.01])
+def test_planted_rotation_is_recovered_from_float32(theta_deg):
+    m, n, k = 96, 64, 6
+    U, s, V = _planted_factors(4, m, n, k)
+    th = math.radians(theta_deg)
+    Ur = U.copy()  # Givens rotation of u_1 towards u_{k+1}: one principal angle theta, the rest zero
+    Ur[:, 0] = math.cos(th) * U[:, 0] + math.sin(th) * U[:, k]
+    Ur[:, k] = -math.sin(th) * U[:, 0] + math.cos(th) * U[:, k]
+    W0 = torch.tensor((U[:, :n] * s) @ V.T, dtype=torch.float32)
+    Wt = torch.tensor((Ur[:, :n] * s) @ V.T, dtype=torch.float32)
+    got = _engine_angles(W0, Wt, k)
+    assert got["angle_max_u"] == pytest.approx(theta_deg, rel=1e-2)
+    assert got["angle_max_v"] < 1e-2 * theta_deg  # V did not move (float32 storage noise only)
+    if theta_deg == 0.01:
+        # the naive way fails: cos(0.01 deg) = 1 - 1.5e-8 rounds to 1 in float32, an angle of 0
+        U0 = torch.linalg.svd(W0.double())[0][:, :k]
+        Ut = torch.linalg.svd(Wt.double())[0][:, :k]
+        cos32 = torch.linalg.svdvals(U0.mT @ Ut).float().clamp(max=1)
+        naive = torch.rad2deg(torch.arccos(cos32)).max().item()
+        assert abs(naive - theta_deg) > 0.1 * theta_deg
+
+
+@pytest.mark.parametrize("s_min", [0.1, 1e-8])  # Gram fast path; ill-conditioned: its exact fallback
+def test_planted_nss_of_1e_5_is_recovered_from_float32(s_min):
+    m, n = 96, 64
+    rng = np.random.default_rng(5)
+    U, V = _orthonormal(rng, m, n), _orthonormal(rng, n, n)
+    s = np.geomspace(10, s_min, n)
+    c = 1e-5 * rng.choice([-1.0, 1.0], n)  # |c_i| = 1e-5 for every i: NSS = 1e-5 exactly before storage
+    W0 = torch.tensor((U * s) @ V.T, dtype=torch.float32)
+    Wt = torch.tensor((U * (s * (1 + c))) @ V.T, dtype=torch.float32)
+    s0, st = (sl.svdvals(w.double().numpy()) for w in (W0, Wt))
+    stored = np.linalg.norm(st - s0) / np.linalg.norm(s0)  # the NSS the float32 matrices really have
+    assert stored == pytest.approx(1e-5, rel=0.03)  # float32 storage moved it by well under a few %
+    cfg = AnalysisConfig(k=6, K=4, device="cpu")
+    res = measure_step(decompose_base(W0[None], cfg), Wt[None], W0[None], cfg)
+    assert res.methods[0] == ("gram" if s_min > 1e-6 else "gram->exact")
+    assert res.values["nss"].item() == pytest.approx(stored, rel=1e-2)
+
+
+# --- locking ----------------------------------------------------------------------------------
+
+def test_locking_sims_match_exact_subspaces():
+    cfg = AnalysisConfig(k=4, K=4, device="cpu")
+    W0, Ws, Wt = _stack(6, 2, 48, 40)
+    base = decompose_base(W0, cfg)
+    results = [measure_step(base, Ws, W0, cfg), measure_step(base, Wt, Ws, cfg)]
+    sims = locking_sims(results)
+
+    def top_v(W):
+        return sl.svd((W.double() - W0.double()).numpy()[0], full_matrices=False)[2][:4].T
+
+    ref = np.sum((top_v(Ws).T @ top_v(Wt)) ** 2) / 4
+    assert sims[0]["sim_final_v"][0].item() == pytest.approx(ref, abs=1e-3)
+    assert sims[1]["sim_final_v"][0].item() == pytest.approx(1.0, abs=1e-12)
+    assert sims[1]["sim_prev_v"][0].item() == pytest.approx(ref, abs=1e-3)
+    assert torch.isnan(sims[0]["sim_prev_u"]).all()  # no previous step
+
+
+def test_group_size_fits_the_budget():
+    assert group_size((64, 48), 1.0) == 1 * 2**20 // (12 * 8 * 64 * 48 + 8 * 112 ** 2)
+    assert group_size((4096, 4096), 1.0) == 1  # at least one
+
+
+# --- end to end: a planted locking onset through analyze ---------------------------------------
+
+STEPS = [10, 20, 30, 40, 50, 60, 70, 80]
+NAMES = {  # matrix -> first step of its planted rank-K direction (None: fresh random directions throughout)
+    "model.layers.0.mlp.up_proj.weight": 40,
+    "model.layers.1.mlp.up_proj.weight": 60,
+    "model.layers.2.mlp.up_proj.weight": None,
+}
+
+
+def _write_run(root, m: int = 64, n: int = 48, K: int = 4):
+    """base/model.safetensors and run/checkpoint-N/model.safetensors with
+    D_t = 0.1 * (fresh Gaussian) + g(t) * P, P a fixed rank-K matrix, g = 40 (t - t0 + 1) from t0 on."""
+    rng = np.random.default_rng(7)
+    base = {name: rng.standard_normal((m, n)) * 0.5 for name in NAMES}
+    planted = {name: (_orthonormal(rng, m, K) * [1.0, 0.9, 0.8, 0.7]) @ _orthonormal(rng, n, K).T
+               for name in NAMES}
+    (root / "base").mkdir()
+    save_file({k: torch.tensor(v, dtype=torch.float32) for k, v in base.items()}, root / "base" / "model.safetensors")
+    for step in STEPS:
+        tensors = {}
+        for name, t0 in NAMES.items():
+            grow = 0.0 if t0 is None or step < t0 else 40.0 * ((step - t0) // 10 + 1)
+            D = 0.1 * rng.standard_normal((m, n)) + grow * planted[name]
+            tensors[name] = torch.tensor(base[name] + D, dtype=torch.float32)
+        (root / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file(tensors, root / "run" / f"checkpoint-{step}" / "model.safetensors")
+
+
+def test_analyze_recovers_planted_locking_onset(tmp_path):
+    _write_run(tmp_path)
+    result = analyze(tmp_path / "base", [tmp_path / "run"], label="opd",
+                     config=AnalysisConfig(k=4, K=4, device="cpu"))
+    assert result.unique("step") == STEPS
+    onsets = []
+    for name, t0 in NAMES.items():
+        rows = result.where(run="opd", matrix=name)
+        assert {r.layer for r in rows} == {int(name.split(".")[2])} and rows.unique("module") == ["up_proj"]
+        for side in ("u", "v"):
+            traj = sorted((r.step, r.value) for r in rows.where(metric=f"sim_final_{side}"))
+            assert [s for s, _ in traj] == STEPS
+            assert traj[-1][1] == pytest.approx(1.0)
+            onset = locking_onset([s for s, _ in traj], [v for _, v in traj], tau=0.9)
+            assert onset == t0, (name, side, traj)
+        before = [r.value for r in rows.where(metric="sim_final_v") if r.step < (t0 or STEPS[-1])]
+        assert max(before) < 0.5  # fresh random directions are far from the final subspace
+        onsets.append(onset)
+    assert median_onset(onsets) == 60  # lower median of (40, 60, never)

@@ -1,0 +1,261 @@
+"""Decompositions and subspace comparisons against plain float64 scipy references: the exact path,
+each fast path on the same matrices, the checks that send a fast path back to the exact one, and the
+identities of Sim_K (SPEC items 2, 3, 7; "every randomized method is tested against the exact SVD")."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+import torch
+
+from geometry.linalg import (
+    default_k,
+    degrees,
+    exact_svd,
+    gram_svd,
+    principal_angles,
+    randomized_svd,
+    spectrum,
+    subspace_sim,
+)
+
+
+def _orthonormal(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((m, k)))[0]  # (m, k)
+
+
+def _planted(rng: np.random.Generator, m: int, n: int, s: np.ndarray) -> np.ndarray:
+    """A matrix with singular values s (len min(m, n)) and Haar-random singular vectors."""
+    r = min(m, n)
+    return (_orthonormal(rng, m, r) * s) @ _orthonormal(rng, n, r).T  # (m, n)
+
+
+def _max_angle(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Largest principal angle (radians) by scipy, the independent reference."""
+    return float(sl.subspace_angles(A.double().numpy(), B.double().numpy()).max())
+
+
+# --- exact_svd ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 24, 40)])
+def test_exact_svd_matches_scipy_per_matrix(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))  # float32 input
+    res = exact_svd(x, k=5)
+    assert res.method == "exact" and res.S.dtype == torch.float64
+    assert res.U.shape == (*shape[:-1], 5) and res.V.shape == (shape[0], shape[2], 5)
+    for i in range(shape[0]):
+        ref_U, ref_S, ref_Vh = sl.svd(x[i].double().numpy(), full_matrices=False)
+        np.testing.assert_allclose(res.S[i].numpy(), ref_S, rtol=1e-12)
+        assert _max_angle(res.U[i], torch.tensor(ref_U[:, :5])) < 1e-10
+        assert _max_angle(res.V[i], torch.tensor(ref_Vh[:5].T)) < 1e-10
+
+
+# --- gram_svd ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 60, 40), (3, 40, 60), (2, 50, 50)])
+def test_gram_svd_matches_exact(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    k = 7
+    fast, ref = gram_svd(x, k), exact_svd(x, k)
+    assert fast.method == "gram"
+    np.testing.assert_allclose(fast.S.numpy(), ref.S.numpy(), rtol=1e-10)
+    eye = torch.eye(k, dtype=torch.float64)
+    for i in range(shape[0]):
+        torch.testing.assert_close(fast.U[i].mT @ fast.U[i], eye, atol=1e-10, rtol=0)
+        torch.testing.assert_close(fast.V[i].mT @ fast.V[i], eye, atol=1e-10, rtol=0)
+        assert _max_angle(fast.U[i], ref.U[i]) < 1e-8
+        assert _max_angle(fast.V[i], ref.V[i]) < 1e-8
+
+
+def test_gram_svd_full_reconstructs_the_matrix():
+    x = torch.randn(30, 20, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    res = gram_svd(x)
+    torch.testing.assert_close((res.U * res.S) @ res.V.mT, x, atol=1e-10, rtol=0)
+
+
+def test_gram_svd_batched_equals_per_matrix():
+    x = torch.randn(3, 36, 28, generator=torch.Generator().manual_seed(3))
+    batched = gram_svd(x, 5)
+    for i in range(3):
+        single = gram_svd(x[i], 5)
+        torch.testing.assert_close(batched.S[i], single.S, rtol=1e-12, atol=0)
+        assert _max_angle(batched.U[i], single.U) < 1e-9
+
+
+def test_gram_svd_falls_back_on_rank_deficient_matrix():
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.standard_normal((40, 3)) @ rng.standard_normal((3, 30)))  # rank 3 of 30
+    res, ref = gram_svd(x, 3), exact_svd(x, 3)
+    assert res.method == "gram->exact"
+    torch.testing.assert_close(res.S, ref.S)
+    torch.testing.assert_close(res.U, ref.U)
+
+
+def test_gram_svd_falls_back_on_ill_conditioned_matrix():
+    rng = np.random.default_rng(5)
+    s = np.geomspace(1.0, 1e-9, 30)  # condition 1e9, beyond what a Gram matrix resolves
+    x = torch.tensor(_planted(rng, 40, 30, s))
+    res = gram_svd(x)
+    assert res.method == "gram->exact"
+    np.testing.assert_allclose(res.S.numpy(), sl.svdvals(x.numpy()), rtol=1e-6)
+
+
+def test_gram_svd_keeps_fast_path_on_moderate_condition():
+    rng = np.random.default_rng(6)
+    x = torch.tensor(_planted(rng, 40, 30, np.geomspace(1.0, 1e-4, 30)))
+    res = gram_svd(x)
+    assert res.method == "gram"
+    # Gram squares the condition number: relative error ~ eps64 * (s1 / s_i)^2 ~ 1e-8 on the smallest value
+    np.testing.assert_allclose(res.S.numpy(), sl.svdvals(x.numpy()), rtol=1e-6)
+
+
+# --- spectrum ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("small_values", [True, False])
+def test_spectrum_matches_scipy_on_well_conditioned_batch(small_values):
+    x = torch.randn(3, 50, 35, generator=torch.Generator().manual_seed(7))
+    s = spectrum(x, small_values=small_values)
+    assert s.shape == (3, 35) and s.dtype == torch.float64
+    for i in range(3):
+        np.testing.assert_allclose(s[i].numpy(), sl.svdvals(x[i].double().numpy()), rtol=1e-10)
+
+
+def test_spectrum_small_values_are_exact_on_ill_conditioned_matrix():
+    rng = np.random.default_rng(8)
+    s_true = np.geomspace(1.0, 1e-10, 25)
+    x = torch.tensor(_planted(rng, 30, 25, s_true))
+    ref = sl.svdvals(x.numpy())
+    # small_values=True: every value to high relative accuracy, the smallest included
+    np.testing.assert_allclose(spectrum(x, small_values=True).numpy(), ref, rtol=1e-5)
+    # small_values=False: the Gram floor ~ sqrt(eps64) * s1 blurs the small values only
+    loose = spectrum(x, small_values=False).numpy()
+    np.testing.assert_allclose(loose, ref, rtol=0, atol=1e-7 * ref[0])
+    np.testing.assert_allclose(loose[:5], ref[:5], rtol=1e-10)
+    assert abs(loose[-1] - ref[-1]) / ref[-1] > 0.5  # shows the fast path really skipped the exact one
+
+
+def test_spectrum_small_values_false_keeps_top_of_low_rank_matrix():
+    rng = np.random.default_rng(9)
+    x = torch.tensor(rng.standard_normal((60, 5)) @ rng.standard_normal((5, 45)))  # exactly rank 5
+    ref = sl.svdvals(x.numpy())
+    fast = spectrum(x, small_values=False).numpy()
+    np.testing.assert_allclose(fast[:5], ref[:5], rtol=1e-10)
+    assert fast[5:].max() < 1e-6 * ref[0]
+
+
+# --- randomized_svd ----------------------------------------------------------------------------
+
+def _decaying_batch(seed: int, L: int, m: int, n: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    s = 0.8 ** np.arange(min(m, n))  # steady decay: a clear gap after any K
+    return torch.tensor(np.stack([_planted(rng, m, n, s) for _ in range(L)]))  # (L, m, n)
+
+
+@pytest.mark.parametrize("shape", [(80, 60), (60, 80)])
+def test_randomized_svd_matches_exact_on_decaying_spectrum(shape):
+    x = _decaying_batch(10, 3, *shape)
+    K = 8
+    check = spectrum(x)
+    res, ref = randomized_svd(x, K, seed=0, check=check), exact_svd(x, K)
+    assert res.method == "randomized"
+    torch.testing.assert_close(res.S, check)  # the checked result reports the exact spectrum
+    assert (subspace_sim(res.U, ref.U) >= 0.99).all()
+    assert (subspace_sim(res.V, ref.V) >= 0.99).all()
+    unchecked = randomized_svd(x, K, seed=0)
+    assert unchecked.S.shape == (3, K)
+    np.testing.assert_allclose(unchecked.S.numpy(), ref.S[:, :K].numpy(), rtol=1e-6)
+
+
+def test_randomized_svd_falls_back_on_flat_spectrum():
+    # A Gaussian matrix: its top singular values crowd together, so 4 power iterations miss them by ~1%
+    x = torch.randn(2, 90, 70, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    K = 16
+    res, ref = randomized_svd(x, K, seed=0, check=spectrum(x)), exact_svd(x, K)
+    assert res.method == "randomized->exact"
+    torch.testing.assert_close(res.U, ref.U)
+    torch.testing.assert_close(res.V, ref.V)
+
+
+def test_randomized_svd_is_seeded():
+    x = _decaying_batch(12, 2, 50, 40)
+    a, b = randomized_svd(x, 6, seed=3), randomized_svd(x, 6, seed=3)
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S)
+    c = randomized_svd(x, 6, seed=4)
+    assert not torch.equal(a.U, c.U)
+    assert (subspace_sim(a.U, c.U) >= 0.99).all()  # another seed, the same answer
+
+
+# --- principal angles --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ka, kb", [(6, 6), (3, 5), (5, 3)])
+def test_principal_angles_match_scipy(ka, kb):
+    rng = np.random.default_rng(13)
+    A = np.stack([_orthonormal(rng, 30, ka) for _ in range(3)])
+    B = np.stack([_orthonormal(rng, 30, kb) for _ in range(3)])
+    got = principal_angles(torch.tensor(A), torch.tensor(B))
+    assert got.shape == (3, min(ka, kb))
+    for i in range(3):
+        np.testing.assert_allclose(got[i].numpy(), np.sort(sl.subspace_angles(A[i], B[i])), atol=1e-12)
+
+
+@pytest.mark.parametrize("ka, kb", [(4, 4), (2, 4), (4, 2)])
+def test_principal_angles_recover_planted_small_angles(ka, kb):
+    # span(A) and span(B) share a basis except for Givens rotations by planted angles into fresh directions
+    rng = np.random.default_rng(14)
+    Q = _orthonormal(rng, 40, 12)
+    planted = np.array([1e-7, 1e-5, 1e-3, 0.3])
+    k = min(ka, kb)
+    A = Q[:, :ka]
+    B = Q[:, :kb].copy()
+    for i in range(k):
+        B[:, i] = math.cos(planted[i]) * Q[:, i] + math.sin(planted[i]) * Q[:, 8 + i]
+    got = principal_angles(torch.tensor(A), torch.tensor(B)).numpy()
+    np.testing.assert_allclose(got, np.sort(planted[:k]), rtol=1e-6)
+
+
+def test_principal_angles_of_identical_subspaces_are_zero():
+    rng = np.random.default_rng(15)
+    A = _orthonormal(rng, 30, 5)
+    R = _orthonormal(rng, 5, 5)  # another basis of the same span
+    got = principal_angles(torch.tensor(A), torch.tensor(A @ R))
+    assert got.abs().max() < 1e-7
+
+
+def test_degrees():
+    torch.testing.assert_close(degrees(torch.tensor([math.pi, math.pi / 180])), torch.tensor([180.0, 1.0]))
+
+
+# --- Sim_K -------------------------------------------------------------------------------------
+
+def test_subspace_sim_identities():
+    rng = np.random.default_rng(16)
+    A, B = (torch.tensor(_orthonormal(rng, 40, 6)) for _ in range(2))
+    R = torch.tensor(_orthonormal(rng, 6, 6))
+    torch.testing.assert_close(subspace_sim(A, A), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(subspace_sim(A, B), subspace_sim(B, A))
+    torch.testing.assert_close(subspace_sim(A @ R, B), subspace_sim(A, B))  # a property of the spans
+    assert 0.0 <= subspace_sim(A, B) <= 1.0
+    # Sim_K = mean cos^2 of the principal angles
+    cos2 = np.cos(sl.subspace_angles(A.numpy(), B.numpy())) ** 2
+    assert subspace_sim(A, B).item() == pytest.approx(cos2.mean(), rel=1e-10)
+
+
+def test_subspace_sim_of_orthogonal_subspaces_is_zero():
+    Q = torch.linalg.qr(torch.randn(30, 8, generator=torch.Generator().manual_seed(17)))[0]
+    assert subspace_sim(Q[:, :4], Q[:, 4:]).item() == pytest.approx(0.0, abs=1e-14)
+
+
+def test_subspace_sim_random_baseline_is_K_over_n():
+    n, K, trials = 48, 4, 400
+    gen = torch.Generator().manual_seed(18)
+    A = torch.linalg.qr(torch.randn(trials, n, K, generator=gen, dtype=torch.float64))[0]
+    B = torch.linalg.qr(torch.randn(trials, n, K, generator=gen, dtype=torch.float64))[0]
+    sims = subspace_sim(A, B)  # (trials,)
+    stderr = sims.std() / math.sqrt(trials)
+    assert abs(sims.mean() - K / n) < 4 * stderr
+
+
+@pytest.mark.parametrize("m, n, k", [(4096, 4096, 512), (4096, 11008, 512), (64, 32, 4), (5, 7, 1)])
+def test_default_k(m, n, k):
+    assert default_k(m, n) == k
