@@ -1,0 +1,230 @@
+"""Training-time capture: snapshots of the tracked weights and per-step subspace tracking, framework-free.
+
+    with Recorder(model, "runs/opd/geometry") as rec:
+        for step in range(1, n_steps + 1):
+            ...; optimizer.step()
+            rec.step(step)  # after every optimizer step
+
+At a tracked step t, for every tracked matrix (geometry.tracking):
+    D_t = W_t - W0 (float32),  ||D_t||_F,  top-K singular values and subspaces U_K, V_K of D_t
+by one or a few warm-started subspace iterations: O(mnK) work on the training thread, O((m + n)K)
+bytes stored. Every ``snapshot_every`` steps (and at the end) the tracked tensors are copied to the
+CPU and written by the store's background thread (geometry.store), as Trainer-style checkpoints.
+W0 stays on the CPU in its stored dtype (a lossless copy, half the size of float32 for a bf16 model).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from geometry.errors import GeometryError
+from geometry.store import Store, Tracked, read_manifest, read_tracking
+from geometry.tracking import DEFAULT_EPS, DEFAULT_TOL, SubspaceTracker
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RecorderConfig:
+    """What to record and how. Regexes are matched with re.search against parameter names."""
+
+    include: tuple[str, ...] = ()  # empty: every 2-D weight of a Linear layer (SPEC "Which matrices")
+    exclude: tuple[str, ...] = (r"embed", r"lm_head", r"(^|\.)wte\.", r"(^|\.)wpe\.")  # SPEC: only when asked
+    snapshot_every: int = 50  # a checkpoint every N steps, plus the last; 0: the last only
+    track_every: int = 1  # tracking state every N steps (and at snapshots); 0 disables tracking
+    k: int = 16  # SPEC item 7: Sim_16
+    oversample: int = 8  # extra columns carried by the iteration (Halko et al. 2011: 5-10)
+    tol: float = DEFAULT_TOL  # per-step convergence test of geometry.tracking
+    eps: float = DEFAULT_EPS
+    max_iters: int = 8  # then the exact SVD, flagged in the tracking state
+    seed: int = 0  # random start of the first step's iteration
+    tracking_dtype: str = "float16"  # U_K, V_K on disk; the cast moves Sim_K by < 1e-3 (tests)
+    snapshot_dtype: str = "stored"  # "stored" keeps bf16 bit-exact (SPEC item 1); or float32/bfloat16/float16
+    base_device: str = "cpu"  # where W0 lives: "cpu" saves accelerator memory; "device" avoids a copy per step
+    queue_size: int = 2  # snapshots waiting for the disk; more = less blocking, more host memory
+    on_error: str = "raise"  # a failed write: "raise" at the next step / close, or "warn" and go on
+    label: str = "base"  # the base's label in the manifest
+
+    def __post_init__(self):
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        for pattern in self.include + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise GeometryError(f"RecorderConfig: bad regex {pattern!r}: {e}") from None
+        if self.snapshot_every < 0 or self.track_every < 0:
+            raise GeometryError("RecorderConfig: snapshot_every and track_every must be >= 0")
+        if self.k < 1 or self.oversample < 0 or self.max_iters < 1 or self.queue_size < 1:
+            raise GeometryError("RecorderConfig: need k >= 1, oversample >= 0, max_iters >= 1, queue_size >= 1")
+        if self.tracking_dtype not in _DTYPES or self.snapshot_dtype not in (*_DTYPES, "stored"):
+            raise GeometryError(f"RecorderConfig: dtypes are one of {', '.join(_DTYPES)} (or 'stored' for snapshots)")
+        if self.base_device not in ("cpu", "device") or self.on_error not in ("raise", "warn"):
+            raise GeometryError("RecorderConfig: base_device is 'cpu' or 'device'; on_error 'raise' or 'warn'")
+
+    def settings(self) -> dict:
+        """What the manifest records (and a resumed run must repeat): everything but I/O knobs."""
+        d = asdict(self)
+        for key in ("queue_size", "on_error", "base_device", "label"):
+            d.pop(key)
+        return d
+
+
+@dataclass
+class RecorderStats:
+    """Time and work spent by the recorder on the training thread."""
+
+    tracked_steps: int = 0
+    snapshots: int = 0
+    tracking_seconds: float = 0.0  # forming D_t and the subspace iterations
+    snapshot_seconds: float = 0.0  # copies to the CPU, including any wait for a full queue
+    iterations: int = 0  # subspace iterations, all matrices and steps
+    fallbacks: int = 0  # matrix-steps that needed the exact SVD
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / DeepSpeed (``.module``) and torch.compile (``_orig_mod``)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine"):
+            model = model.module
+        else:
+            return model
+
+
+def select_parameters(model: nn.Module, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
+    """The tracked parameters, by name, in name order (see RecorderConfig.include / exclude)."""
+    params = dict(model.named_parameters())
+    if cfg.include:
+        names = [n for n, p in params.items() if p.ndim == 2 and any(re.search(x, n) for x in cfg.include)]
+    else:  # 2-D Linear weights; "Conv1D" is GPT-2's transposed Linear
+        names = [f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
+                 if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"]
+        names = [n for n in names if n in params and params[n].ndim == 2]
+    names = sorted(n for n in set(names) if not any(re.search(x, n) for x in cfg.exclude))
+    if not names:
+        raise GeometryError("Recorder: no parameter matches the include/exclude patterns")
+    empty = [n for n in names if params[n].numel() == 0]
+    if empty:  # e.g. DeepSpeed ZeRO-3 / FSDP shards: the full matrix is not on this process
+        raise GeometryError(f"Recorder: parameter {empty[0]} is empty here (sharded?); gather it first")
+    return {n: params[n] for n in names}
+
+
+class Recorder:
+    """Records a training run into a geometry store (module docstring). A context manager.
+
+    step: the optimizer step the model is at now: 0 for a fresh run (its weights are the base W0);
+    a resumed run passes its current step and W0 is read from the store, which must exist.
+    """
+
+    def __init__(self, model: nn.Module, out_dir: str | Path, config: RecorderConfig | None = None, *,
+                 step: int = 0):
+        self.config = cfg = config or RecorderConfig()
+        self.model = unwrap(model)
+        self.params = select_parameters(self.model, cfg)
+        base = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()} if step == 0 else None
+        hf_config = getattr(self.model, "config", None)
+        self.store = Store.open(out_dir, base, settings=cfg.settings(), label=cfg.label,
+                                config=hf_config.to_dict() if hasattr(hf_config, "to_dict") else None,
+                                snapshot_bytes=sum(self._snapshot_nbytes(p) for p in self.params.values()),
+                                queue_size=cfg.queue_size, on_error=cfg.on_error)
+        self.done = self.store.last_step  # steps <= done were recorded by an earlier run
+        if step == 0 and self.done is not None:
+            self.store.close()  # a run from step 0 is a new run: splicing it onto the old one would mix two runs
+            raise GeometryError(f"store {out_dir} already holds steps up to {self.done}; record a new run into "
+                                "a new folder (a resumed run passes its current step)")
+        self._w0 = self._keep_base(base if base is not None else self.store.base())
+        self.tracker = SubspaceTracker(cfg.k, cfg.oversample, tol=cfg.tol, eps=cfg.eps, max_iters=cfg.max_iters,
+                                       seed=cfg.seed)
+        self._warm_start()
+        self._last: int | None = None  # last step seen
+        self._snapped: int | None = None  # last step snapshotted
+        self.stats = RecorderStats()
+
+    def step(self, step: int) -> None:
+        """Call after each optimizer step with the step count (1 after the first optimizer step)."""
+        if (self.done is not None and step <= self.done) or (self._last is not None and step <= self._last):
+            return  # recorded by an earlier run, or already seen
+        self._last = step
+        cfg = self.config
+        snap = cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0
+        track = cfg.track_every > 0 and (snap or step % cfg.track_every == 0)
+        self._record(step, snap, track)
+
+    def close(self) -> None:
+        """Snapshot (and track, refined) the last step seen if not yet done; finish all writes."""
+        if self._last is not None and self._snapped != self._last:
+            self._record(self._last, True, self.config.track_every > 0)
+        self.store.close(final_step=self._last if self._last is not None else self.done)
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # training failed: keep what was recorded, do not call the current weights final
+            try:
+                self.store.close()
+            except GeometryError as e:  # do not hide the training error behind a write error
+                warnings.warn(str(e), stacklevel=2)
+
+    # ---- internals ----
+
+    def _record(self, step: int, snap: bool, track: bool) -> None:
+        with torch.no_grad():
+            if snap:  # queued before tracking: a step's tracking never lands without its snapshot
+                t0 = time.perf_counter()
+                self.store.put_snapshot(step, {n: self._snapshot_copy(p) for n, p in self.params.items()})
+                self._snapped = step
+                self.stats.snapshots += 1
+                self.stats.snapshot_seconds += time.perf_counter() - t0
+            if track:
+                t0 = time.perf_counter()
+                records = {n: self._track(n, p, refine=snap) for n, p in self.params.items()}
+                self.store.put_tracking(step, records, _DTYPES[self.config.tracking_dtype])
+                self.stats.tracked_steps += 1
+                self.stats.tracking_seconds += time.perf_counter() - t0
+
+    def _track(self, name: str, p: torch.Tensor, refine: bool) -> Tracked:
+        w0 = self._w0[name].to(p.device, non_blocking=True)
+        d = p.detach().float() - w0.float()  # (m, n) D_t = W_t - W0
+        est = self.tracker.update(name, d, refine=refine)
+        k, _ = self.tracker.dims(tuple(d.shape))
+        self.stats.iterations += est.iters
+        self.stats.fallbacks += int(est.exact)
+        return Tracked(est.fro, est.s[:k].cpu(), est.u[:, :k], est.v[:, :k], est.iters, est.residual, est.exact)
+
+    def _snapshot_copy(self, p: torch.Tensor) -> torch.Tensor:
+        dtype = p.dtype if self.config.snapshot_dtype == "stored" else _DTYPES[self.config.snapshot_dtype]
+        return p.detach().to("cpu", dtype, copy=True).contiguous()
+
+    def _snapshot_nbytes(self, p: torch.Tensor) -> int:
+        dtype = p.dtype if self.config.snapshot_dtype == "stored" else _DTYPES[self.config.snapshot_dtype]
+        return p.numel() * torch.empty((), dtype=dtype).element_size()
+
+    def _keep_base(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for n, p in self.params.items():
+            if n not in base or tuple(base[n].shape) != tuple(p.shape):
+                raise GeometryError(f"Recorder: store {self.store.root} has no base tensor {n} of shape "
+                                    f"{tuple(p.shape)}")
+        if self.config.base_device == "device":
+            return {n: base[n].to(p.device) for n, p in self.params.items()}
+        pin = torch.cuda.is_available() and any(p.is_cuda for p in self.params.values())
+        return {n: base[n].pin_memory() if pin else base[n] for n in self.params}
+
+    def _warm_start(self) -> None:
+        """A resumed run continues the subspace iteration from the last stored estimate."""
+        steps = read_manifest(self.store.root).tracking_steps
+        if not steps:
+            return
+        for n, rec in read_tracking(self.store.root, steps[-1]).items():
+            if n in self.params:
+                self.tracker.warm_start(n, rec.v, tuple(self.params[n].shape))

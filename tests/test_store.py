@@ -1,0 +1,263 @@
+"""The geometry store: layout, atomic writes, resume, refusals, writer errors, a SIGKILL mid-write."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from geometry.errors import GeometryError
+from geometry.sources import open_run
+from geometry.store import (
+    MANIFEST,
+    Store,
+    Tracked,
+    base_hash,
+    check_free_space,
+    read_manifest,
+    read_snapshot,
+    read_tracking,
+)
+
+SETTINGS = {"snapshot_every": 5, "k": 4}
+
+
+def base_tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"layers.0.q_proj.weight": torch.randn(12, 8, generator=g).bfloat16(),
+            "layers.0.up_proj.weight": torch.randn(20, 8, generator=g)}
+
+
+def tracked(m, n, k=4, step=1):
+    g = torch.Generator().manual_seed(step)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
+    return Tracked(float(step), torch.linspace(2, 1, k), u, v, 1, 1e-3, False)
+
+
+def records(step):
+    return {"layers.0.q_proj.weight": tracked(12, 8, step=step), "layers.0.up_proj.weight": tracked(20, 8, step=step)}
+
+
+def write_steps(store, steps, snapshot_every=5):
+    for t in steps:
+        if t % snapshot_every == 0:
+            store.put_snapshot(t, {n: x + t for n, x in base_tensors().items()})
+        store.put_tracking(t, records(t))
+
+
+def test_layout_manifest_and_round_trip(tmp_path):
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS, label="qwen-base", config={"model_type": "llama"})
+    assert store.last_step is None
+    write_steps(store, range(1, 11))
+    store.close(final_step=10)
+
+    man = read_manifest(run)
+    assert man.base_label == "qwen-base" and man.base_sha256 == base_hash(base_tensors())
+    assert man.steps == [5, 10] and man.tracking_steps == list(range(1, 11)) and man.final_step == 10
+    assert man.settings == SETTINGS
+    assert [t["name"] for t in man.tensors] == sorted(base_tensors())
+    assert {t["dtype"] for t in man.tensors} == {"bfloat16", "float32"}
+    assert sorted(p.name for p in run.iterdir()) == ["base", "checkpoint-10", "checkpoint-5", MANIFEST, "tracking"]
+    assert json.loads((run / "base" / "config.json").read_text()) == {"model_type": "llama"}
+
+    for name, x in base_tensors().items():  # stored dtype preserved, bit for bit
+        assert torch.equal(read_snapshot(run, None)[name], x)
+        assert read_snapshot(run, 5)[name].dtype == x.dtype and torch.equal(read_snapshot(run, 5)[name], x + 5)
+    got = read_tracking(run, 3)["layers.0.up_proj.weight"]
+    want = tracked(20, 8, step=3)
+    assert got.fro == 3.0 and got.iters == 1 and not got.exact and got.residual == pytest.approx(1e-3)
+    assert torch.allclose(got.u, want.u, atol=1e-3) and torch.equal(got.s, want.s)
+    # the generic checkpoint reader sees a Trainer-style run
+    assert [c.step for c in open_run(run)] == [5, 10]
+
+
+def test_tmp_leftovers_are_ignored_then_cleaned(tmp_path):
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    write_steps(store, range(1, 6))
+    store.close()
+    # a crash mid-write leaves these behind
+    (run / ".tmp-checkpoint-10").mkdir()
+    (run / ".tmp-checkpoint-10" / "model.safetensors").write_bytes(b"half a file")
+    (run / "tracking" / ".tmp-6.safetensors").write_bytes(b"half")
+    (run / f".tmp-{MANIFEST}").write_text("{not json")
+    assert [c.step for c in open_run(run)] == [5]  # readers ignore .tmp*
+    assert read_manifest(run).tracking_steps == [1, 2, 3, 4, 5]
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    store.close()
+    assert not [p for p in [*run.iterdir(), *(run / "tracking").iterdir()] if p.name.startswith(".tmp")]
+
+
+def test_data_without_manifest_entry_is_removed_on_reopen(tmp_path):
+    """A crash between a file landing and its manifest update: the manifest stays the truth."""
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    write_steps(store, range(1, 6))
+    store.close()
+    (run / "checkpoint-7").mkdir()
+    (run / "checkpoint-7" / "model.safetensors").write_bytes(b"x")
+    (run / "tracking" / "6.safetensors").write_bytes(b"x")
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    assert store.last_step == 5
+    assert not (run / "checkpoint-7").exists() and not (run / "tracking" / "6.safetensors").exists()
+    write_steps(store, [6, 7], snapshot_every=7)  # rewriting those steps works
+    store.close()
+    assert read_manifest(run).steps == [5, 7]
+
+
+def test_manifest_is_always_valid_json_during_writes(tmp_path):
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS, queue_size=4)
+    seen, bad, stop = set(), [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                man = json.loads((run / MANIFEST).read_text())
+            except json.JSONDecodeError as e:
+                bad.append(e)
+                continue
+            for t in man["tracking_steps"]:  # everything it lists is complete and readable
+                if t not in seen:
+                    read_tracking(run, t)
+                    seen.add(t)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    write_steps(store, range(1, 41))
+    store.close()
+    stop.set()
+    th.join()
+    assert not bad and len(seen) > 0
+
+
+def test_resume_returns_last_complete_step(tmp_path):
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    write_steps(store, range(1, 13))
+    store.close()  # no final step: the run was interrupted
+    assert read_manifest(run).final_step is None
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    assert store.last_step == 12
+    write_steps(store, range(13, 21))
+    store.close(final_step=20)
+    man = read_manifest(run)
+    assert man.tracking_steps == list(range(1, 21)) and man.steps == [5, 10, 15, 20]
+    # a run resumed mid-way passes no base: the store's own is used (and checked against the manifest)
+    store = Store.open(run, None, settings=SETTINGS)
+    assert store.last_step == 20 and base_hash(store.base()) == man.base_sha256
+    store.close()
+
+
+def test_other_base_is_refused(tmp_path):
+    run = tmp_path / "run"
+    Store.open(run, base_tensors(), settings=SETTINGS).close()
+    other = base_tensors()
+    other["layers.0.up_proj.weight"][0, 0] += 1
+    with pytest.raises(GeometryError, match=r"store .* was made from another base \(sha256"):
+        Store.open(run, other, settings=SETTINGS)
+    with pytest.raises(GeometryError, match="other settings"):
+        Store.open(run, base_tensors(), settings={**SETTINGS, "k": 8})
+
+
+def test_bad_folders_are_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(GeometryError, match="cannot write the geometry store"):
+        Store.open(blocker / "run", base_tensors(), settings=SETTINGS)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("x")
+    with pytest.raises(GeometryError, match="not empty and not a geometry store"):
+        Store.open(busy, base_tensors(), settings=SETTINGS)
+    with pytest.raises(GeometryError, match="no geometry store to resume"):
+        Store.open(tmp_path / "new", None, settings=SETTINGS)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_folder_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(GeometryError, match="cannot write"):
+            Store.open(ro, base_tensors(), settings=SETTINGS)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_free_space_check(tmp_path):
+    free = __import__("shutil").disk_usage(tmp_path).free
+    with pytest.raises(GeometryError, match="not enough disk space"):
+        check_free_space(tmp_path, 2 * free)
+    with pytest.warns(UserWarning, match="snapshots of"):
+        check_free_space(tmp_path, free // 3)
+    check_free_space(tmp_path, 1024)
+
+
+def test_writer_errors_reach_the_training_thread(tmp_path):
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    (run / "tracking").rmdir()
+    (run / "tracking").write_text("not a folder")  # every tracking write now fails in the writer
+    store.put_tracking(1, records(1))
+    with pytest.raises(GeometryError, match="tracking of step 1 failed"):
+        store.close()
+
+    run2 = tmp_path / "run2"
+    store = Store.open(run2, base_tensors(), settings=SETTINGS, on_error="warn")
+    (run2 / "tracking").rmdir()
+    (run2 / "tracking").write_text("x")
+    with pytest.warns(UserWarning, match="tracking of step 1 failed"):  # at the next call or at close
+        store.put_tracking(1, records(1))
+        store.put_snapshot(5, base_tensors())  # later writes still happen
+        store.close()
+    assert read_manifest(run2).steps == [5]
+
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from geometry.store import Store, Tracked
+    sys.path.insert(0, {tests!r})
+    from test_store import base_tensors, records, SETTINGS
+    store = Store.open({run!r}, base_tensors(), settings=SETTINGS, queue_size=2)
+    t = 0
+    while True:
+        t += 1
+        if t % 5 == 0:
+            store.put_snapshot(t, {{n: x.repeat(40, 40) * 0 + t for n, x in base_tensors().items()}})
+        store.put_tracking(t, records(t))
+        if t == 3:
+            print("started", flush=True)
+""")
+
+
+def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
+    run = tmp_path / "run"
+    code = CHILD.format(tests=str(Path(__file__).parent), run=str(run))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parent.parent)
+    assert child.stdout.readline().strip() == "started"
+    time.sleep(1.0)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    man = read_manifest(run)  # valid JSON
+    assert len(man.tracking_steps) > 3
+    for t in man.tracking_steps:  # all it lists is complete
+        assert read_tracking(run, t)["layers.0.q_proj.weight"].fro == float(t)
+    for t in man.steps:
+        assert torch.all(read_snapshot(run, t)["layers.0.up_proj.weight"] == t)
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    assert store.last_step == max(man.tracking_steps + man.steps)
+    store.close()
+    names = [p.name for p in run.iterdir()] + [p.name for p in (run / "tracking").iterdir()]
+    assert not [n for n in names if n.startswith(".tmp")]
