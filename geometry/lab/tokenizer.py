@@ -17,6 +17,14 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3; pad first so zero-initialised buffers read as padding
 CHARS = "0123456789+="  # everything the task writes
 
+# Not set on the tokenizer (the trainers get plain-text prompts). Trainers that accept only
+# conversational data (trl.experimental.iw_opd) can use it: it renders messages exactly as the
+# plain-text path tokenises them, "<bos>" + prompt [+ answer + "<eos>"].
+PASSTHROUGH_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The char tokenizer: ``"12+3="`` -> ``<bos> 1 2 + 3 =``; decoding concatenates characters.
