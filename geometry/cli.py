@@ -39,7 +39,8 @@ def _analyze_args(sub) -> None:
                    help="read .bin pickle checkpoints (with weights_only=True); only for files you trust")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--memory-mb", type=float, default=2048.0, help="memory budget of one matrix group")
-    p.add_argument("--exact", action="store_true", help="exact SVD everywhere (no randomized fast path)")
+    p.add_argument("--update-svd", choices=("gram", "randomized", "exact"), default="gram",
+                   help="how updates are decomposed (default gram: float64 Gram eigh, checked)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized methods")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -69,7 +70,7 @@ def cmd_analyze(args) -> int:
     cfg = AnalysisConfig(k=args.k, K=args.K, tau=args.tau, include=args.include, exclude=args.exclude,
                          embeddings=args.embeddings, on_mismatch="skip" if args.skip_mismatch else "error",
                          allow_pickle=args.allow_pickle, device=args.device, memory_mb=args.memory_mb,
-                         randomized=not args.exact, seed=args.seed)
+                         update_svd=args.update_svd, seed=args.seed)
     analysis = analyze(_runs(args), config=cfg, progress=not args.no_progress)
     paths = write_analysis(analysis, args.out)
     for note in analysis.notes:

@@ -26,7 +26,10 @@ class AnalysisConfig:
     allow_pickle: bool = False  # read .bin pickle checkpoints (weights_only=True); never by default
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     memory_mb: float = 2048.0  # budget for one group of same-shape matrices, working copies included
-    randomized: bool = True  # top-K subspaces of updates by seeded randomized SVD (checked, exact fallback)
+    # spectrum and top-K subspaces of each update: "gram" (float64 Gram eigh, checked), "randomized"
+    # (seeded, Halko et al. 2011, checked against the exact spectrum: pays off for very large matrices
+    # on a GPU) or "exact" (LAPACK SVD); the checked paths fall back to "exact" and say so
+    update_svd: str = "gram"
     seed: int = 0  # seed of every randomized method
     n_iter: int = 4  # power iterations of the randomized SVD (Halko et al. 2011)
     oversample: int = 8  # extra columns of the randomized SVD
@@ -40,6 +43,8 @@ class AnalysisConfig:
             raise GeometryError(f"tau must lie in (0, 1], got {self.tau}")
         if not 0 < self.alpha < 1:
             raise GeometryError(f"alpha must lie in (0, 1), got {self.alpha}")
+        if self.update_svd not in ("gram", "randomized", "exact"):
+            raise GeometryError(f"update_svd must be 'gram', 'randomized' or 'exact', got {self.update_svd!r}")
         if self.on_mismatch not in ("error", "skip"):
             raise GeometryError(f"on_mismatch must be 'error' or 'skip', got {self.on_mismatch!r}")
         if self.memory_mb <= 0:

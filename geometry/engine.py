@@ -79,8 +79,9 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["mask_overlap_principal"] = M.mask_overlap(changed, base.principal)
     out["mask_overlap_lowmag"] = M.mask_overlap(changed, base.lowmag)
 
-    sD = spectrum(D, small_values=False)  # (L, r)
-    for name, value in zip(M.RankStats._fields, M.rank_stats(sD), strict=True):
+    K = min(cfg.K, m, n)
+    upd = _update_factors(D, K, cfg)  # full spectrum and top-K subspaces of D_t
+    for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
         out[name] = value
     interval = M.rank_stats(spectrum(d, small_values=False))
     for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm"):
@@ -88,12 +89,17 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
 
     out["intruders"] = M.intruders(base.svd.U, top.U[..., :N_INTRUDER], cfg.intruder_threshold)
 
-    K = min(cfg.K, m, n)
-    if cfg.randomized:
-        upd = randomized_svd(D, K, oversample=cfg.oversample, n_iter=cfg.n_iter, seed=cfg.seed, check=sD)
-    else:
-        upd = exact_svd(D, K)
     return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
+
+
+def _update_factors(D: torch.Tensor, K: int, cfg: AnalysisConfig) -> SVD:
+    """Spectrum and top-K subspaces of an update by the configured path (AnalysisConfig.update_svd)."""
+    if cfg.update_svd == "exact":
+        return exact_svd(D, K)
+    if cfg.update_svd == "randomized":
+        sD = spectrum(D, small_values=False)
+        return randomized_svd(D, K, oversample=cfg.oversample, n_iter=cfg.n_iter, seed=cfg.seed, check=sD)
+    return gram_svd(D, K, small_values=False)
 
 
 def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:

@@ -43,15 +43,20 @@ class SVD(NamedTuple):
 def exact_svd(x: torch.Tensor, k: int | None = None) -> SVD:
     """The reference: LAPACK SVD in float64, thin; keeps the top-k vectors (all when k is None)."""
     U, S, Vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return SVD(U[..., :k], S, Vh.mT[..., :k], "exact")
+    if k is None:
+        return SVD(U, S, Vh.mT, "exact")
+    # copies, so that keeping the top-k vectors does not keep all of them alive
+    return SVD(U[..., :k].clone(), S, Vh.mT[..., :k].clone(), "exact")
 
 
-def gram_svd(x: torch.Tensor, k: int | None = None) -> SVD:
+def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True) -> SVD:
     """Top-k singular vectors and the full spectrum from eigh of the float64 Gram matrix.
 
     With m >= n: x^T x = V diag(S^2) V^T, then U_k = x V_k / S_k (and symmetrically for m < n).
-    Falls back to ``exact_svd`` when the matrix is too ill-conditioned for the Gram matrix to hold
-    its spectrum, or when eigh fails.
+    Falls back to ``exact_svd`` when eigh fails or the matrix is too ill-conditioned for the Gram
+    matrix to hold what is asked: every singular value (``small_values``, as the spectral shift needs),
+    or only the top k and their vectors (enough for rank metrics and subspaces of an update, which is
+    often exactly low-rank).
     """
     x = x.double()
     m, n = x.shape[-2:]
@@ -63,10 +68,11 @@ def gram_svd(x: torch.Tensor, k: int | None = None) -> SVD:
     except torch.linalg.LinAlgError:
         return _fallback(x, k, "gram")
     S = evals.flip(-1).clamp_min(0).sqrt()  # (..., r) descending
-    if not _well_conditioned(S):
+    if not _well_conditioned(S if small_values else S[..., :k]):
         return _fallback(x, k, "gram")
-    small = evecs.flip(-1)[..., :k]  # (..., r, k) vectors of the smaller side
-    big = (x @ small if tall else x.mT @ small) / S[..., None, :k]  # (..., m or n, k)
+    small = evecs.flip(-1)[..., :k].clone()  # (..., r, k) vectors of the smaller side
+    # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
+    big = (x @ small if tall else x.mT @ small) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
     U, V = (big, small) if tall else (small, big)
     return SVD(U, S, V, "gram")
 
