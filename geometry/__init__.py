@@ -1,8 +1,17 @@
 """geometry: how post-training moves an LLM's weights, measured in parameter space."""
 
-from geometry.analyze import Analysis, Run, analyze
-from geometry.config import AnalysisConfig
-from geometry.errors import GeometryError
-from geometry.table import Row, Table
+from importlib import import_module
 
-__all__ = ["analyze", "Analysis", "AnalysisConfig", "Run", "Row", "Table", "GeometryError"]
+__all__ = ["analyze", "Analysis", "AnalysisConfig", "Run", "Row", "Table", "GeometryError",
+           "GeometryCallback", "GradientProjectionCallback", "Recorder", "RecorderConfig"]
+
+_WHERE = {"analyze": "analyze", "Analysis": "analyze", "Run": "analyze", "AnalysisConfig": "config",
+          "Row": "table", "Table": "table", "GeometryError": "errors", "GeometryCallback": "callbacks",
+          "GradientProjectionCallback": "callbacks", "Recorder": "recorder", "RecorderConfig": "recorder"}
+
+
+def __getattr__(name: str):
+    # lazy, so that `geometry --help` or a bad-input error does not wait for torch and transformers to import
+    if name not in _WHERE:
+        raise AttributeError(f"module 'geometry' has no attribute {name!r}")
+    return getattr(import_module(f"geometry.{_WHERE[name]}"), name)

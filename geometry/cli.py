@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from geometry.errors import GeometryError
@@ -79,17 +80,55 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _demo_args(sub) -> None:
+    p = sub.add_parser("demo", help="the miniature study: SFT vs RLVR vs OPD on a tiny LM, analysed and reported",
+                       description="Train the three regimes and the paper's controls from the shipped student, "
+                       "record them with the callback, analyze, and write report.md with figures.")
+    p.add_argument("-o", "--out", default="demo-report", help="report directory (default: demo-report)")
+    p.add_argument("--quick", action="store_true", help="a smoke-test size (about two minutes)")
+
+
+def cmd_demo(args) -> int:
+    from geometry.lab.report import write_report
+    from geometry.lab.study import run_study
+
+    study = run_study(args.out, quick=args.quick, log=lambda msg: print(msg, flush=True))
+    path = write_report(study)
+    print(f"wrote {path} ({study.seconds / 60:.1f} min)")
+    return 0
+
+
+def _lab_args(sub) -> None:
+    p = sub.add_parser("lab", help="tools that build the demo's shipped artifacts")
+    lab = p.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    pre = lab.add_parser("pretrain", help="pretrain the demo's student and teacher (seeded) into OUT/{student,teacher}")
+    pre.add_argument("--out", default="data", help="where to write student/ and teacher/ (default: data)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--quick", action="store_true", help="a few steps only, for testing the command")
+
+
+def cmd_lab(args) -> int:
+    from geometry.lab.pretrain import main_pretrain
+
+    main_pretrain(args.out, seed=args.seed, quick=args.quick, threads=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="geometry", description="Parameter-space update geometry of LLM post-training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _analyze_args(sub)
+    _demo_args(sub)
+    _lab_args(sub)
     return parser
 
 
-COMMANDS = {"analyze": cmd_analyze}
+COMMANDS = {"analyze": cmd_analyze, "demo": cmd_demo, "lab": cmd_lab}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Spinning OpenMP threads make torch hundreds of times slower on a busy small machine; set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
