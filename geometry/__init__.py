@@ -5,7 +5,7 @@ from importlib import import_module
 __all__ = ["analyze", "Analysis", "AnalysisConfig", "Run", "Row", "Table", "GeometryError",
            "GeometryCallback", "GradientProjectionCallback", "Recorder", "RecorderConfig"]
 
-_WHERE = {"analyze": "analyze", "Analysis": "analyze", "Run": "analyze", "AnalysisConfig": "config",
+_WHERE = {"analyze": "analysis", "Analysis": "analysis", "Run": "analysis", "AnalysisConfig": "config",
           "Row": "table", "Table": "table", "GeometryError": "errors", "GeometryCallback": "callbacks",
           "GradientProjectionCallback": "callbacks", "Recorder": "recorder", "RecorderConfig": "recorder"}
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from geometry.distributed import is_sharded, is_writer
 from geometry.errors import GeometryError
 from geometry.recorder import Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
+from geometry.store import check_writable
 
 
 def _is_main_process(args, state) -> bool:
@@ -28,9 +30,12 @@ def _work_dtype(p: torch.Tensor) -> torch.dtype:
 class GeometryCallback(TrainerCallback):
     """Records the run into a geometry store at ``out_dir`` (geometry.recorder, geometry.store).
 
-    on_train_begin: a Recorder on the trainer's model (at ``state.global_step``: a resumed run continues
-    its store); on_step_end: ``rec.step(global_step)`` after each optimizer step; on_train_end: the
-    final snapshot and close. Only the main process records (every rank holds the same weights under DDP).
+    Creating it checks that ``out_dir`` is writable (GeometryError, before any training); on_train_begin:
+    a Recorder on the trainer's model (at ``state.global_step``: a resumed run continues its store; a full
+    disk is refused here); on_step_end: ``rec.step(global_step)`` after each optimizer step, and a flush
+    before the Trainer saves a checkpoint (a run resumed from it then misses no step); on_train_end: the
+    final snapshot and close. The main process records; under FSDP / ZeRO-3 the other ranks take part in
+    the gathers of the sharded weights (geometry.distributed), under DDP they do nothing.
     """
 
     def __init__(self, out_dir: str | Path, config: RecorderConfig | None = None):
@@ -38,21 +43,25 @@ class GeometryCallback(TrainerCallback):
         self.config = config or RecorderConfig()
         self.recorder: Recorder | None = None
         self.stats: RecorderStats | None = None  # the recorder's work, kept after training ends
+        if is_writer():
+            check_writable(self.out_dir)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not _is_main_process(args, state):
-            return
         if model is None:
             raise GeometryError("GeometryCallback: the trainer passed no model to on_train_begin")
         if Path(args.output_dir).resolve() == self.out_dir.resolve():
             # the Trainer's own checkpoint-N folders (all weights) would collide with the store's
             raise GeometryError(f"GeometryCallback: store {self.out_dir} is the trainer's output_dir; "
                                 "use a subfolder such as output_dir/geometry")
+        if not _is_main_process(args, state) and not is_sharded(unwrap(model)):
+            return  # unsharded weights are the same on every rank: the main process records them
         self.recorder = Recorder(model, self.out_dir, self.config, step=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
             self.recorder.step(state.global_step)
+            if control.should_save:  # the Trainer saves its checkpoint right after this event
+                self.recorder.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
@@ -91,6 +100,10 @@ class GradientProjectionCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step > 0:  # W0 (and the fixed subspaces) are not part of the Trainer's checkpoint
             raise GeometryError("GradientProjectionCallback: cannot resume a run mid-way; start from step 0")
+        if getattr(args, "deepspeed", None) or is_sharded(unwrap(model)):
+            # p.grad is a shard (FSDP) or absent before on_pre_optimizer_step (DeepSpeed steps in backward)
+            raise GeometryError("GradientProjectionCallback: sharded or DeepSpeed-managed gradients are not "
+                                "supported; use a single process or DDP")
         self.start_step = max(1, round(self.start_frac * state.max_steps))
         self._params = select_parameters(unwrap(model), self.select)
         self._w0 = {n: p.detach().to("cpu", copy=True) for n, p in self._params.items()}

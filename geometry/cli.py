@@ -47,7 +47,7 @@ def _analyze_args(sub) -> None:
 
 
 def _runs(args):
-    from geometry.analyze import Run
+    from geometry.analysis import Run
 
     runs = []
     if args.paths:
@@ -64,7 +64,7 @@ def _runs(args):
 
 
 def cmd_analyze(args) -> int:
-    from geometry.analyze import analyze
+    from geometry.analysis import analyze
     from geometry.config import AnalysisConfig
     from geometry.outputs import write_analysis
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geometry.analyze import Analysis
+from geometry.analysis import Analysis
 from geometry.errors import GeometryError
 from geometry.markdown import render_summary
 from geometry.summary import onset_rows, summarize, summary_json
@@ -69,3 +69,14 @@ def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
         if created and not any(out.iterdir()):
             out.rmdir()
     return [out / name for name in blobs]
+
+
+def read_curves(path: str | Path, kind: str) -> dict[tuple[str, int, str], np.ndarray]:
+    """The curves of one kind ("angles_u", "angles_v", "spectrum") from a curves.npz, keyed (run, step, matrix)."""
+    out = {}
+    with np.load(path) as data:
+        for key in data.files:
+            run, step, matrix, k = key.split("|")  # written by write_analysis; names hold no '|'
+            if k == kind:
+                out[(run, int(step), matrix)] = data[key]
+    return out

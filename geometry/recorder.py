@@ -11,19 +11,31 @@ by one or a few warm-started subspace iterations: O(mnK) work on the training th
 bytes stored. Every ``snapshot_every`` steps (and at the end) the tracked tensors are copied to the
 CPU and written by the store's background thread (geometry.store), as Trainer-style checkpoints.
 W0 stays on the CPU in its stored dtype (a lossless copy, half the size of float32 for a bf16 model).
+
+Several processes (geometry.distributed): rank 0 writes. Unsharded weights (DDP) are the same on every
+rank, so other ranks' recorders do nothing. Sharded weights (FSDP1, FSDP2, ZeRO-3) are gathered one
+matrix at a time, so there every rank must create the recorder and call ``step`` with the same steps;
+rank 0's errors are raised on every rank, so that none is left waiting in a gather.
+
+Before saving a training checkpoint of its own, a loop calls ``rec.flush()``: the store then holds every
+step up to it, and a run resumed from that checkpoint misses none.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from geometry.distributed import FullParameters, broadcast, is_writer
 from geometry.errors import GeometryError
 from geometry.store import Store, Tracked, read_manifest, read_tracking
 from geometry.tracking import DEFAULT_EPS, DEFAULT_TOL, SubspaceTracker
@@ -99,22 +111,25 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def select_parameters(model: nn.Module, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
-    """The tracked parameters, by name, in name order (see RecorderConfig.include / exclude)."""
-    params = dict(model.named_parameters())
+def select_parameters(model: nn.Module | FullParameters, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
+    """The tracked parameters, by name, in name order (see RecorderConfig.include / exclude).
+
+    Names and shapes are those of the full model: wrapper prefixes (FSDP1, torch.compile) are dropped and a
+    shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices.
+    """
+    full = model if isinstance(model, FullParameters) else FullParameters(model)
+    shapes = full.shapes
     if cfg.include:
-        names = [n for n, p in params.items() if p.ndim == 2 and any(re.search(x, n) for x in cfg.include)]
+        names = [n for n in shapes if len(shapes[n]) == 2 and any(re.search(x, n) for x in cfg.include)]
     else:  # 2-D Linear weights; "Conv1D" is GPT-2's transposed Linear
-        names = [f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
-                 if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"]
-        names = [n for n in names if n in params and params[n].ndim == 2]
+        names = [n for n in full.linear_weights() if len(shapes[n]) == 2]
     names = sorted(n for n in set(names) if not any(re.search(x, n) for x in cfg.exclude))
     if not names:
         raise GeometryError("Recorder: no parameter matches the include/exclude patterns")
-    empty = [n for n in names if params[n].numel() == 0]
-    if empty:  # e.g. DeepSpeed ZeRO-3 / FSDP shards: the full matrix is not on this process
-        raise GeometryError(f"Recorder: parameter {empty[0]} is empty here (sharded?); gather it first")
-    return {n: params[n] for n in names}
+    empty = [n for n in names if shapes[n].numel() == 0]
+    if empty:
+        raise GeometryError(f"Recorder: parameter {empty[0]} is empty")
+    return {n: full.params[n] for n in names}
 
 
 class Recorder:
@@ -122,31 +137,37 @@ class Recorder:
 
     step: the optimizer step the model is at now: 0 for a fresh run (its weights are the base W0);
     a resumed run passes its current step and W0 is read from the store, which must exist.
+    Only rank 0 opens the store (``store`` is None on other ranks).
     """
 
     def __init__(self, model: nn.Module, out_dir: str | Path, config: RecorderConfig | None = None, *,
                  step: int = 0):
         self.config = cfg = config or RecorderConfig()
         self.model = unwrap(model)
-        self.params = select_parameters(self.model, cfg)
-        base = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()} if step == 0 else None
-        hf_config = getattr(self.model, "config", None)
-        self.store = Store.open(out_dir, base, settings=cfg.settings(), label=cfg.label,
-                                config=hf_config.to_dict() if hasattr(hf_config, "to_dict") else None,
-                                snapshot_bytes=sum(self._snapshot_nbytes(p) for p in self.params.values()),
-                                queue_size=cfg.queue_size, on_error=cfg.on_error)
-        self.done = self.store.last_step  # steps <= done were recorded by an earlier run
-        if step == 0 and self.done is not None:
-            self.store.close()  # a run from step 0 is a new run: splicing it onto the old one would mix two runs
-            raise GeometryError(f"store {out_dir} already holds steps up to {self.done}; record a new run into "
-                                "a new folder (a resumed run passes its current step)")
-        self._w0 = self._keep_base(base if base is not None else self.store.base())
+        self.full = FullParameters(self.model)  # a collective under FSDP1: every rank gets here
+        self.params = select_parameters(self.full, cfg)
+        self.shapes = {n: tuple(self.full.shapes[n]) for n in self.params}  # full shapes, also of shards
+        self.writer = is_writer()
+        self.collective = self.full.sharded(self.params)  # every rank takes part in the gathers
         self.tracker = SubspaceTracker(cfg.k, cfg.oversample, tol=cfg.tol, eps=cfg.eps, max_iters=cfg.max_iters,
                                        seed=cfg.seed)
-        self._warm_start()
+        self.store: Store | None = None
+        self.done: int | None = None  # steps <= done were recorded by an earlier run
+        self._w0: dict[str, torch.Tensor] = {}
         self._last: int | None = None  # last step seen
         self._snapped: int | None = None  # last step snapshotted
         self.stats = RecorderStats()
+        if not (self.writer or self.collective):
+            return  # another rank of an unsharded (DDP) run: rank 0 records the same weights
+        base = {n: w.to("cpu", copy=True) for n, w in self.full.gather(self.params)} if step == 0 else None
+        err = None
+        if self.writer:
+            try:
+                self._open(out_dir, base, step)
+            except GeometryError as e:
+                err = e
+        self.done = broadcast(self.done, self.collective)  # every rank skips the same steps
+        self._agree(err)
 
     def step(self, step: int) -> None:
         """Call after each optimizer step with the step count (1 after the first optimizer step)."""
@@ -156,13 +177,25 @@ class Recorder:
         cfg = self.config
         snap = cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0
         track = cfg.track_every > 0 and (snap or step % cfg.track_every == 0)
-        self._record(step, snap, track)
+        if self.writer or self.collective:
+            self._record(step, snap, track)
+
+    def flush(self) -> None:
+        """Wait until every queued write has landed (rank 0; a no-op elsewhere). Call it before saving a
+        training checkpoint: a run resumed from that checkpoint then finds all its steps in the store."""
+        if self.store is None or self.store._closed:
+            return
+        landed = threading.Event()
+        self.store._writer.submit("flush", landed.set)  # the writer runs jobs in order: all earlier ones are done
+        landed.wait()
+        self.store._check()
 
     def close(self) -> None:
         """Snapshot (and track, refined) the last step seen if not yet done; finish all writes."""
-        if self._last is not None and self._snapped != self._last:
+        if (self.writer or self.collective) and self._last is not None and self._snapped != self._last:
             self._record(self._last, True, self.config.track_every > 0)
-        self.store.close(final_step=self._last if self._last is not None else self.done)
+        if self.store is not None:
+            self.store.close(final_step=self._last if self._last is not None else self.done)
 
     def __enter__(self) -> Recorder:
         return self
@@ -170,7 +203,7 @@ class Recorder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:  # training failed: keep what was recorded, do not call the current weights final
+        elif self.store is not None:  # training failed: keep what was recorded, do not call the current weights final
             try:
                 self.store.close()
             except GeometryError as e:  # do not hide the training error behind a write error
@@ -178,43 +211,101 @@ class Recorder:
 
     # ---- internals ----
 
+    def _open(self, out_dir: str | Path, base: dict[str, torch.Tensor] | None, step: int) -> None:
+        """Rank 0: open the store, check it against this run, keep W0."""
+        cfg = self.config
+        hf_config = getattr(self.model, "config", None)
+        try:
+            self.store = Store.open(out_dir, base, settings=cfg.settings(), label=cfg.label,
+                                    config=hf_config.to_dict() if hasattr(hf_config, "to_dict") else None,
+                                    snapshot_bytes=sum(self._snapshot_nbytes(n) for n in self.params),
+                                    queue_size=cfg.queue_size, on_error=cfg.on_error)
+        except (OSError, SafetensorError) as e:  # e.g. the disk filled up while the base was written
+            raise GeometryError(f"cannot write the geometry store {out_dir}: {e}") from None
+        self.done = self.store.last_step
+        if step == 0 and self.done is not None:
+            self.store.close()  # a run from step 0 is a new run: splicing it onto the old one would mix two runs
+            raise GeometryError(f"store {out_dir} already holds steps up to {self.done}; record a new run into "
+                                "a new folder (a resumed run passes its current step)")
+        if step > (self.done or 0):
+            warnings.warn(f"store {out_dir} holds steps up to {self.done or 0}, the run resumes at step {step}: "
+                          f"steps {(self.done or 0) + 1}..{step} stay missing (flush the recorder before saving "
+                          "a training checkpoint)", stacklevel=3)
+        self._w0 = self._keep_base(base if base is not None else self.store.base())
+        self._warm_start()
+
     def _record(self, step: int, snap: bool, track: bool) -> None:
+        """Snapshot and/or track one step: one gather per matrix; rank 0 computes and writes."""
+        copies, records, err = {}, {}, None
         with torch.no_grad():
-            if snap:  # queued before tracking: a step's tracking never lands without its snapshot
+            for name, w in self.full.gather(self.params):  # (m, n) the full matrix, on rank 0 only
+                if err is not None:
+                    continue  # keep taking part in the gathers: the other ranks wait in them
+                try:
+                    t0 = time.perf_counter()
+                    if snap:
+                        copies[name] = self._snapshot_copy(w)
+                    t1 = time.perf_counter()
+                    if track:
+                        records[name] = self._track(name, w, refine=snap)
+                    self.stats.snapshot_seconds += t1 - t0
+                    self.stats.tracking_seconds += time.perf_counter() - t1
+                except Exception as e:  # noqa: BLE001 - raised below, after the last gather
+                    err = e
+            if err is None and self.writer:
+                err = self._put(step, copies if snap else None, records if track else None)
+        if snap:
+            self._snapped = step
+        self._agree(err)
+
+    def _put(self, step: int, copies: dict | None, records: dict | None) -> GeometryError | None:
+        try:
+            if copies is not None:  # queued before tracking: a step's tracking never lands without its snapshot
                 t0 = time.perf_counter()
-                self.store.put_snapshot(step, {n: self._snapshot_copy(p) for n, p in self.params.items()})
-                self._snapped = step
+                self.store.put_snapshot(step, copies)
                 self.stats.snapshots += 1
                 self.stats.snapshot_seconds += time.perf_counter() - t0
-            if track:
+            if records is not None:
                 t0 = time.perf_counter()
-                records = {n: self._track(n, p, refine=snap) for n, p in self.params.items()}
                 self.store.put_tracking(step, records, _DTYPES[self.config.tracking_dtype])
                 self.stats.tracked_steps += 1
                 self.stats.tracking_seconds += time.perf_counter() - t0
+        except GeometryError as e:
+            return e
+        return None
 
-    def _track(self, name: str, p: torch.Tensor, refine: bool) -> Tracked:
-        w0 = self._w0[name].to(p.device, non_blocking=True)
-        d = p.detach().float() - w0.float()  # (m, n) D_t = W_t - W0
+    def _agree(self, err: BaseException | None) -> None:
+        """Raise err; under a collective recorder other ranks raise rank 0's error too, so none waits forever."""
+        msg = broadcast(None if err is None else f"{type(err).__name__}: {err}", self.collective)
+        if err is not None:
+            raise err
+        if msg is not None:
+            raise GeometryError(f"Recorder on rank 0: {msg}")
+
+    def _track(self, name: str, w: torch.Tensor, refine: bool) -> Tracked:
+        w0 = self._w0[name].to(w.device, non_blocking=True)
+        d = w.float() - w0.float()  # (m, n) D_t = W_t - W0
         est = self.tracker.update(name, d, refine=refine)
         k, _ = self.tracker.dims(tuple(d.shape))
         self.stats.iterations += est.iters
         self.stats.fallbacks += int(est.exact)
         return Tracked(est.fro, est.s[:k].cpu(), est.u[:, :k], est.v[:, :k], est.iters, est.residual, est.exact)
 
-    def _snapshot_copy(self, p: torch.Tensor) -> torch.Tensor:
-        dtype = p.dtype if self.config.snapshot_dtype == "stored" else _DTYPES[self.config.snapshot_dtype]
-        return p.detach().to("cpu", dtype, copy=True).contiguous()
+    def _snapshot_dtype(self, name: str) -> torch.dtype:
+        stored = self.params[name].dtype
+        return stored if self.config.snapshot_dtype == "stored" else _DTYPES[self.config.snapshot_dtype]
 
-    def _snapshot_nbytes(self, p: torch.Tensor) -> int:
-        dtype = p.dtype if self.config.snapshot_dtype == "stored" else _DTYPES[self.config.snapshot_dtype]
-        return p.numel() * torch.empty((), dtype=dtype).element_size()
+    def _snapshot_copy(self, w: torch.Tensor) -> torch.Tensor:
+        dtype = w.dtype if self.config.snapshot_dtype == "stored" else _DTYPES[self.config.snapshot_dtype]
+        return w.to("cpu", dtype, copy=True).contiguous()
+
+    def _snapshot_nbytes(self, name: str) -> int:
+        return math.prod(self.shapes[name]) * torch.empty((), dtype=self._snapshot_dtype(name)).element_size()
 
     def _keep_base(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for n, p in self.params.items():
-            if n not in base or tuple(base[n].shape) != tuple(p.shape):
-                raise GeometryError(f"Recorder: store {self.store.root} has no base tensor {n} of shape "
-                                    f"{tuple(p.shape)}")
+        for n, shape in self.shapes.items():
+            if n not in base or tuple(base[n].shape) != shape:
+                raise GeometryError(f"Recorder: store {self.store.root} has no base tensor {n} of shape {shape}")
         if self.config.base_device == "device":
             return {n: base[n].to(p.device) for n, p in self.params.items()}
         pin = torch.cuda.is_available() and any(p.is_cuda for p in self.params.values())
@@ -227,4 +318,4 @@ class Recorder:
             return
         for n, rec in read_tracking(self.store.root, steps[-1]).items():
             if n in self.params:
-                self.tracker.warm_start(n, rec.v, tuple(self.params[n].shape))
+                self.tracker.warm_start(n, rec.v, self.shapes[n])

@@ -10,7 +10,7 @@ import scipy.linalg as sl
 import torch
 from safetensors.torch import save_file
 
-from geometry.analyze import analyze
+from geometry.analysis import analyze
 from geometry.config import AnalysisConfig
 from geometry.engine import decompose_base, group_size, locking_sims, measure_step
 from geometry.locking import locking_onset, median_onset

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from geometry.analyze import curves_by
+from geometry.analysis import curves_by
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, StudyResult
 from geometry.locking import locking_onset, median_onset
 from geometry.markdown import fmt, table

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from geometry.analyze import Analysis, Run, analyze
+from geometry.analysis import Analysis, Run, analyze
 from geometry.config import AnalysisConfig
 from geometry.errors import GeometryError
 from geometry.lab import regimes
