@@ -253,11 +253,13 @@ class Selection(NamedTuple):
     skipped: list[tuple[str, str]]  # (name, reason); only filled when on_mismatch="skip"
 
 
-def _module(name: str) -> str:
+def module_of(name: str) -> str:
+    """"model.layers.3.self_attn.q_proj.weight" -> "q_proj"."""
     return name.removesuffix(".weight").rsplit(".", 1)[-1]
 
 
-def _layer(name: str) -> int | None:
+def layer_of(name: str) -> int | None:
+    """"model.layers.3.self_attn.q_proj.weight" -> 3; None when the name holds no block index."""
     m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
     return int(m.group(1)) if m else None
 
@@ -295,7 +297,7 @@ def _fused_parts(module: str, rows: int, config: dict | None) -> list[tuple[str,
 
 
 def _specs(name: str, shape: tuple[int, int], config: dict | None) -> list[MatrixSpec]:
-    module, layer = _module(name), _layer(name)
+    module, layer = module_of(name), layer_of(name)
     parts = _fused_parts(module, shape[0], config)
     if parts is None:
         return [MatrixSpec(name, name, None, layer, module, shape)]
@@ -337,7 +339,7 @@ def select_matrices(base: TensorSource, checkpoints: list[TensorSource], *, incl
         is_norm = "norm" in name.lower() or re.search(r"(^|\.)ln_", name)
         if len(shape) != 2 or is_norm or (inc is None and not name.endswith(".weight")):
             continue
-        if _module(name) in _EMBED_MODULES and not (embeddings or inc):
+        if module_of(name) in _EMBED_MODULES and not (embeddings or inc):
             continue
         chosen.append(name)
     if not chosen:

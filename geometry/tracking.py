@@ -30,13 +30,13 @@ of the same checkpoints agree (SPEC: Sim_K within 0.02, stable rank within 2%).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from geometry.linalg import subspace_sim
+from geometry.sources import layer_of, module_of
 from geometry.store import read_manifest, read_tracking
 from geometry.table import Row, Table
 
@@ -185,12 +185,6 @@ TRACK_METRICS = ("track_sim_final_u", "track_sim_final_v", "track_sim_prev_u", "
                  "track_stable_rank", "track_fro_norm", "track_s1")
 
 
-def _layer_module(name: str) -> tuple[int | None, str]:
-    """'model.layers.3.self_attn.q_proj.weight' -> (3, 'q_proj'); same parse as geometry.sources."""
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return (int(m.group(1)) if m else None), name.removesuffix(".weight").rsplit(".", 1)[-1]
-
-
 def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
     """Per-step locking curves from a store's tracking state: one Row per (step, matrix, metric).
 
@@ -209,7 +203,7 @@ def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
     for step in steps:
         cur = final if step == steps[-1] else read_tracking(run_dir, step)
         for name, st in cur.items():
-            layer, module = _layer_module(name)
+            layer, module = layer_of(name), module_of(name)
             vals = _step_values(st, final[name], prev[name] if prev else None)
             rows.extend(Row(label, step, name, layer, module, m, v) for m, v in vals.items())
         prev = cur
