@@ -57,7 +57,7 @@ class RegimeConfig:
     """
 
     steps: int = 100  # optimizer steps
-    lr: float = 1e-4  # one lr for all regimes, as in the paper; measured (module report): SFT, GRPO, OPD all improve
+    lr: float = 5e-5  # one lr for all, as in the paper: 1e-4 stalls GRPO, 2e-4 collapses it and the loop
     batch: int = 8  # prompts per step (see the class docstring)
     generations: int = 8  # GRPO group size / samples per prompt of the compact loop
     snapshot_every: int | None = None  # None: max(1, steps // 5) -> 5 snapshots at 20%, 40%, ... 100%
@@ -78,12 +78,13 @@ class RegimeConfig:
 
     @classmethod
     def default(cls) -> RegimeConfig:
-        """The study's size: all nine runs in about ten minutes on one CPU thread (module report)."""
+        """The study's size. Measured on the 2-core reference machine, one thread, load ~5: the nine runs
+        take ~3 min with their evaluations, and every regime gains 8-18 points of accuracy (seeds 0 and 1)."""
         return cls()
 
     @classmethod
     def quick(cls) -> RegimeConfig:
-        """A smoke-test size: every run in seconds; accuracies move little and are not a result."""
+        """A smoke-test size: ~2 s a run (~20 s for the nine); accuracies on 100 problems are not a result."""
         return cls(steps=10, batch=4, eval_problems=100)
 
     @property
