@@ -56,8 +56,12 @@ class RegimeConfig:
     (0.9, 0.999), constant lr, no warm-up, gradient clipping at 1.0 (TRL's defaults, lr aside).
     """
 
-    steps: int = 100  # optimizer steps
-    lr: float = 5e-5  # one lr for all, as in the paper: 1e-4 stalls GRPO, 2e-4 collapses it and the loop
+    steps: int = 200  # optimizer steps
+    # One lr for all, as in the paper, and small: the paper's geometry (bf16 sparsity above all) comes from
+    # updates small beside the weights' bf16 resolution (its lr 1e-6 on an 8B model). Measured at 200 steps:
+    # every regime still learns (SFT 47 -> 61%, GRPO -> 54%, OPD -> 60%); 5e-5 learns faster but moves every
+    # entry past bf16 resolution in every regime; 1e-4 stalls GRPO and 2e-4 collapses it and the loop.
+    lr: float = 1e-5
     batch: int = 8  # prompts per step (see the class docstring)
     generations: int = 8  # GRPO group size / samples per prompt of the compact loop
     snapshot_every: int | None = None  # None: max(1, steps // 5) -> 5 snapshots at 20%, 40%, ... 100%
