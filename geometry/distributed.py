@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -38,15 +39,18 @@ from torch import nn
 
 from geometry.errors import GeometryError
 
-try:  # torch builds without distributed support have neither
-    from torch.distributed.fsdp import FlatParameter
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - only on torch builds without torch.distributed
-    FSDP = FlatParameter = DTensor = None
-
 # Wrapper segments that FSDP1, activation checkpointing and torch.compile insert into parameter names.
 _WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def _loaded(module: str, name: str):
+    """A class of ``module`` if that module is imported, else None: no model can hold an instance of a class
+    never imported, and importing torch.distributed.fsdp costs half a second that unsharded runs need not pay."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _fsdp():
+    return _loaded("torch.distributed.fsdp", "FullyShardedDataParallel")
 
 
 def rank() -> int:
@@ -77,7 +81,8 @@ def clean_name(name: str) -> str:
 
 def layout(p: torch.Tensor) -> str:
     """How this process holds p: 'local', 'dtensor', 'zero3' (FSDP1 is a property of the module tree)."""
-    if DTensor is not None and isinstance(p, DTensor):
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    if dtensor is not None and isinstance(p, dtensor):
         return "dtensor"
     if hasattr(p, "ds_id"):
         return "zero3"
@@ -86,7 +91,8 @@ def layout(p: torch.Tensor) -> str:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of model is split across ranks. Cheap and local: no communication."""
-    if FSDP is not None and any(isinstance(m, FSDP) for m in model.modules()):
+    fsdp = _fsdp()
+    if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
         return True
     return any(layout(p) != "local" for p in model.parameters())
 
@@ -102,13 +108,14 @@ class FullParameters:
     def __init__(self, model: nn.Module):
         self.model = model
         raw = dict(model.named_parameters())
-        if FlatParameter is not None and any(isinstance(p, FlatParameter) for p in raw.values()):
+        flat = _loaded("torch.distributed.fsdp", "FlatParameter")
+        if flat is not None and any(isinstance(p, flat) for p in raw.values()):
             raise GeometryError("Recorder: FSDP with use_orig_params=False hides the model's parameters; "
                                 "wrap with use_orig_params=True or use FSDP2 (fully_shard)")
         self.params = {clean_name(n): p for n, p in raw.items()}
         self._layout = {n: layout(p) for n, p in self.params.items()}
         self._units: list[tuple[nn.Module, list[str]]] = []  # FSDP1: (unit, the clean names it owns)
-        if FSDP is not None:
+        if _fsdp() is not None:
             self._find_units(raw)
         if any(v == "zero3" for v in self._layout.values()):
             _import_deepspeed()
@@ -136,7 +143,7 @@ class FullParameters:
             mine = [n for n in owned if n in wanted]
             if not mine:
                 continue
-            with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
+            with _fsdp().summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
                 if writer:
                     yield from ((n, self.params[n].detach()) for n in mine)
         for n in self.params:  # model order: the same on every rank
@@ -159,7 +166,8 @@ class FullParameters:
 
     def _find_units(self, raw: dict[str, nn.Parameter]) -> None:
         """FSDP1: each parameter belongs to the innermost FSDP unit whose prefix its raw name carries."""
-        units = [(prefix, m) for prefix, m in self.model.named_modules() if isinstance(m, FSDP)]
+        fsdp = _fsdp()
+        units = [(prefix, m) for prefix, m in self.model.named_modules() if isinstance(m, fsdp)]
         if not units:
             return
         owned: dict[str, list[str]] = {prefix: [] for prefix, _ in units}
@@ -171,7 +179,7 @@ class FullParameters:
         self._units = [(m, owned[prefix]) for prefix, m in units if owned[prefix]]
         self._fsdp1_shapes = {}
         for unit, names in self._units:  # all ranks see the full shapes: they select the same matrices
-            with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            with fsdp.summon_full_params(unit, recurse=False, writeback=False):
                 self._fsdp1_shapes.update({n: self.params[n].shape for n in names})
 
     def _full_shape(self, name: str, p: torch.Tensor) -> torch.Size:

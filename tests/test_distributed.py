@@ -126,6 +126,10 @@ WORKER = COMMON + textwrap.dedent("""
         print(f"rank {rank}: GeometryError: {e}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    # torch 2.13: interpreter teardown after FSDP2 over gloo aborts now and then (std::terminate in a gloo
+    # thread; reproduced without geometry). Everything is written and flushed: leave without the teardown.
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 
