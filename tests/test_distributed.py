@@ -125,6 +125,14 @@ WORKER = COMMON + textwrap.dedent("""
     except GeometryError as e:
         print(f"rank {rank}: GeometryError: {e}", flush=True)
     dist.barrier()
+
+    # FSDP1 without use_orig_params hides the parameters in flat ones: refused on every rank, before any gather
+    try:
+        Recorder(FSDP(tiny_llama(), device_id=torch.device("cpu")), out / f"flat-rank{rank}")
+        print(f"rank {rank}: flat: no error", flush=True)
+    except GeometryError as e:
+        print(f"rank {rank}: flat: GeometryError: {e}", flush=True)
+    dist.barrier()
     dist.destroy_process_group()
     # torch 2.13: interpreter teardown after FSDP2 over gloo aborts now and then (std::terminate in a gloo
     # thread; reproduced without geometry). Everything is written and flushed: leave without the teardown.
@@ -162,7 +170,7 @@ def launched(tmp_path_factory):
             for q in procs:
                 q.kill()
             pytest.fail("distributed workers timed out (a deadlock in the gathers?)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
+    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
     return out, logs
 
@@ -214,6 +222,13 @@ def test_failure_on_rank0_reaches_every_rank(launched):
     _, logs = launched
     assert "rank 0: GeometryError: cannot write the geometry store" in logs[0]
     assert "rank 1: GeometryError: Recorder on rank 0: GeometryError: cannot write" in logs[1]
+
+
+def test_fsdp1_flat_parameters_are_refused_on_every_rank(launched):
+    out, logs = launched
+    for r in (0, 1):
+        assert f"rank {r}: flat: GeometryError: Recorder: FSDP with use_orig_params=False" in logs[r]
+        assert not (out / f"flat-rank{r}").exists()
 
 
 def test_single_process_layouts_and_names():
