@@ -41,6 +41,7 @@ from geometry.errors import GeometryError
 
 FORMAT, VERSION = "geometry-store", 1
 MANIFEST = "geometry-store.json"
+CREATING = ".geometry-store-creating"  # present from the first byte of a new store until its manifest lands
 _STEP_FILE = re.compile(r"(\d+)\.safetensors")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -272,8 +273,7 @@ class Store:
     def last_step(self) -> int | None:
         """The last step with complete data: a resumed run skips steps <= it. None for a new store."""
         with self._lock:
-            done = self._man["steps"] + self._man["tracking_steps"]
-        return max(done) if done else None
+            return _complete(self._man)
 
     def base(self) -> dict[str, torch.Tensor]:
         return read_snapshot(self.root, None)
@@ -338,18 +338,26 @@ def _create(root: Path, base_tensors, settings: dict, label: str, config: dict |
             snapshot_bytes: int | None) -> dict:
     if base_tensors is None:
         raise GeometryError(f"{root}: no geometry store to resume (its base, W0, is unknown)")
-    if any(not p.name.startswith(".tmp") for p in root.iterdir()):
+    marker = root / CREATING
+    unfinished = marker.exists()  # a creation killed before its manifest landed: its leftovers are ours
+    ours = {CREATING, "base", "tracking"} if unfinished else set()
+    if any(not p.name.startswith(".tmp") and p.name not in ours for p in root.iterdir()):
         raise GeometryError(f"{root}: not empty and not a geometry store; give an empty or new folder")
     base = {n: base_tensors[n].detach().cpu().contiguous() for n in sorted(base_tensors)}
     nbytes = sum(t.numel() * t.element_size() for t in base.values())
     check_free_space(root, nbytes + (snapshot_bytes if snapshot_bytes is not None else nbytes))
     _clean(root, [], [])
+    for name in ("base", "tracking"):
+        if unfinished:
+            shutil.rmtree(root / name, ignore_errors=True)
+    _write_atomic(b"a geometry store is being created here\n", marker)
     _save_folder(base, root / "base", config)
     (root / "tracking").mkdir(exist_ok=True)
     man = {"format": FORMAT, "version": VERSION, "base": {"label": label, "sha256": base_hash(base)},
            "tensors": [{"name": n, "shape": list(t.shape), "dtype": _dtype_name(t)} for n, t in base.items()],
            "settings": settings, "steps": [], "tracking_steps": [], "final_step": None}
     _write_atomic(json.dumps(man, indent=1).encode(), root / MANIFEST)
+    marker.unlink()
     return man
 
 
@@ -368,9 +376,27 @@ def _reopen(root: Path, base_tensors, settings: dict) -> dict:
     if changed:
         raise GeometryError(f"store {root} was made with other settings ({', '.join(changed)}); "
                             "use a new folder")
-    _clean(root, m.steps, m.tracking_steps)
+    man = json.loads((root / MANIFEST).read_text())
+    # A step's snapshot is queued before its tracking: a kill between the two leaves a snapshot whose step
+    # is not complete. Drop it, so that the resumed run records that step again, whole.
+    done = _complete(man)
+    if done is not None and any(s > done for s in man["steps"]):
+        man["steps"] = [s for s in man["steps"] if s <= done]
+        _write_atomic(json.dumps(man, indent=1).encode(), root / MANIFEST)
+    _clean(root, man["steps"], man["tracking_steps"])
     (root / "tracking").mkdir(exist_ok=True)
-    return json.loads((root / MANIFEST).read_text())
+    return man
+
+
+def _complete(man: dict) -> int | None:
+    """The last step whose every write landed: with tracking on, every recorded step has tracking,
+    written after the step's snapshot; without it, snapshots are all there is."""
+    every = man["settings"].get("track_every")
+    if every is None:  # a store written without a recorder's settings: any landed step counts
+        done = man["steps"] + man["tracking_steps"]
+    else:
+        done = man["tracking_steps"] if every > 0 else man["steps"]
+    return max(done) if done else None
 
 
 def _clean(root: Path, steps: list[int], tracking_steps: list[int]) -> None:

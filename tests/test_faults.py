@@ -31,7 +31,7 @@ from geometry.errors import GeometryError
 from geometry.linalg import subspace_sim
 from geometry.recorder import Recorder, RecorderConfig
 from geometry.sources import open_run
-from geometry.store import MANIFEST, read_manifest, read_snapshot, read_tracking
+from geometry.store import CREATING, MANIFEST, read_manifest, read_snapshot, read_tracking
 from geometry.tracking import tracking_table
 
 ROOT = Path(__file__).parent.parent
@@ -181,19 +181,22 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, reference):
 
 
 def test_a_base_written_without_its_manifest_can_be_recorded_again(tmp_path):
-    """A kill between base/ landing and the first manifest leaves base/ alone in the folder. store.py's
-    creation then refuses the folder as "not empty and not a geometry store", where it could treat the
-    manifest-less base as the unfinished write it is (geometry/store.py, _create)."""
+    """A kill between base/ landing and the first manifest leaves base/ and the creation marker: a new
+    recorder takes the folder as the unfinished creation it is, while a foreign folder stays refused."""
     model = torch.nn.Linear(8, 6)
     run = tmp_path / "run"
     with Recorder(model, run):
         pass
     (run / MANIFEST).unlink()
     shutil.rmtree(run / "tracking")
-    try:
-        Recorder(model, run).close()
-    except GeometryError as e:
-        pytest.xfail(f"store.py refuses it: {e}")
+    (run / CREATING).write_text("killed mid-creation")
+    Recorder(model, run).close()
+    assert read_manifest(run).steps == []  # created anew: a valid, empty store
+    assert not (run / CREATING).exists()
+    foreign = tmp_path / "foreign"
+    (foreign / "base").mkdir(parents=True)
+    with pytest.raises(GeometryError, match="not empty"):
+        Recorder(model, foreign)
 
 
 # ---- start-up errors: before any training step ----
