@@ -47,7 +47,7 @@ def metric_over_steps(table: Table, metric: str, ax=None, *, runs: Sequence[str]
         keep = [i for i, v in enumerate(vals) if v.size]
         steps, vals = [steps[i] for i in keep], [vals[i] for i in keep]
         c = color(run, runs)
-        ax.plot(steps, [v.mean() for v in vals], marker="o", ms=3, color=c, label=run)
+        ax.plot(steps, [v.mean() for v in vals], marker="o" if len(steps) <= 30 else None, ms=3, color=c, label=run)
         if band and any(v.size > 1 for v in vals):
             ax.fill_between(steps, [np.percentile(v, 25) for v in vals], [np.percentile(v, 75) for v in vals],
                             color=c, alpha=0.15, lw=0)
