@@ -14,12 +14,7 @@ from geometry.tracking import tracking_table
 K = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they save on a loaded CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tokens(torch.utils.data.Dataset):

@@ -33,12 +33,7 @@ CHARS = "0123456789+="
 MATRICES = 2 * 7  # 2 layers x q, k, v, o, gate, up, down
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they save on a loaded CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
