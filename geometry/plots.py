@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from geometry.summary import summarize
-from geometry.table import Table, finite_mean
+from geometry.table import Table
 
 _KNOWN = {"sft": "#1f77b4", "rlvr": "#d62728", "opd": "#2ca02c"}
 _OTHERS = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
@@ -146,12 +146,3 @@ def spectra(curves: dict[tuple[str, int, str], np.ndarray], matrix: str, ax=None
     ax.legend(frameon=False)
     return fig
 
-
-def final_values(table: Table, metric: str) -> dict[str, float]:
-    """Mean over matrices of a metric at each run's final step."""
-    out = {}
-    for run in table.unique("run"):
-        rows = table.where(run=run, metric=metric)
-        if len(rows):
-            out[run] = finite_mean(rows.where(step=max(rows.unique("step"))).values())
-    return out

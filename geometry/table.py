@@ -92,8 +92,3 @@ class Table:
         runs = ", ".join(map(str, self.unique("run")))
         return f"Table({len(self.rows)} rows; runs: {runs})"
 
-
-def finite_mean(values: Iterable[float]) -> float:
-    """Mean of the finite values; NaN when there are none."""
-    xs = [v for v in values if math.isfinite(v)]
-    return sum(xs) / len(xs) if xs else math.nan
