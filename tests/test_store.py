@@ -80,11 +80,17 @@ def test_layout_manifest_and_round_trip(tmp_path):
     assert [c.step for c in open_run(run)] == [5, 10]
 
 
-def test_tmp_leftovers_are_ignored_then_cleaned(tmp_path):
+def closed_store(tmp_path):
+    """A store with steps 1..5 written and closed."""
     run = tmp_path / "run"
     store = Store.open(run, base_tensors(), settings=SETTINGS)
     write_steps(store, range(1, 6))
     store.close()
+    return run
+
+
+def test_tmp_leftovers_are_ignored_then_cleaned(tmp_path):
+    run = closed_store(tmp_path)
     # a crash mid-write leaves these behind
     (run / ".tmp-checkpoint-10").mkdir()
     (run / ".tmp-checkpoint-10" / "model.safetensors").write_bytes(b"half a file")
@@ -99,10 +105,7 @@ def test_tmp_leftovers_are_ignored_then_cleaned(tmp_path):
 
 def test_data_without_manifest_entry_is_removed_on_reopen(tmp_path):
     """A crash between a file landing and its manifest update: the manifest stays the truth."""
-    run = tmp_path / "run"
-    store = Store.open(run, base_tensors(), settings=SETTINGS)
-    write_steps(store, range(1, 6))
-    store.close()
+    run = closed_store(tmp_path)
     (run / "checkpoint-7").mkdir()
     (run / "checkpoint-7" / "model.safetensors").write_bytes(b"x")
     (run / "tracking" / "6.safetensors").write_bytes(b"x")
