@@ -54,13 +54,14 @@ class RecorderConfig:
     k: int = 16  # SPEC item 7: Sim_16
     oversample: int = 8  # extra columns carried by the iteration (Halko et al. 2011: 5-10)
     tol: float = DEFAULT_TOL  # per-step convergence test of geometry.tracking
-    eps: float = DEFAULT_EPS
+    eps: float = DEFAULT_EPS  # movement test of refined steps (snapshots, cold starts)
     max_iters: int = 8  # then the exact SVD, flagged in the tracking state
     seed: int = 0  # random start of the first step's iteration
     tracking_dtype: str = "float16"  # U_K, V_K on disk; the cast moves Sim_K by < 1e-3 (tests)
     snapshot_dtype: str = "stored"  # "stored" keeps bf16 bit-exact (SPEC item 1); or float32/bfloat16/float16
     base_device: str = "cpu"  # where W0 lives: "cpu" saves accelerator memory; "device" avoids a copy per step
     queue_size: int = 2  # snapshots waiting for the disk; more = less blocking, more host memory
+    track_batch_mb: int = 64  # same-shape updates D_t (float32) tracked together, per shape; 0: one at a time
     on_error: str = "raise"  # a failed write: "raise" at the next step / close, or "warn" and go on
     label: str = "base"  # the base's label in the manifest
 
@@ -73,8 +74,9 @@ class RecorderConfig:
                 raise GeometryError(f"RecorderConfig: bad regex {pattern!r}: {e}") from None
         if self.snapshot_every < 0 or self.track_every < 0:
             raise GeometryError("RecorderConfig: snapshot_every and track_every must be >= 0")
-        if self.k < 1 or self.oversample < 0 or self.max_iters < 1 or self.queue_size < 1:
-            raise GeometryError("RecorderConfig: need k >= 1, oversample >= 0, max_iters >= 1, queue_size >= 1")
+        if self.k < 1 or self.oversample < 0 or self.max_iters < 1 or self.queue_size < 1 or self.track_batch_mb < 0:
+            raise GeometryError("RecorderConfig: need k >= 1, oversample >= 0, max_iters >= 1, queue_size >= 1, "
+                                "track_batch_mb >= 0")
         if self.tracking_dtype not in _DTYPES or self.snapshot_dtype not in (*_DTYPES, "stored"):
             raise GeometryError(f"RecorderConfig: dtypes are one of {', '.join(_DTYPES)} (or 'stored' for snapshots)")
         if self.base_device not in ("cpu", "device") or self.on_error not in ("raise", "warn"):
@@ -83,7 +85,7 @@ class RecorderConfig:
     def settings(self) -> dict:
         """What the manifest records (and a resumed run must repeat): everything but I/O knobs."""
         d = asdict(self)
-        for key in ("queue_size", "on_error", "base_device", "label"):
+        for key in ("queue_size", "track_batch_mb", "on_error", "base_device", "label"):
             d.pop(key)
         return d
 
@@ -237,6 +239,7 @@ class Recorder:
     def _record(self, step: int, snap: bool, track: bool) -> None:
         """Snapshot and/or track one step: one gather per matrix; rank 0 computes and writes."""
         copies, records, err = {}, {}, None
+        batches = _Batches(self.shapes, self.config.track_batch_mb)
         with torch.no_grad():
             for name, w in self.full.gather(self.params):  # (m, n) the full matrix, on rank 0 only
                 if err is not None:
@@ -247,10 +250,21 @@ class Recorder:
                         copies[name] = self._snapshot_copy(w)
                     t1 = time.perf_counter()
                     if track:
-                        records[name] = self._track(name, w, refine=snap)
+                        w0 = self._w0[name].to(w.device, non_blocking=True)
+                        full = batches.add(name, w, w0)  # D_t = W_t - W0 into the batch of its shape
+                        if full is not None:
+                            records.update(self._track(*full, refine=snap))
                     self.stats.snapshot_seconds += t1 - t0
                     self.stats.tracking_seconds += time.perf_counter() - t1
                 except Exception as e:  # noqa: BLE001 - raised below, after the last gather
+                    err = e
+            if err is None and track and self.writer:
+                try:
+                    t0 = time.perf_counter()
+                    for full in batches.rest():
+                        records.update(self._track(*full, refine=snap))
+                    self.stats.tracking_seconds += time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001
                     err = e
             if err is None and self.writer:
                 err = self._put(step, copies if snap else None, records if track else None)
@@ -282,14 +296,14 @@ class Recorder:
         if msg is not None:
             raise GeometryError(f"Recorder on rank 0: {msg}")
 
-    def _track(self, name: str, w: torch.Tensor, refine: bool) -> Tracked:
-        w0 = self._w0[name].to(w.device, non_blocking=True)
-        d = w.float() - w0.float()  # (m, n) D_t = W_t - W0
-        est = self.tracker.update(name, d, refine=refine)
-        k, _ = self.tracker.dims(tuple(d.shape))
-        self.stats.iterations += est.iters
-        self.stats.fallbacks += int(est.exact)
-        return Tracked(est.fro, est.s[:k].cpu(), est.u[:, :k], est.v[:, :k], est.iters, est.residual, est.exact)
+    def _track(self, names: list[str], d: torch.Tensor, refine: bool) -> dict[str, Tracked]:
+        """One tracking step for same-shape matrices, their updates D_t stacked in d (B, m, n)."""
+        ests = self.tracker.update_many(names, d, refine=refine)
+        k, _ = self.tracker.dims(tuple(d.shape[1:]))
+        self.stats.iterations += sum(e.iters for e in ests)
+        self.stats.fallbacks += sum(e.exact for e in ests)
+        return {n: Tracked(e.fro, e.s[:k].cpu(), e.u[:, :k], e.v[:, :k], e.iters, e.residual, e.exact)
+                for n, e in zip(names, ests, strict=True)}
 
     def _snapshot_dtype(self, name: str) -> torch.dtype:
         stored = self.params[name].dtype
@@ -319,3 +333,38 @@ class Recorder:
         for n, rec in read_tracking(self.store.root, steps[-1]).items():
             if n in self.params:
                 self.tracker.warm_start(n, rec.v, self.shapes[n])
+
+
+class _Batches:
+    """Updates D_t = W_t - W0 (float32) of same-shape matrices, gathered into batches of at most ``mb`` MiB per
+    shape (at least one matrix) for geometry.tracking's batched iteration; memory: one batch per shape."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], mb: int):
+        self.left: dict[tuple[int, int], int] = {}  # matrices of each shape not yet batched
+        for shape in shapes.values():
+            self.left[shape] = self.left.get(shape, 0) + 1
+        self.cap = {s: max(1, mb * 2**20 // (4 * math.prod(s))) for s in self.left}
+        self.names: dict[tuple[int, int], list[str]] = {}
+        self.buf: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, name: str, w: torch.Tensor, w0: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
+        """Put W_t - W0 into its shape's batch; the (names, D (B, m, n)) batch when that makes it full."""
+        shape = tuple(w.shape)
+        names = self.names.setdefault(shape, [])
+        if not names:
+            size = min(self.cap[shape], self.left[shape])
+            self.buf[shape] = torch.empty((size, *shape), dtype=torch.float32, device=w.device)
+        buf = self.buf[shape]
+        buf[len(names)].copy_(w).sub_(w0)
+        names.append(name)
+        if len(names) < buf.shape[0]:
+            return None
+        self.left[shape] -= len(names)
+        del self.names[shape], self.buf[shape]
+        return names, buf
+
+    def rest(self):
+        """The batches not yet full (none, when every matrix was added)."""
+        for shape in list(self.names):
+            names, buf = self.names.pop(shape), self.buf.pop(shape)
+            yield names, buf[: len(names)]

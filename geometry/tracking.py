@@ -7,18 +7,28 @@ subspace iteration (block power method with Rayleigh-Ritz; Halko et al. 2011, Al
 V (n, r), r = K + p (p oversampling columns, which speed convergence of the top K), one iteration is
 
     Q     = orth(D V)                (m, r)  the range of D seen through V
-    P R   = qr(D^T Q)                (n, r)  thin QR of Z = D^T Q
-    R^T   = Ub diag(S) Vb^T          (r, r)  Rayleigh-Ritz: Q^T D P = Z^T P = R^T
-    U = Q Ub,  V = P Vb                      Ritz vectors; S: Ritz values, lower bounds of s_i(D)
+    Z     = D^T Q                    (n, r)  Q^T D = Z^T
+    Z^T Z = Ub diag(S^2) Ub^T        (r, r)  Rayleigh-Ritz: the SVD of Z^T = Ub diag(S) (Z Ub S^-1)^T
+    U = Q Ub,  V = Z Ub S^-1                 Ritz vectors; S: Ritz values, lower bounds of s_i(D)
 
-two products with D, O(mnr), and factorisations of O((m + n) r^2). Because D_t moves little per
-step, one iteration per step usually suffices: the warm start carries earlier steps' iterations.
+two products with D, O(mnr), and O((m + n) r^2) more. The small factorisations are done in float64
+on r x r Gram matrices (CholeskyQR for orth, Golub & Van Loan 2013, 5.2.2; eigh for Rayleigh-Ritz),
+many times cheaper than Householder QR and SVD of the tall (m, r), (n, r) blocks; each is checked and,
+where it loses accuracy (D numerically of rank < r, or < K), that matrix takes the Householder path
+(Q, R = qr(Z); U S V^T from the SVD of R^T). All matrices of one shape go through together, batched.
 
 Convergence test, after each iteration: the residual of the top-K Ritz triplets
     res = ||D V_K - U_K diag(S_K)||_F / (sqrt(K) s_1)      (0 for exact singular triplets)
-is <= tol, and the iteration moved the top-K subspace by <= eps, 1 - Sim_K(V_K before, V_K after).
-The product D V_K is the first block of the next iteration's D V, so the test costs no extra
+is <= tol. It bounds how far the Ritz subspaces are from singular subspaces wherever the spectrum
+has a gap after s_K (Wedin 1972: sin angle <= residual / gap); where it has none (s_K ~ s_K+1) the
+top-K subspace itself is ill-determined and more iterations only swap the two directions back and
+forth. The product D V_K is the first block of the next iteration's D V, so the test costs no extra
 product when the iteration goes on. Unconverged after ``max_iters``: the exact SVD, flagged.
+
+Refined steps (snapshots) and cold starts (no earlier iterations behind them) take at least two
+iterations, the tighter ``REFINE_TOL`` and also require the last iteration to have moved the top-K
+subspace by <= eps, 1 - Sim_K(V_K before, V_K after). (Only from the second iteration of a step on:
+the first also moves with D_t itself, which says nothing about convergence.)
 
 Accuracy: right after a fresh start, when D_t is young and its K-th singular value nearly equals
 its (K+1)-th, the top-K subspace is ill-conditioned and a per-step estimate can be off by one
@@ -40,13 +50,17 @@ from geometry.sources import layer_of, module_of
 from geometry.store import read_manifest, read_tracking
 from geometry.table import Row, Table
 
-# Per-step test (module docstring). Measured on tiny Llama training runs (tests/test_callbacks.py):
-# one iteration per step once D_t has a few steps of history, Sim_K >= 0.99 against the exact SVD.
+# Per-step test (module docstring). Measured on tiny Llama training runs (tests/test_callbacks.py,
+# benchmarks/bench_recorder.py): about one iteration per step, Sim_K >= 0.99 against the exact SVD.
 DEFAULT_TOL = 1e-2
+# Refined steps (snapshots) and cold starts: ~3 iterations, Sim_K >= 0.999 against the exact SVD in our runs.
 DEFAULT_EPS = 1e-3
-# Refined steps (snapshots): ~3 more iterations, Sim_K >= 0.999 against the exact SVD in our runs.
 REFINE_TOL = 1e-3
 REFINE_MAX_ITERS = 30
+# The float64 Gram shortcuts are trusted while Q is orthonormal to ORTH_TOL and s_K / s_1 > RANK_TOL
+# (the Ritz vectors Z Ub / S then are orthonormal to ~1e-16 (s_1 / s_K)^2 <= 1e-6).
+ORTH_TOL = 1e-4
+RANK_TOL = 1e-5
 
 
 class Estimate(NamedTuple):
@@ -66,7 +80,7 @@ class Estimate(NamedTuple):
 
 
 def orth(y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the columns of y: (m, r) -> (m, r), via thin QR."""
+    """An orthonormal basis of the columns of y: (..., m, r) -> (..., m, r), via Householder QR."""
     return torch.linalg.qr(y).Q
 
 
@@ -76,48 +90,99 @@ def random_basis(n: int, r: int, seed: int, device: torch.device | str = "cpu") 
     return orth(torch.randn(n, r, generator=g)).to(device)
 
 
-def ritz_residual(dv: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> float:
-    """||D V_K - U_K diag(S_K)||_F / (sqrt(K) s_1): zero exactly for singular triplets.
+def orth_gram(y: torch.Tensor) -> torch.Tensor:
+    """orth for a batch (B, m, r) by CholeskyQR in float64, Q = Y L^-T with L L^T = Y^T Y; the matrices whose
+    Q is not orthonormal to ORTH_TOL (Y ill-conditioned or rank-deficient) go through Householder QR."""
+    yd = y.double()
+    chol, info = torch.linalg.cholesky_ex(yd.mT @ yd)
+    q = torch.linalg.solve_triangular(chol, yd.mT, upper=False).mT.to(y.dtype)
+    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+    bad = (info != 0) | ~((q.mT @ q - eye).abs().amax((-2, -1)) <= ORTH_TOL)  # NaN counts as bad
+    if bad.any():
+        q[bad] = orth(y[bad])
+    return q
 
-    dv: (m, K) = D V_K; u: (m, K); s: (K,). Relative to s_1 so that it is scale-free.
+
+def rayleigh_ritz(d: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ritz triplets of d (B, m, n) on the left basis q (B, m, r): U (B, m, r), S (B, r), V (B, n, r), descending.
+
+    The SVD of Q^T D = Z^T from the eigenpairs of the float64 Gram Z^T Z (module docstring); matrices
+    whose top k are numerically rank-deficient (s_k <= RANK_TOL s_1) take the Householder path.
     """
-    if s[0] <= 0:
-        return 0.0
-    k = s.shape[0]
-    return float((dv - u * s).norm() / (math.sqrt(k) * s[0]))
+    z = d.mT @ q  # (B, n, r)
+    zd = z.double()
+    lam, ub = torch.linalg.eigh(zd.mT @ zd)  # ascending
+    lam, ub = lam.flip(-1), ub.flip(-1)
+    s = lam.clamp_min(0).sqrt()
+    bad = ~(s[:, k - 1] > RANK_TOL * s[:, 0])
+    v = (zd @ ub / torch.where(s > 0, s, 1.0)[:, None, :]).to(d.dtype)
+    u, s = q @ ub.to(q.dtype), s.to(d.dtype)
+    if bad.any():
+        p, rr = torch.linalg.qr(z[bad])
+        ub_b, s[bad], vbh = torch.linalg.svd(rr.mT)
+        u[bad], v[bad] = q[bad] @ ub_b, p @ vbh.mT
+    return u, s, v
+
+
+def ritz_residuals(dv: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """||D V_K - U_K diag(S_K)||_F / (sqrt(K) s_1) per matrix: zero exactly for singular triplets.
+
+    dv: (B, m, K) = D V_K; u: (B, m, K); s: (B, K). Relative to s_1 so that it is scale-free.
+    """
+    k = s.shape[-1]
+    return (dv - u * s[:, None, :]).norm(dim=(-2, -1)) / (math.sqrt(k) * s[:, 0])
 
 
 def subspace_iteration(d: torch.Tensor, v0: torch.Tensor, k: int, *, tol: float = DEFAULT_TOL,
-                       eps: float = DEFAULT_EPS, min_iters: int = 1, max_iters: int = 8) -> Estimate:
-    """Top-k singular triplets of d (m, n) from the warm start v0 (n, r), r >= k (module docstring).
+                       eps: float | None = None, min_iters: int = 1, max_iters: int = 8) -> list[Estimate]:
+    """Top-k singular triplets of each d[i] (B, m, n) from its warm start v0[i] (B, n, r), r >= k.
 
-    Stops after at least ``min_iters`` iterations once the top-k residual is <= tol and the last
-    iteration moved the top-k right subspace by <= eps (1 - Sim_K(V_before, V_after)); after
-    ``max_iters`` without that it returns the exact SVD instead (``exact=True``).
+    Each matrix stops after at least ``min_iters`` iterations once its top-k residual is <= tol and,
+    if ``eps`` is given, (from the second iteration on) the last iteration moved its top-k right
+    subspace by <= eps, 1 - Sim_K(V_before, V_after); after ``max_iters`` without that it gets the
+    exact SVD (``exact=True``). The rest of the batch iterates on without the converged ones.
     """
     d = d.float()
-    fro = float(d.norm())
-    r = v0.shape[1]
-    if fro == 0.0:  # no update yet (e.g. a zero learning rate): no subspace, keep the start
-        u = torch.eye(d.shape[0], r, device=d.device)
-        return Estimate(u, torch.zeros(r, device=d.device), v0, 0.0, 0, 0.0, False)
-    v = v0
-    y = d @ v  # (m, r)
-    res = math.inf
+    fro = d.norm(dim=(-2, -1)).tolist()
+    b, r = d.shape[0], v0.shape[-1]
+    out: list[Estimate | None] = [None] * b
+    for i in range(b):
+        if fro[i] == 0.0:  # no update yet (e.g. a zero learning rate): no subspace, keep the start
+            u = torch.eye(d.shape[1], r, device=d.device)
+            out[i] = Estimate(u, torch.zeros(r, device=d.device), v0[i], 0.0, 0, 0.0, False)
+    live = [i for i in range(b) if out[i] is None]  # batch index of each row of dl, v, y
+    if not live:
+        return out
+    dl, v = _rows(d, live, b), _rows(v0, live, b)
+    y = dl @ v  # (B', m, r)
     for it in range(1, max_iters + 1):
-        q = orth(y)  # (m, r)
-        p, rr = torch.linalg.qr(d.mT @ q)  # (n, r), (r, r)
-        ub, s, vbh = torch.linalg.svd(rr.mT)  # Rayleigh-Ritz on Q^T D P = R^T
-        u, v_new = q @ ub, p @ vbh.mT  # (m, r), (n, r)
-        moved = 1.0 - float(subspace_sim(v[:, :k], v_new[:, :k]))
+        u, s, v_new = rayleigh_ritz(dl, orth_gram(y), k)
+        dvk = dl @ v_new[..., :k]  # (B', m, k): the residual test, and the first columns of the next D V
+        res = ritz_residuals(dvk, u[..., :k], s[:, :k])
+        ok = (res <= tol) if it >= min_iters else torch.zeros_like(res, dtype=torch.bool)
+        if eps is not None and it > 1:
+            ok &= 1.0 - subspace_sim(v[..., :k], v_new[..., :k]) <= eps
         v = v_new
-        dvk = d @ v[:, :k]  # (m, k): the residual test, and the first columns of the next D V
-        res = ritz_residual(dvk, u[:, :k], s[:k])
-        if it >= min_iters and res <= tol and moved <= eps:
-            return Estimate(u, s, v, fro, it, res, False)
-        if it < max_iters:
-            y = torch.cat([dvk, d @ v[:, k:]], dim=1)  # (m, r)
-    return _exact(d, r, fro, max_iters, res)
+        ok, res = ok.tolist(), res.tolist()
+        for j, i in enumerate(live):
+            if ok[j]:
+                out[i] = Estimate(u[j], s[j], v[j], fro[i], it, res[j], False)
+        keep = [j for j in range(len(live)) if not ok[j]]
+        if not keep:
+            return out
+        if it == max_iters:
+            for j in keep:
+                out[live[j]] = _exact(dl[j], r, fro[live[j]], max_iters, res[j])
+            return out
+        y = torch.cat([dvk, dl @ v[..., k:]], dim=-1)  # (B', m, r)
+        live = [live[j] for j in keep]
+        dl, v, y = _rows(dl, keep, len(ok)), _rows(v, keep, len(ok)), _rows(y, keep, len(ok))
+    return out
+
+
+def _rows(x: torch.Tensor, rows: list[int], n: int) -> torch.Tensor:
+    """x[rows] without a copy when rows are all n of them."""
+    return x if len(rows) == n else x[rows]
 
 
 def _exact(d: torch.Tensor, r: int, fro: float, iters: int, res: float) -> Estimate:
@@ -158,22 +223,31 @@ class SubspaceTracker:
         self._v[name] = orth(v)
 
     def update(self, name: str, d: torch.Tensor, *, refine: bool = False) -> Estimate:
-        """One step for matrix ``name`` with its current cumulative update d = W_t - W0 (m, n).
+        """One step for matrix ``name`` with its current cumulative update d = W_t - W0 (m, n)."""
+        return self.update_many([name], d[None], refine=refine)[0]
 
-        refine: converge to REFINE_TOL (up to REFINE_MAX_ITERS) instead of the per-step test.
+    def update_many(self, names: list[str], d: torch.Tensor, *, refine: bool = False) -> list[Estimate]:
+        """One step for the same-shape matrices ``names``, their updates stacked in d (B, m, n), batched.
+
+        refine: the refined test (at least two iterations, REFINE_TOL and the movement test eps, up to
+        REFINE_MAX_ITERS) instead of the per-step one. A matrix seen for the first time starts from a
+        seeded random basis; such a cold start has no earlier iterations to build on, so its batch is refined.
         """
-        k, r = self.dims(tuple(d.shape))
-        v0 = self._v.get(name)
-        cold = v0 is None or v0.shape != (d.shape[1], r)
-        if cold:
-            v0 = random_basis(d.shape[1], r, self._seed(name))
-        # a cold start has no earlier iterations to build on: give it the refined budget
-        max_iters = max(self.max_iters, REFINE_MAX_ITERS) if refine or cold else self.max_iters
-        tol = min(self.tol, REFINE_TOL) if refine else self.tol
-        est = subspace_iteration(d, v0.to(d.device), k, tol=tol, eps=self.eps, min_iters=self.min_iters,
-                                 max_iters=max_iters)
-        self._v[name] = est.v
-        return est
+        k, r = self.dims(tuple(d.shape[1:]))
+        starts, cold = [], False
+        for name in names:
+            v0 = self._v.get(name)
+            if v0 is None or v0.shape != (d.shape[2], r):
+                v0, cold = random_basis(d.shape[2], r, self._seed(name)), True
+            starts.append(v0.to(d.device))
+        strict = refine or cold
+        ests = subspace_iteration(d, torch.stack(starts), k, tol=min(self.tol, REFINE_TOL) if strict else self.tol,
+                                  eps=self.eps if strict else None,
+                                  min_iters=max(self.min_iters, 2) if strict else self.min_iters,
+                                  max_iters=max(self.max_iters, REFINE_MAX_ITERS) if strict else self.max_iters)
+        for name, est in zip(names, ests, strict=True):
+            self._v[name] = est.v
+        return ests
 
     def _seed(self, name: str) -> int:
         return self.seed + self._index.setdefault(name, len(self._index))

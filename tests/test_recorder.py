@@ -113,7 +113,11 @@ def test_tracking_state_and_curves(tmp_path):
     assert st[name].u.shape == (64, 16) and st[name].v.shape == (128, 16) and st[name].s.shape == (16,)
     assert st[name].fro == pytest.approx(float(d.norm()), rel=1e-5)
     assert torch.allclose(st[name].s.double(), S[:16], rtol=1e-3)
-    assert rec.stats.tracked_steps == 7 and rec.stats.fallbacks == 0
+    assert rec.stats.tracked_steps == 7
+    # an unconverged matrix-step (here s_16 and s_17 of a young SGD update 0.6% apart) takes the exact SVD,
+    # flagged in the stored state; rare
+    flagged = sum(r.exact for t in man.tracking_steps for r in read_tracking(tmp_path / "run", t).values())
+    assert flagged == rec.stats.fallbacks <= 0.05 * rec.stats.tracked_steps * len(w0)
 
     table = tracking_table(tmp_path / "run", run="sgd")
     assert set(table.unique("metric")) == set(TRACK_METRICS)

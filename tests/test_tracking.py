@@ -41,7 +41,7 @@ def planted(m=120, n=90, rank=24, seed=0) -> torch.Tensor:
 
 def test_cold_start_converges_to_exact_svd():
     d = planted()
-    est = subspace_iteration(d, random_basis(90, K + 8, seed=0), K, tol=1e-4, max_iters=50)
+    (est,) = subspace_iteration(d[None], random_basis(90, K + 8, seed=0)[None], K, tol=1e-4, max_iters=50)
     U, S, V = exact(d)
     assert not est.exact
     assert subspace_sim(est.u[:, :K], U) > 0.9999 and subspace_sim(est.v[:, :K], V) > 0.9999
@@ -106,7 +106,7 @@ def test_locking_curve_from_tracking_matches_exact():
 
 def test_unconverged_falls_back_to_exact_svd():
     d = planted(seed=3)
-    est = subspace_iteration(d, random_basis(90, K + 8, seed=0), K, tol=1e-12, max_iters=2)
+    (est,) = subspace_iteration(d[None], random_basis(90, K + 8, seed=0)[None], K, tol=1e-12, max_iters=2)
     assert isinstance(est, Estimate) and est.exact and est.iters == 2
     U, S, V = exact(d)
     assert subspace_sim(est.u[:, :K], U) > 0.999999
