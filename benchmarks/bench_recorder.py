@@ -76,7 +76,8 @@ def run(a, out: Path, config: RecorderConfig | None):
     timer = StepTimer()
     cb = GeometryCallback(out / "geometry", config) if config is not None else None
     args = TrainingArguments(output_dir=str(out / "trainer"), max_steps=a.steps, per_device_train_batch_size=a.batch,
-                             learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
+                             learning_rate=1e-4, lr_scheduler_type="constant", use_cpu=True, report_to=[],
+                             save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     callbacks = [cb, timer] if cb is not None else [timer]
     Trainer(model=model_for(a), args=args, train_dataset=Tokens(a.steps * a.batch, a.seq, a.vocab),

@@ -159,6 +159,7 @@ class Recorder:
         self._last: int | None = None  # last step seen
         self._snapped: int | None = None  # last step snapshotted
         self.stats = RecorderStats()
+        self._batches = _Batches(self.shapes, cfg.track_batch_mb)
         if not (self.writer or self.collective):
             return  # another rank of an unsharded (DDP) run: rank 0 records the same weights
         base = {n: w.to("cpu", copy=True) for n, w in self.full.gather(self.params)} if step == 0 else None
@@ -239,7 +240,8 @@ class Recorder:
     def _record(self, step: int, snap: bool, track: bool) -> None:
         """Snapshot and/or track one step: one gather per matrix; rank 0 computes and writes."""
         copies, records, err = {}, {}, None
-        batches = _Batches(self.shapes, self.config.track_batch_mb)
+        batches = self._batches
+        batches.start()
         with torch.no_grad():
             for name, w in self.full.gather(self.params):  # (m, n) the full matrix, on rank 0 only
                 if err is not None:
@@ -337,34 +339,40 @@ class Recorder:
 
 class _Batches:
     """Updates D_t = W_t - W0 (float32) of same-shape matrices, gathered into batches of at most ``mb`` MiB per
-    shape (at least one matrix) for geometry.tracking's batched iteration; memory: one batch per shape."""
+    shape (at least one matrix) for geometry.tracking's batched iteration. One buffer per shape, kept from
+    step to step (allocating them afresh costs page faults every step); memory: one batch per shape."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], mb: int):
-        self.left: dict[tuple[int, int], int] = {}  # matrices of each shape not yet batched
+        self.count: dict[tuple[int, int], int] = {}  # tracked matrices of each shape
         for shape in shapes.values():
-            self.left[shape] = self.left.get(shape, 0) + 1
-        self.cap = {s: max(1, mb * 2**20 // (4 * math.prod(s))) for s in self.left}
-        self.names: dict[tuple[int, int], list[str]] = {}
+            self.count[shape] = self.count.get(shape, 0) + 1
+        self.size = {s: min(c, max(1, mb * 2**20 // (4 * math.prod(s)))) for s, c in self.count.items()}
         self.buf: dict[tuple[int, int], torch.Tensor] = {}
+        self.start()
+
+    def start(self) -> None:
+        """Begin a step: no matrix added yet."""
+        self.left = dict(self.count)  # matrices of each shape not yet in a batch this step
+        self.names: dict[tuple[int, int], list[str]] = {}
 
     def add(self, name: str, w: torch.Tensor, w0: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
-        """Put W_t - W0 into its shape's batch; the (names, D (B, m, n)) batch when that makes it full."""
+        """Put W_t - W0 into its shape's batch; the (names, D (B, m, n)) batch when that makes it full.
+        The batch is valid until the next ``add`` of that shape."""
         shape = tuple(w.shape)
+        buf = self.buf.get(shape)
+        if buf is None or buf.device != w.device:
+            buf = self.buf[shape] = torch.empty((self.size[shape], *shape), dtype=torch.float32, device=w.device)
         names = self.names.setdefault(shape, [])
-        if not names:
-            size = min(self.cap[shape], self.left[shape])
-            self.buf[shape] = torch.empty((size, *shape), dtype=torch.float32, device=w.device)
-        buf = self.buf[shape]
-        buf[len(names)].copy_(w).sub_(w0)
+        torch.sub(w.float(), w0.float(), out=buf[len(names)])  # float32 arithmetic, exact bf16 -> float32 upcasts
         names.append(name)
-        if len(names) < buf.shape[0]:
+        if len(names) < min(buf.shape[0], self.left[shape]):
             return None
         self.left[shape] -= len(names)
-        del self.names[shape], self.buf[shape]
-        return names, buf
+        del self.names[shape]
+        return names, buf[: len(names)]
 
     def rest(self):
         """The batches not yet full (none, when every matrix was added)."""
         for shape in list(self.names):
-            names, buf = self.names.pop(shape), self.buf.pop(shape)
-            yield names, buf[: len(names)]
+            names = self.names.pop(shape)
+            yield names, self.buf[shape][: len(names)]

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from geometry.linalg import subspace_sim
-from geometry.tracking import Estimate, SubspaceTracker, random_basis, subspace_iteration
+from geometry.tracking import (
+    Estimate,
+    SubspaceTracker,
+    orth,
+    orth_gram,
+    random_basis,
+    rayleigh_ritz,
+    subspace_iteration,
+)
 
 K = 16
 
@@ -30,13 +38,13 @@ def stable_rank(fro: float, s1: float) -> float:
     return fro**2 / s1**2
 
 
-def planted(m=120, n=90, rank=24, seed=0) -> torch.Tensor:
+def planted(m=120, n=90, rank=24, seed=0, noise=1e-3) -> torch.Tensor:
     """A rank-24 matrix with singular values 1, 0.9, 0.81, ... plus a little full-rank noise."""
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(m, rank, generator=g)).Q
     V = torch.linalg.qr(torch.randn(n, rank, generator=g)).Q
     s = 0.9 ** torch.arange(rank, dtype=torch.float32)
-    return U * s @ V.T + 1e-3 * torch.randn(m, n, generator=g)
+    return U * s @ V.T + noise * torch.randn(m, n, generator=g)
 
 
 def test_cold_start_converges_to_exact_svd():
@@ -140,6 +148,76 @@ def test_warm_start_from_stored_basis_resumes_tracking():
     est2 = resumed.update("w", ds[30][1])
     assert est2.iters <= 6 and not est2.exact  # the p padded random columns need a few iterations
     assert subspace_sim(est2.v[:, :K], exact(ds[30][1])[2]) > 0.98
+
+
+def test_batched_tracking_equals_one_matrix_at_a_time():
+    """update_many on a stack of same-shape updates (the recorder's fast path) vs one tracker call per
+    matrix: the same estimates, step after step (each matrix converges on its own inside the batch)."""
+    streams = [list(drifting_updates(steps=12, seed=s)) for s in range(4)]
+    batched, single = SubspaceTracker(K, 8), SubspaceTracker(K, 8)
+    names = [f"w{i}" for i in range(4)]
+    for t in range(12):
+        d = torch.stack([streams[i][t][1] for i in range(4)])
+        ests = batched.update_many(names, d, refine=(t == 11))
+        for name, di, est in zip(names, d, ests, strict=True):
+            ref = single.update(name, di, refine=(t == 11))
+            assert est.iters == ref.iters and est.exact == ref.exact
+            assert float(subspace_sim(est.v[:, :K], ref.v[:, :K])) > 1 - 1e-6
+            assert float(subspace_sim(est.u[:, :K], ref.u[:, :K])) > 1 - 1e-6
+            assert torch.allclose(est.s[:K], ref.s[:K], rtol=1e-5)
+
+
+def householder_ritz(d: torch.Tensor, q: torch.Tensor):
+    """The plain Rayleigh-Ritz: Z = D^T Q = P R, SVD of R^T (float64)."""
+    p, rr = torch.linalg.qr(d.double().mT @ q.double())
+    ub, s, vbh = torch.linalg.svd(rr.mT)
+    return q.double() @ ub, s, p @ vbh.mT
+
+
+def test_gram_shortcuts_match_householder():
+    """CholeskyQR and the eigh Rayleigh-Ritz (float64 Gram matrices) vs Householder QR and the SVD of R^T,
+    on well-conditioned updates and on the cases they hand back to Householder: Y of rank < r (D of rank
+    5), and a top k that is numerically rank-deficient."""
+    full = planted(rank=24)
+    low = planted(rank=5, noise=0.0)  # rank 5 exactly
+    v0 = random_basis(90, K + 8, seed=1)
+    for d in (full, low):
+        y = (d @ v0)[None]
+        q = orth_gram(y)
+        assert torch.allclose(q[0].mT @ q[0], torch.eye(K + 8), atol=1e-5)  # orthonormal in either path
+        if d is full:  # same column space as Householder's Q
+            assert float(subspace_sim(q[0], orth(y[0]))) > 1 - 1e-6
+        u, s, v = rayleigh_ritz(d[None], q, K)
+        ru, rs, rv = householder_ritz(d, q[0])
+        top = K if d is full else 5
+        assert torch.allclose(s[0, :top].double(), rs[:top], rtol=1e-5)
+        assert float(subspace_sim(v[0, :, :top], rv[:, :top])) > 1 - 1e-6
+        assert float(subspace_sim(u[0, :, :top], ru[:, :top])) > 1 - 1e-6
+        assert torch.allclose(v[0, :, :K].mT @ v[0, :, :K], torch.eye(K), atol=1e-5)
+    # a batch mixing both paths gives each matrix what it gets alone
+    d2 = torch.stack([full, low])
+    q2 = orth_gram(torch.stack([full @ v0, low @ v0]))
+    _, s2, v2 = rayleigh_ritz(d2, q2, K)
+    for i, d in enumerate((full, low)):
+        _, s1, v1 = rayleigh_ritz(d[None], orth_gram((d @ v0)[None]), K)
+        assert torch.allclose(s2[i], s1[0], rtol=1e-5, atol=1e-7)
+
+
+def test_low_rank_update_is_recovered():
+    """A planted rank-5 update tracked with K = 16: its 5 singular values and subspaces exactly, the
+    other 11 Ritz values ~0; mixed in one batch with a zero update and a full-rank one."""
+    low = planted(rank=5, noise=0.0)
+    full = planted(rank=24, seed=2)
+    tr = SubspaceTracker(K, 8)
+    ests = tr.update_many(["low", "zero", "full"], torch.stack([low, torch.zeros(120, 90), full]))
+    U, S, V = exact(low, 5)
+    assert torch.allclose(ests[0].s[:5].double(), S[:5], rtol=1e-5)
+    assert float(ests[0].s[5:K].max()) < 1e-5 * float(S[0])
+    assert float(subspace_sim(ests[0].v[:, :5], V)) > 1 - 1e-6 and float(subspace_sim(ests[0].u[:, :5], U)) > 1 - 1e-6
+    assert ests[1].fro == 0.0 and ests[1].iters == 0
+    Uf, Sf, Vf = exact(full)
+    assert float(subspace_sim(ests[2].v[:, :K], Vf)) > 0.999
+    assert torch.allclose(ests[2].s[:K].double(), Sf[:K], rtol=1e-3)
 
 
 def test_float16_storage_moves_sim_negligibly():
