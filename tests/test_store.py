@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from geometry.errors import GeometryError
 from geometry.sources import open_run
@@ -78,6 +80,30 @@ def test_layout_manifest_and_round_trip(tmp_path):
     assert torch.allclose(got.u, want.u, atol=1e-3) and torch.equal(got.s, want.s)
     # the generic checkpoint reader sees a Trainer-style run
     assert [c.step for c in open_run(run)] == [5, 10]
+
+
+def test_tracking_files_stack_same_shapes_and_version_1_files_still_read(tmp_path):
+    """A tracking file holds four tensors per shape (three matrices here, two of one shape), and
+    read_tracking gives each matrix its own rows; a version-1 file (four tensors per matrix) reads the same."""
+    names = ["layers.0.q_proj.weight", "layers.0.k_proj.weight", "layers.0.up_proj.weight"]
+    base = {n: torch.randn(20 if "up" in n else 12, 8) for n in names}
+    recs = {names[0]: tracked(12, 8, step=1), names[1]: tracked(12, 8, step=2), names[2]: tracked(20, 8, step=3)}
+    store = Store.open(tmp_path / "run", base, settings=SETTINGS)
+    store.put_tracking(1, recs, torch.float32)
+    store.close(final_step=1)
+    with safe_open(str(tmp_path / "run" / "tracking" / "1.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(f"{g}:{p}" for g in (0, 1) for p in ("stats", "s", "u", "v"))
+    legacy = tmp_path / "v1"
+    (legacy / "tracking").mkdir(parents=True)
+    save_file({f"{n}:{part}": x for n, r in recs.items() for part, x in
+               (("stats", torch.tensor([r.fro, r.iters, r.residual, float(r.exact)], dtype=torch.float64)),
+                ("s", r.s), ("u", r.u), ("v", r.v))}, legacy / "tracking" / "1.safetensors")
+    for run in (tmp_path / "run", legacy):
+        got = read_tracking(run, 1)
+        assert sorted(got) == sorted(names)
+        for n, want in recs.items():
+            assert got[n].fro == want.fro and got[n].iters == want.iters and got[n].exact == want.exact
+            assert torch.equal(got[n].s, want.s) and torch.equal(got[n].u, want.u) and torch.equal(got[n].v, want.v)
 
 
 def closed_store(tmp_path):
