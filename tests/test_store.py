@@ -97,7 +97,7 @@ def test_tracking_files_stack_same_shapes_and_version_1_files_still_read(tmp_pat
     (legacy / "tracking").mkdir(parents=True)
     save_file({f"{n}:{part}": x for n, r in recs.items() for part, x in
                (("stats", torch.tensor([r.fro, r.iters, r.residual, float(r.exact)], dtype=torch.float64)),
-                ("s", r.s), ("u", r.u), ("v", r.v))}, legacy / "tracking" / "1.safetensors")
+                ("s", r.s), ("u", r.u.contiguous()), ("v", r.v.contiguous()))}, legacy / "tracking" / "1.safetensors")
     for run in (tmp_path / "run", legacy):
         got = read_tracking(run, 1)
         assert sorted(got) == sorted(names)
