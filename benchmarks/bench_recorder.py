@@ -1,6 +1,7 @@
 """Training-time capture: what GeometryCallback costs a transformers.Trainer run, side by side in one run.
 
-A tiny Llama trained on the CPU (HF Trainer, AdamW) with random tokens, once per setting:
+A tiny Llama trained on the CPU (HF Trainer, AdamW at a constant learning rate, so that late steps move the
+weights as much as early ones) with random tokens, once per setting:
 - no callback;
 - snapshots every 50 steps, no tracking;
 - per-step tracking at K=16 (and snapshots every 50);
@@ -12,7 +13,10 @@ queueing) against the writer thread's time to write one (the disk work it takes 
 The settings take turns, ``--repeats`` rounds of one run each, so that a busy machine slows them alike.
 
     python benchmarks/bench_recorder.py                        # hidden 256, 4 layers, 8 x 128 tokens a step
-    python benchmarks/bench_recorder.py --steps 200 --hidden 512
+    python benchmarks/bench_recorder.py --batch 16 --hidden 512
+
+Per-step tracking does one warm-started subspace iteration for most matrix-steps, more while D_t is young:
+runs of a few dozen steps measure that transient more than a training run's steady state.
 """
 
 from __future__ import annotations
@@ -101,14 +105,14 @@ def write_seconds(store: Path, repeats: int = 3) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size, a multiple of 64 (default 256)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="rounds of one run per setting (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of one run per setting (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     a = p.parse_args()
     if a.threads:

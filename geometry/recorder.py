@@ -8,7 +8,9 @@
 At a tracked step t, for every tracked matrix (geometry.tracking):
     D_t = W_t - W0 (float32),  ||D_t||_F,  top-K singular values and subspaces U_K, V_K of D_t
 by one or a few warm-started subspace iterations: O(mnK) work on the training thread, O((m + n)K)
-bytes stored. Every ``snapshot_every`` steps (and at the end) the tracked tensors are copied to the
+bytes stored. Matrices of one shape go through the iteration together, in batches of up to
+``track_batch_mb`` of float32 updates, so that small matrices do not pay per-call overheads one by one.
+Every ``snapshot_every`` steps (and at the end) the tracked tensors are copied to the
 CPU and written by the store's background thread (geometry.store), as Trainer-style checkpoints.
 W0 stays on the CPU in its stored dtype (a lossless copy, half the size of float32 for a bf16 model).
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -61,7 +62,7 @@ class RecorderConfig:
     snapshot_dtype: str = "stored"  # "stored" keeps bf16 bit-exact (SPEC item 1); or float32/bfloat16/float16
     base_device: str = "cpu"  # where W0 lives: "cpu" saves accelerator memory; "device" avoids a copy per step
     queue_size: int = 2  # snapshots waiting for the disk; more = less blocking, more host memory
-    track_batch_mb: int = 64  # same-shape updates D_t (float32) tracked together, per shape; 0: one at a time
+    track_batch_mb: float = 64  # same-shape updates D_t (float32) tracked together, per shape; 0: one at a time
     on_error: str = "raise"  # a failed write: "raise" at the next step / close, or "warn" and go on
     label: str = "base"  # the base's label in the manifest
 
@@ -186,12 +187,8 @@ class Recorder:
     def flush(self) -> None:
         """Wait until every queued write has landed (rank 0; a no-op elsewhere). Call it before saving a
         training checkpoint: a run resumed from that checkpoint then finds all its steps in the store."""
-        if self.store is None or self.store._closed:
-            return
-        landed = threading.Event()
-        self.store._writer.submit("flush", landed.set)  # the writer runs jobs in order: all earlier ones are done
-        landed.wait()
-        self.store._check()
+        if self.store is not None:
+            self.store.flush()
 
     def close(self) -> None:
         """Snapshot (and track, refined) the last step seen if not yet done; finish all writes."""
@@ -342,11 +339,11 @@ class _Batches:
     shape (at least one matrix) for geometry.tracking's batched iteration. One buffer per shape, kept from
     step to step (allocating them afresh costs page faults every step); memory: one batch per shape."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], mb: int):
+    def __init__(self, shapes: dict[str, tuple[int, int]], mb: float):
         self.count: dict[tuple[int, int], int] = {}  # tracked matrices of each shape
         for shape in shapes.values():
             self.count[shape] = self.count.get(shape, 0) + 1
-        self.size = {s: min(c, max(1, mb * 2**20 // (4 * math.prod(s)))) for s, c in self.count.items()}
+        self.size = {s: min(c, max(1, int(mb * 2**20 // (4 * math.prod(s))))) for s, c in self.count.items()}
         self.buf: dict[tuple[int, int], torch.Tensor] = {}
         self.start()
 

@@ -319,6 +319,15 @@ class Store:
 
         self._writer.submit(f"tracking of step {step}", job)
 
+    def flush(self) -> None:
+        """Wait until every queued write has landed; report writer errors. A no-op once closed."""
+        if self._closed:
+            return
+        landed = threading.Event()
+        self._writer.submit("flush", landed.set)  # the writer runs jobs in order: all earlier ones are done
+        landed.wait()
+        self._check()
+
     def close(self, final_step: int | None = None) -> None:
         """Finish the queued writes, record ``final_step`` (a clean end), report writer errors."""
         if self._closed:

@@ -106,6 +106,17 @@ def test_tracking_files_stack_same_shapes_and_version_1_files_still_read(tmp_pat
             assert torch.equal(got[n].s, want.s) and torch.equal(got[n].u, want.u) and torch.equal(got[n].v, want.v)
 
 
+def test_flush_waits_for_every_queued_write(tmp_path):
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    write_steps(store, range(1, 8))
+    store.flush()  # what a training loop calls before saving its own checkpoint
+    man = read_manifest(run)
+    assert man.steps == [5] and man.tracking_steps == list(range(1, 8)) and man.final_step is None
+    store.close()
+    store.flush()  # a no-op once closed
+
+
 def closed_store(tmp_path):
     """A store with steps 1..5 written and closed."""
     run = tmp_path / "run"
