@@ -301,7 +301,7 @@ class Recorder:
         k, _ = self.tracker.dims(tuple(d.shape[1:]))
         self.stats.iterations += sum(e.iters for e in ests)
         self.stats.fallbacks += sum(e.exact for e in ests)
-        return {n: Tracked(e.fro, e.s[:k].cpu(), e.u[:, :k], e.v[:, :k], e.iters, e.residual, e.exact)
+        return {n: Tracked(e.fro, e.s[:k], e.u[:, :k], e.v[:, :k], e.iters, e.residual, e.exact)
                 for n, e in zip(names, ests, strict=True)}
 
     def _snapshot_dtype(self, name: str) -> torch.dtype:
