@@ -295,9 +295,9 @@ class Recorder:
         if msg is not None:
             raise GeometryError(f"Recorder on rank 0: {msg}")
 
-    def _track(self, names: list[str], d: torch.Tensor, refine: bool) -> dict[str, Tracked]:
-        """One tracking step for same-shape matrices, their updates D_t stacked in d (B, m, n)."""
-        ests = self.tracker.update_many(names, d, refine=refine)
+    def _track(self, names: list[str], d: torch.Tensor, fro: torch.Tensor, refine: bool) -> dict[str, Tracked]:
+        """One tracking step for same-shape matrices, their updates D_t stacked in d (B, m, n), norms fro (B,)."""
+        ests = self.tracker.update_many(names, d, refine=refine, fro=fro)
         k, _ = self.tracker.dims(tuple(d.shape[1:]))
         self.stats.iterations += sum(e.iters for e in ests)
         self.stats.fallbacks += sum(e.exact for e in ests)
@@ -345,6 +345,7 @@ class _Batches:
             self.count[shape] = self.count.get(shape, 0) + 1
         self.size = {s: min(c, max(1, int(mb * 2**20 // (4 * math.prod(s))))) for s, c in self.count.items()}
         self.buf: dict[tuple[int, int], torch.Tensor] = {}
+        self.fro: dict[tuple[int, int], torch.Tensor] = {}  # ||D_t||_F of each, taken while D_t is in cache
         self.start()
 
     def start(self) -> None:
@@ -352,24 +353,29 @@ class _Batches:
         self.left = dict(self.count)  # matrices of each shape not yet in a batch this step
         self.names: dict[tuple[int, int], list[str]] = {}
 
-    def add(self, name: str, w: torch.Tensor, w0: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
-        """Put W_t - W0 into its shape's batch; the (names, D (B, m, n)) batch when that makes it full.
-        The batch is valid until the next ``add`` of that shape."""
+    def add(self, name: str, w: torch.Tensor, w0: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor] | None:
+        """Put W_t - W0 into its shape's batch; the batch (names, D (B, m, n), ||D||_F (B,)) when that makes it
+        full. The batch is valid until the next ``add`` of that shape."""
         shape = tuple(w.shape)
         buf = self.buf.get(shape)
         if buf is None or buf.device != w.device:
             buf = self.buf[shape] = torch.empty((self.size[shape], *shape), dtype=torch.float32, device=w.device)
+            self.fro[shape] = torch.empty(self.size[shape], dtype=torch.float32, device=w.device)
         names = self.names.setdefault(shape, [])
-        torch.sub(w.float(), w0.float(), out=buf[len(names)])  # float32 arithmetic, exact bf16 -> float32 upcasts
+        i = len(names)
+        torch.sub(w.float(), w0.float(), out=buf[i])  # float32 arithmetic, exact bf16 -> float32 upcasts
+        torch.linalg.vector_norm(buf[i], out=self.fro[shape][i])
         names.append(name)
         if len(names) < min(buf.shape[0], self.left[shape]):
             return None
         self.left[shape] -= len(names)
         del self.names[shape]
-        return names, buf[: len(names)]
+        return self._batch(shape, names)
 
     def rest(self):
         """The batches not yet full (none, when every matrix was added)."""
         for shape in list(self.names):
-            names = self.names.pop(shape)
-            yield names, self.buf[shape][: len(names)]
+            yield self._batch(shape, self.names.pop(shape))
+
+    def _batch(self, shape, names):
+        return names, self.buf[shape][: len(names)], self.fro[shape][: len(names)]

@@ -14,9 +14,13 @@ Layout of a store directory RUN (``geometry analyze RUN/base RUN`` reads it as a
 
 Every file is written under a ``.tmp-`` name in its final folder, flushed and fsynced, renamed with
 os.replace, and the folder fsynced; a snapshot folder is ``.tmp-checkpoint-N`` until renamed. The
-manifest is rewritten the same way after each data file lands, so it is always valid JSON and
-lists only complete data. Readers ignore ``.tmp*``; ``Store.open`` deletes them, and data that
-landed without its manifest entry (a crash between the two), so that the manifest is the truth.
+manifest is rewritten the same way after each snapshot lands, so it is always valid JSON and lists
+only complete data. Tracking files land one per step, and the manifest takes them in at most every
+``COMMIT_SECONDS`` (rewriting it at every step costs time that grows with the run: it lists every
+step), at a snapshot, and at ``flush`` and ``close``. Readers ignore ``.tmp*``; ``Store.open`` deletes
+them and snapshots that landed without their manifest entry (a crash between the two), and takes in
+the tracking files that landed after the manifest's last rewrite (each is whole: it was renamed into
+place after an fsync), so that a crash loses no landed step.
 
 The disk work runs on one background thread fed by a bounded queue: the training thread only
 copies tensors to the CPU, and blocks when ``queue_size`` jobs are waiting (memory stays bounded).
@@ -32,6 +36,7 @@ import queue
 import re
 import shutil
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,6 +54,7 @@ MANIFEST = "geometry-store.json"
 CREATING = ".geometry-store-creating"  # present from the first byte of a new store until its manifest lands
 _STEP_FILE = re.compile(r"(\d+)\.safetensors")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+COMMIT_SECONDS = 1.0  # the longest a landed tracking file waits for the manifest to list it (module docstring)
 
 
 class Tracked(NamedTuple):
@@ -222,8 +228,9 @@ def encode_tracking(records: Mapping[str, Tracked], dtype: torch.dtype) -> tuple
 class _Writer:
     """One daemon thread running queued jobs in order; the first error is kept for the caller."""
 
-    def __init__(self, queue_size: int):
+    def __init__(self, queue_size: int, idle: Callable[[], None] = lambda: None):
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._idle = idle  # run when no job came for COMMIT_SECONDS
         self._errors: list[tuple[str, BaseException]] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="geometry-store-writer", daemon=True)
@@ -231,18 +238,24 @@ class _Writer:
 
     def _run(self) -> None:
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=COMMIT_SECONDS)
+            except queue.Empty:
+                self._do("the manifest", self._idle)
+                continue
             try:
                 if item is None:
                     return
-                what, job = item
-                try:
-                    job()
-                except BaseException as e:  # noqa: BLE001 - reported to the training thread
-                    with self._lock:
-                        self._errors.append((what, e))
+                self._do(*item)
             finally:
                 self._q.task_done()
+
+    def _do(self, what: str, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - reported to the training thread
+            with self._lock:
+                self._errors.append((what, e))
 
     def submit(self, what: str, job: Callable[[], None]) -> None:
         self._q.put((what, job))  # blocks while the queue is full: bounded memory
@@ -264,7 +277,9 @@ class Store:
     def __init__(self, root: Path, manifest: dict, config: dict | None, queue_size: int, on_error: str):
         self.root, self._man, self._config, self.on_error = root, manifest, config, on_error
         self._lock = threading.Lock()
-        self._writer = _Writer(queue_size)
+        self._dirty = False  # the manifest in memory lists tracking steps the one on disk does not yet
+        self._written = time.monotonic()  # when the manifest was last written
+        self._writer = _Writer(queue_size, idle=self._commit_pending)
         self._closed = False
         atexit.register(self._drain_at_exit)
 
@@ -315,7 +330,7 @@ class Store:
 
         def job():
             _save_atomic(tensors, self.root / "tracking" / f"{step}.safetensors", metadata)
-            self._commit("tracking_steps", step)
+            self._commit("tracking_steps", step, now=False)
 
         self._writer.submit(f"tracking of step {step}", job)
 
@@ -324,7 +339,12 @@ class Store:
         if self._closed:
             return
         landed = threading.Event()
-        self._writer.submit("flush", landed.set)  # the writer runs jobs in order: all earlier ones are done
+
+        def job():
+            self._commit_pending()
+            landed.set()
+
+        self._writer.submit("flush", job)  # the writer runs jobs in order: all earlier ones are done
         landed.wait()
         self._check()
 
@@ -332,21 +352,36 @@ class Store:
         """Finish the queued writes, record ``final_step`` (a clean end), report writer errors."""
         if self._closed:
             return
-        if final_step is not None:
-            self._writer.submit("manifest", lambda: self._commit("final_step", final_step))
+        self._writer.submit("manifest", lambda: self._commit("final_step", final_step) if final_step is not None
+                            else self._commit_pending())
         self._closed = True
         self._writer.close()
         atexit.unregister(self._drain_at_exit)
         self._check()
 
-    def _commit(self, key: str, step: int) -> None:
+    def _commit(self, key: str, step: int, now: bool = True) -> None:
+        """Record a landed step (or the final one) in the manifest; write it now, or (``now=False``) once
+        COMMIT_SECONDS have passed since the last write (module docstring). Writer thread only."""
         with self._lock:
             if key == "final_step":
                 self._man[key] = step
+            elif not self._man[key] or step > self._man[key][-1]:
+                self._man[key].append(step)  # the usual case: O(1), not O(steps)
             else:
                 self._man[key] = sorted(set(self._man[key]) | {step})
+            self._dirty = True
+        if now or time.monotonic() - self._written >= COMMIT_SECONDS:
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        """Write the manifest if it changed since its last write. Writer thread only."""
+        with self._lock:
+            if not self._dirty:
+                return
             data = json.dumps(self._man).encode()  # no indent: the C encoder (the writer thread holds the GIL)
+            self._dirty = False
         _write_atomic(data, self.root / MANIFEST)
+        self._written = time.monotonic()
 
     def _check(self) -> None:
         for what, err in self._writer.errors():
@@ -406,15 +441,34 @@ def _reopen(root: Path, base_tensors, settings: dict) -> dict:
         raise GeometryError(f"store {root} was made with other settings ({', '.join(changed)}); "
                             "use a new folder")
     man = json.loads((root / MANIFEST).read_text())
+    adopted = _landed_tracking(root, man["tracking_steps"])
+    man["tracking_steps"] = sorted(set(man["tracking_steps"]) | set(adopted))
     # A step's snapshot is queued before its tracking: a kill between the two leaves a snapshot whose step
     # is not complete. Drop it, so that the resumed run records that step again, whole.
     done = _complete(man)
-    if done is not None and any(s > done for s in man["steps"]):
-        man["steps"] = [s for s in man["steps"] if s <= done]
+    if adopted or (done is not None and any(s > done for s in man["steps"])):
+        man["steps"] = [s for s in man["steps"] if done is None or s <= done]
         _write_atomic(json.dumps(man, indent=1).encode(), root / MANIFEST)
     _clean(root, man["steps"], man["tracking_steps"])
     (root / "tracking").mkdir(exist_ok=True)
     return man
+
+
+def _landed_tracking(root: Path, listed: list[int]) -> list[int]:
+    """Steps of the whole tracking files that landed after the manifest's last rewrite (module docstring)."""
+    folder, listed, steps = root / "tracking", set(listed), []
+    if not folder.is_dir():
+        return steps
+    for p in folder.iterdir():
+        m = _STEP_FILE.fullmatch(p.name)
+        if m and int(m.group(1)) not in listed:
+            try:
+                with safe_open(p, "pt") as f:  # checks the header against the file's size
+                    f.metadata()
+            except Exception:  # noqa: BLE001 - not whole: _clean deletes it
+                continue
+            steps.append(int(m.group(1)))
+    return steps
 
 
 def _complete(man: dict) -> int | None:

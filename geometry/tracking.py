@@ -95,8 +95,8 @@ def orth_gram(y: torch.Tensor) -> torch.Tensor:
     Q is not orthonormal to ORTH_TOL (Y ill-conditioned or rank-deficient) go through Householder QR."""
     yd = y.double()
     chol, info = torch.linalg.cholesky_ex(yd.mT @ yd)
-    q = torch.linalg.solve_triangular(chol, yd.mT, upper=False).mT.to(y.dtype)
     eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+    q = y @ torch.linalg.solve_triangular(chol, eye.double(), upper=False).mT.to(y.dtype)  # r x r inverse
     bad = (info != 0) | ~((q.mT @ q - eye).abs().amax((-2, -1)) <= ORTH_TOL)  # NaN counts as bad
     if bad.any():
         q[bad] = orth(y[bad])
@@ -115,8 +115,9 @@ def rayleigh_ritz(d: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tenso
     lam, ub = lam.flip(-1), ub.flip(-1)
     s = lam.clamp_min(0).sqrt()
     bad = ~(s[:, k - 1] > RANK_TOL * s[:, 0])
-    v = (zd @ ub / torch.where(s > 0, s, 1.0)[:, None, :]).to(d.dtype)
-    u, s = q @ ub.to(q.dtype), s.to(d.dtype)
+    ub, s = ub.to(d.dtype), s.to(d.dtype)
+    v = z @ (ub / torch.where(s > 0, s, 1.0)[:, None, :])
+    u = q @ ub
     if bad.any():
         p, rr = torch.linalg.qr(z[bad])
         ub_b, s[bad], vbh = torch.linalg.svd(rr.mT)
@@ -134,8 +135,11 @@ def ritz_residuals(dv: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> torch.
 
 
 def subspace_iteration(d: torch.Tensor, v0: torch.Tensor, k: int, *, tol: float = DEFAULT_TOL,
-                       eps: float | None = None, min_iters: int = 1, max_iters: int = 8) -> list[Estimate]:
+                       eps: float | None = None, min_iters: int = 1, max_iters: int = 8,
+                       fro: torch.Tensor | None = None) -> list[Estimate]:
     """Top-k singular triplets of each d[i] (B, m, n) from its warm start v0[i] (B, n, r), r >= k.
+
+    fro: the norms ||d[i]||_F (B,) if the caller has them (one pass over d fewer), else computed here.
 
     Each matrix stops after at least ``min_iters`` iterations once its top-k residual is <= tol and,
     if ``eps`` is given, (from the second iteration on) the last iteration moved its top-k right
@@ -143,7 +147,7 @@ def subspace_iteration(d: torch.Tensor, v0: torch.Tensor, k: int, *, tol: float 
     exact SVD (``exact=True``). The rest of the batch iterates on without the converged ones.
     """
     d = d.float()
-    fro = d.norm(dim=(-2, -1)).tolist()
+    fro = (d.norm(dim=(-2, -1)) if fro is None else fro).tolist()
     b, r = d.shape[0], v0.shape[-1]
     out: list[Estimate | None] = [None] * b
     for i in range(b):
@@ -226,8 +230,10 @@ class SubspaceTracker:
         """One step for matrix ``name`` with its current cumulative update d = W_t - W0 (m, n)."""
         return self.update_many([name], d[None], refine=refine)[0]
 
-    def update_many(self, names: list[str], d: torch.Tensor, *, refine: bool = False) -> list[Estimate]:
+    def update_many(self, names: list[str], d: torch.Tensor, *, refine: bool = False,
+                    fro: torch.Tensor | None = None) -> list[Estimate]:
         """One step for the same-shape matrices ``names``, their updates stacked in d (B, m, n), batched.
+        fro: their norms ||d[i]||_F, if known (subspace_iteration).
 
         refine: the refined test (at least two iterations, REFINE_TOL and the movement test eps, up to
         REFINE_MAX_ITERS) instead of the per-step one. A matrix seen for the first time starts from a
@@ -244,7 +250,8 @@ class SubspaceTracker:
         ests = subspace_iteration(d, torch.stack(starts), k, tol=min(self.tol, REFINE_TOL) if strict else self.tol,
                                   eps=self.eps if strict else None,
                                   min_iters=max(self.min_iters, 2) if strict else self.min_iters,
-                                  max_iters=max(self.max_iters, REFINE_MAX_ITERS) if strict else self.max_iters)
+                                  max_iters=max(self.max_iters, REFINE_MAX_ITERS) if strict else self.max_iters,
+                                  fro=fro)
         for name, est in zip(names, ests, strict=True):
             self._v[name] = est.v
         return ests

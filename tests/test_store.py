@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import geometry.store as store_module
 from geometry.errors import GeometryError
 from geometry.sources import open_run
 from geometry.store import (
@@ -141,7 +142,7 @@ def test_tmp_leftovers_are_ignored_then_cleaned(tmp_path):
 
 
 def test_data_without_manifest_entry_is_removed_on_reopen(tmp_path):
-    """A crash between a file landing and its manifest update: the manifest stays the truth."""
+    """A crash between a snapshot landing and its manifest update, or a broken tracking file: removed."""
     run = closed_store(tmp_path)
     (run / "checkpoint-7").mkdir()
     (run / "checkpoint-7" / "model.safetensors").write_bytes(b"x")
@@ -152,6 +153,33 @@ def test_data_without_manifest_entry_is_removed_on_reopen(tmp_path):
     write_steps(store, [6, 7], snapshot_every=7)  # rewriting those steps works
     store.close()
     assert read_manifest(run).steps == [5, 7]
+
+
+def test_landed_tracking_files_wait_for_the_manifest_and_are_taken_in_on_reopen(tmp_path, monkeypatch):
+    """Tracking files land every step; the manifest lists them at most every COMMIT_SECONDS (its rewrite costs
+    O(steps)), and at snapshots, flush and close. A crash in between loses nothing: reopening takes them in."""
+    monkeypatch.setattr(store_module, "COMMIT_SECONDS", 3600.0)
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS)
+    write_steps(store, [1, 2])
+    store.flush()  # flush writes the manifest
+    assert read_manifest(run).tracking_steps == [1, 2]
+    write_steps(store, [3, 4])
+    deadline = time.monotonic() + 30
+    while not (run / "tracking" / "4.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert read_manifest(run).tracking_steps == [1, 2]  # landed, not yet listed
+    # the training process dies here (its store never closes); a new one reopens the store
+    again = Store.open(run, base_tensors(), settings=SETTINGS)
+    assert again.last_step == 4 and read_manifest(run).tracking_steps == [1, 2, 3, 4]
+    assert read_tracking(run, 4)["layers.0.q_proj.weight"].fro == 4.0
+    write_steps(again, [5])  # a snapshot step: the manifest is written at once
+    deadline = time.monotonic() + 30
+    while read_manifest(run).steps != [5] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert read_manifest(run).steps == [5]
+    again.close()
+    assert read_manifest(run).tracking_steps == [1, 2, 3, 4, 5]
 
 
 def test_manifest_is_always_valid_json_during_writes(tmp_path):
@@ -296,8 +324,15 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
         assert read_tracking(run, t)["layers.0.q_proj.weight"].fro == float(t)
     for t in man.steps:
         assert torch.all(read_snapshot(run, t)["layers.0.up_proj.weight"] == t)
+    landed = sorted(int(p.stem) for p in (run / "tracking").glob("[0-9]*.safetensors"))
     store = Store.open(run, base_tensors(), settings=SETTINGS)
-    assert store.last_step == max(man.tracking_steps + man.steps)
+    # reopening takes in the tracking files that landed after the manifest's last rewrite: none is lost
+    assert store.last_step == landed[-1] >= max(man.tracking_steps + man.steps)
     store.close()
+    again = read_manifest(run)
+    assert again.tracking_steps == list(range(1, landed[-1] + 1))  # no hole
+    for t in again.tracking_steps[len(man.tracking_steps):]:
+        assert read_tracking(run, t)["layers.0.q_proj.weight"].fro == float(t)
+    assert again.steps == [t for t in man.steps if t <= landed[-1]]
     names = [p.name for p in run.iterdir()] + [p.name for p in (run / "tracking").iterdir()]
     assert not [n for n in names if n.startswith(".tmp")]
