@@ -8,6 +8,7 @@ import torch
 
 from geometry.linalg import subspace_sim
 from geometry.tracking import (
+    RANK_TOL,
     Estimate,
     SubspaceTracker,
     orth,
@@ -201,6 +202,25 @@ def test_gram_shortcuts_match_householder():
     for i, d in enumerate((full, low)):
         _, s1, v1 = rayleigh_ritz(d[None], orth_gram((d @ v0)[None]), K)
         assert torch.allclose(s2[i], s1[0], rtol=1e-5, atol=1e-7)
+
+
+def test_gram_shortcuts_at_the_rank_edge():
+    """s_K / s_1 just above RANK_TOL (the last case the float32 Ritz vectors Z (Ub / S) serve): their first K
+    columns are still orthonormal to 1e-4 and agree with the Householder path; just below it, the
+    Householder path takes over and is orthonormal to float32 precision."""
+    g = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(120, K + 8, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(90, K + 8, generator=g, dtype=torch.float64)).Q
+    v0 = random_basis(90, K + 8, seed=1)
+    for ratio in (2 * RANK_TOL, RANK_TOL / 2):
+        s = torch.logspace(0, math.log10(ratio), K, dtype=torch.float64)
+        s = torch.cat([s, s[-1] * 0.5 ** torch.arange(1, 9, dtype=torch.float64)])
+        d = (U * s @ V.T).float()
+        q = orth_gram((d @ v0)[None])
+        _, _, v = rayleigh_ritz(d[None], q, K)
+        _, _, rv = householder_ritz(d, q[0])
+        assert torch.allclose(v[0, :, :K].mT @ v[0, :, :K], torch.eye(K), atol=1e-4)
+        assert float(subspace_sim(v[0, :, :K], rv[:, :K])) > 1 - 1e-4
 
 
 def test_low_rank_update_is_recovered():
