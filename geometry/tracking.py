@@ -92,8 +92,9 @@ def random_basis(n: int, r: int, seed: int, device: torch.device | str = "cpu") 
 
 
 def orth_gram(y: torch.Tensor) -> torch.Tensor:
-    """orth for a batch (B, m, r) by CholeskyQR in float64, Q = Y L^-T with L L^T = Y^T Y; the matrices whose
-    Q is not orthonormal to ORTH_TOL (Y ill-conditioned or rank-deficient) go through Householder QR."""
+    """orth for a batch (B, m, r) by CholeskyQR, Q = Y L^-T with L L^T = Y^T Y (Gram, Cholesky and the r x r
+    inverse in float64, the product with Y in float32); the matrices whose Q is not orthonormal to ORTH_TOL
+    (Y ill-conditioned or rank-deficient) go through Householder QR."""
     yd = y.double()
     chol, info = torch.linalg.cholesky_ex(yd.mT @ yd)
     eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
