@@ -277,7 +277,7 @@ class Store:
     def __init__(self, root: Path, manifest: dict, config: dict | None, queue_size: int, on_error: str):
         self.root, self._man, self._config, self.on_error = root, manifest, config, on_error
         self._lock = threading.Lock()
-        self._dirty = False  # the manifest in memory lists tracking steps the one on disk does not yet
+        self._dirty = False  # the manifest in memory differs from the one on disk
         self._written = time.monotonic()  # when the manifest was last written
         self._writer = _Writer(queue_size, idle=self._commit_pending)
         self._closed = False
@@ -352,20 +352,24 @@ class Store:
         """Finish the queued writes, record ``final_step`` (a clean end), report writer errors."""
         if self._closed:
             return
-        self._writer.submit("manifest", lambda: self._commit("final_step", final_step) if final_step is not None
-                            else self._commit_pending())
+
+        def job():
+            if final_step is not None:
+                with self._lock:
+                    self._man["final_step"], self._dirty = final_step, True
+            self._commit_pending()
+
+        self._writer.submit("manifest", job)
         self._closed = True
         self._writer.close()
         atexit.unregister(self._drain_at_exit)
         self._check()
 
     def _commit(self, key: str, step: int, now: bool = True) -> None:
-        """Record a landed step (or the final one) in the manifest; write it now, or (``now=False``) once
+        """Record a landed step in the manifest's list ``key``; write it now, or (``now=False``) once
         COMMIT_SECONDS have passed since the last write (module docstring). Writer thread only."""
         with self._lock:
-            if key == "final_step":
-                self._man[key] = step
-            elif not self._man[key] or step > self._man[key][-1]:
+            if not self._man[key] or step > self._man[key][-1]:
                 self._man[key].append(step)  # the usual case: O(1), not O(steps)
             else:
                 self._man[key] = sorted(set(self._man[key]) | {step})
