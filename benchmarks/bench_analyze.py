@@ -88,7 +88,7 @@ def naive(root: Path, ckpts: list[Path], k_of) -> dict:
 
 
 def read_only(root: Path, ckpts: list[Path]) -> None:
-    from geometry.sources import open_source
+    from geometry.offline.sources import open_source
 
     for ck in [root / "base"] + ckpts:
         src = open_source(ck)

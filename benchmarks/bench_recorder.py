@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from geometry.callbacks import GeometryCallback
-from geometry.recorder import RecorderConfig
-from geometry.store import _save_folder, read_manifest
+from geometry.capture.callbacks import GeometryCallback
+from geometry.capture.recorder import RecorderConfig
+from geometry.capture.store import _save_folder, read_manifest
 
 WARMUP = 5  # steps dropped from the timings: allocator and kernel warm-up
 

@@ -47,7 +47,7 @@ def _analyze_args(sub) -> None:
 
 
 def _runs(args):
-    from geometry.analysis import Run
+    from geometry.offline.analyze import Run
 
     runs = []
     if args.paths:
@@ -64,9 +64,9 @@ def _runs(args):
 
 
 def cmd_analyze(args) -> int:
-    from geometry.analysis import analyze
-    from geometry.config import AnalysisConfig
-    from geometry.outputs import write_analysis
+    from geometry.offline.analyze import analyze
+    from geometry.offline.config import AnalysisConfig
+    from geometry.offline.outputs import write_analysis
 
     cfg = AnalysisConfig(k=args.k, K=args.K, tau=args.tau, include=args.include, exclude=args.exclude,
                          embeddings=args.embeddings, on_mismatch="skip" if args.skip_mismatch else "error",

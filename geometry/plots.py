@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from geometry.summary import summarize
+from geometry.offline.summary import summarize
 from geometry.table import Table
 
 _KNOWN = {"sft": "#1f77b4", "rlvr": "#d62728", "opd": "#2ca02c"}

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from geometry.callbacks import GeometryCallback, GradientProjectionCallback
+from geometry.capture.callbacks import GeometryCallback, GradientProjectionCallback
+from geometry.capture.recorder import RecorderConfig
+from geometry.capture.store import read_manifest, read_snapshot, read_tracking
+from geometry.capture.tracking import tracking_table
 from geometry.errors import GeometryError
 from geometry.linalg import subspace_sim
-from geometry.recorder import RecorderConfig
-from geometry.store import read_manifest, read_snapshot, read_tracking
-from geometry.tracking import tracking_table
 
 K = 16
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from geometry.cli import main
-from geometry.outputs import FILES
+from geometry.offline.outputs import FILES
 from geometry.table import Table
 
 NAMES = [f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("up_proj", "down_proj")]

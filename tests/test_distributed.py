@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from geometry.distributed import FullParameters, clean_name, is_sharded, layout
+from geometry.capture.distributed import FullParameters, clean_name, is_sharded, layout
+from geometry.capture.recorder import Recorder, RecorderConfig
+from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.linalg import subspace_sim
-from geometry.recorder import Recorder, RecorderConfig
-from geometry.store import read_manifest, read_snapshot, read_tracking
 
 STEPS = 6
 CONFIG = dict(snapshot_every=3, k=4, oversample=4)
@@ -61,9 +61,9 @@ WORKER = COMMON + textwrap.dedent("""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import TrainerControl, TrainerState
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    from geometry.callbacks import GeometryCallback
+    from geometry.capture.callbacks import GeometryCallback
     from geometry.errors import GeometryError
-    from geometry.recorder import Recorder, RecorderConfig
+    from geometry.capture.recorder import Recorder, RecorderConfig
 
     torch.set_num_threads(1)
     out, steps, config = Path(sys.argv[1]), int(sys.argv[2]), eval(sys.argv[3])

@@ -10,10 +10,10 @@ import scipy.linalg as sl
 import torch
 from safetensors.torch import save_file
 
-from geometry.analysis import analyze
-from geometry.config import AnalysisConfig
-from geometry.engine import decompose_base, group_size, locking_sims, measure_step
 from geometry.locking import locking_onset, median_onset
+from geometry.offline.analyze import analyze
+from geometry.offline.config import AnalysisConfig
+from geometry.offline.engine import decompose_base, group_size, locking_sims, measure_step
 
 
 def _orthonormal(rng: np.random.Generator, m: int, k: int) -> np.ndarray:

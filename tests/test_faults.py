@@ -26,13 +26,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from geometry import analyze
-from geometry.callbacks import GeometryCallback
+from geometry.capture.callbacks import GeometryCallback
+from geometry.capture.recorder import Recorder, RecorderConfig
+from geometry.capture.store import CREATING, MANIFEST, read_manifest, read_snapshot, read_tracking
+from geometry.capture.tracking import tracking_table
 from geometry.errors import GeometryError
 from geometry.linalg import subspace_sim
-from geometry.recorder import Recorder, RecorderConfig
-from geometry.sources import open_run
-from geometry.store import CREATING, MANIFEST, read_manifest, read_snapshot, read_tracking
-from geometry.tracking import tracking_table
+from geometry.offline.sources import open_run
 
 ROOT = Path(__file__).parent.parent
 N, SNAP = 150, 10  # steps of the killed run; a snapshot every SNAP steps, tracking every step
@@ -44,7 +44,7 @@ LOOP = textwrap.dedent("""
     from pathlib import Path
     import torch
     from torch import nn
-    from geometry.recorder import Recorder, RecorderConfig
+    from geometry.capture.recorder import Recorder, RecorderConfig
 
     def train(run, ckpt, steps, snapshot_every, ckpt_every=7, on_ready=None):
         run, ckpt = Path(run), Path(ckpt)
@@ -248,9 +248,9 @@ def in_small_fs(tmp_path, code: str, size: str, ro: bool = False) -> subprocess.
 STARTUP = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from geometry.callbacks import GeometryCallback
+    from geometry.capture.callbacks import GeometryCallback
     from geometry.errors import GeometryError
-    from geometry.recorder import Recorder
+    from geometry.capture.recorder import Recorder
     fs = Path(sys.argv[1])
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))  # 512 KiB of weights
     for make in (lambda: GeometryCallback(fs / "geometry"), lambda: Recorder(model, fs / "geometry")):
@@ -338,8 +338,8 @@ MIDRUN = textwrap.dedent("""
     import sys, warnings, torch
     from pathlib import Path
     from geometry.errors import GeometryError
-    from geometry.recorder import Recorder, RecorderConfig
-    from geometry.store import read_manifest
+    from geometry.capture.recorder import Recorder, RecorderConfig
+    from geometry.capture.store import read_manifest
     fs, on_error = Path(sys.argv[1]), sys.argv[2]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))  # 128 KiB a snapshot

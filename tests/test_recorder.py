@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from geometry.capture.recorder import Recorder, RecorderConfig, select_parameters, unwrap
+from geometry.capture.store import read_manifest, read_snapshot, read_tracking
+from geometry.capture.tracking import TRACK_METRICS, tracking_table
 from geometry.errors import GeometryError
 from geometry.linalg import subspace_sim
 from geometry.metrics import sparsity_bf16
-from geometry.recorder import Recorder, RecorderConfig, select_parameters, unwrap
-from geometry.store import read_manifest, read_snapshot, read_tracking
-from geometry.tracking import TRACK_METRICS, tracking_table
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -212,7 +212,7 @@ def test_a_new_run_into_a_used_store_is_refused(tmp_path):
 CHILD = textwrap.dedent("""
     import torch
     from torch import nn
-    from geometry.recorder import Recorder, RecorderConfig
+    from geometry.capture.recorder import Recorder, RecorderConfig
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.errors import GeometryError
 from geometry.lab.models import ModelConfig, build_model, load_model
 from geometry.lab.regimes import (
@@ -21,7 +22,6 @@ from geometry.lab.regimes import (
 )
 from geometry.lab.task import accuracy, make_problems, reward
 from geometry.lab.tokenizer import build_tokenizer, load_tokenizer
-from geometry.store import read_manifest, read_snapshot, read_tracking
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 STUDENT, TEACHER = DATA / "student", DATA / "teacher"

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from geometry.errors import GeometryError
-from geometry.sources import (
+from geometry.offline.sources import (
     Checkpoint,
     MatrixSpec,
     TensorSource,

@@ -15,10 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import geometry.store as store_module
-from geometry.errors import GeometryError
-from geometry.sources import open_run
-from geometry.store import (
+import geometry.capture.store as store_module
+from geometry.capture.store import (
     MANIFEST,
     Store,
     Tracked,
@@ -28,6 +26,8 @@ from geometry.store import (
     read_snapshot,
     read_tracking,
 )
+from geometry.errors import GeometryError
+from geometry.offline.sources import open_run
 
 SETTINGS = {"snapshot_every": 5, "k": 4}
 
@@ -294,7 +294,7 @@ def test_writer_errors_reach_the_training_thread(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from geometry.store import Store, Tracked
+    from geometry.capture.store import Store, Tracked
     sys.path.insert(0, {tests!r})
     from test_store import base_tensors, records, SETTINGS
     store = Store.open({run!r}, base_tensors(), settings=SETTINGS, queue_size=2)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from geometry.markdown import render_summary
-from geometry.summary import onset_rows, summarize, summary_json
+from geometry.offline.markdown import render_summary
+from geometry.offline.summary import onset_rows, summarize, summary_json
 from geometry.table import Row, Table
 
 

@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from geometry.linalg import subspace_sim
-from geometry.tracking import (
+from geometry.capture.tracking import (
     RANK_TOL,
     Estimate,
     SubspaceTracker,
@@ -17,6 +16,7 @@ from geometry.tracking import (
     rayleigh_ritz,
     subspace_iteration,
 )
+from geometry.linalg import subspace_sim
 
 K = 16
 

@@ -22,10 +22,10 @@ from transformers import (
 from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from geometry import analyze
-from geometry.callbacks import GeometryCallback, GradientProjectionCallback
-from geometry.recorder import RecorderConfig
-from geometry.store import read_manifest, read_snapshot, read_tracking
-from geometry.tracking import tracking_table
+from geometry.capture.callbacks import GeometryCallback, GradientProjectionCallback
+from geometry.capture.recorder import RecorderConfig
+from geometry.capture.store import read_manifest, read_snapshot, read_tracking
+from geometry.capture.tracking import tracking_table
 
 STEPS = 4
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3

@@ -32,13 +32,13 @@ from datasets import is_progress_bar_enabled as ds_progress_enabled
 from transformers import DynamicCache, PrinterCallback
 from transformers.utils import logging as hf_logging
 
-from geometry.callbacks import GeometryCallback, GradientProjectionCallback
+from geometry.capture.callbacks import GeometryCallback, GradientProjectionCallback
+from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.errors import GeometryError
 from geometry.lab.models import load_model
 from geometry.lab.pretrain import EVAL_SEED_OFFSET
 from geometry.lab.task import accuracy, make_problems, records, reward
 from geometry.lab.tokenizer import load_tokenizer
-from geometry.recorder import Recorder, RecorderConfig
 
 EVAL_SEED = EVAL_SEED_OFFSET  # pretraining's held-out stream (seed 0): acc_before is data/README.md's 47.4%
 TRAIN_SEED = 20_000  # + cfg.seed: a problem stream neither pretraining (seed 0) nor the evaluation replays

@@ -9,11 +9,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from geometry.analysis import curves_by
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, StudyResult
 from geometry.locking import locking_onset, median_onset
-from geometry.markdown import fmt, table
-from geometry.summary import RunSummary, summarize
+from geometry.offline.analyze import curves_by
+from geometry.offline.markdown import fmt, table
+from geometry.offline.summary import RunSummary, summarize
 from geometry.table import Table
 
 # Shen et al. 2026 (Qwen3-8B student, LR 1e-6), Table 1 and the localisation table; orders of magnitude in the text.
@@ -294,7 +294,7 @@ def _onset(step: int | None, steps: list[int]) -> str:
 
 def write_report(study: StudyResult) -> Path:
     """report.md, figures/*.png and analysis/ (the analyzer's outputs plus tracking.csv) under study.out."""
-    from geometry.outputs import write_analysis
+    from geometry.offline.outputs import write_analysis
 
     out = study.out
     tau = study.analysis.config.tau

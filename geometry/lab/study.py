@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from geometry.analysis import Analysis, Run, analyze
-from geometry.config import AnalysisConfig
+from geometry.capture.tracking import tracking_table
 from geometry.errors import GeometryError
 from geometry.lab import regimes
 from geometry.lab.regimes import RegimeConfig, TrainResult
+from geometry.offline.analyze import Analysis, Run, analyze
+from geometry.offline.config import AnalysisConfig
 from geometry.table import Table
-from geometry.tracking import tracking_table
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 MARKER = ".geometry-demo"  # marks a directory as a demo output, which a new demo may overwrite

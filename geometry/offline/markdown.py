@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from geometry.summary import RunSummary
+from geometry.offline.summary import RunSummary
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -5,16 +5,16 @@
             ...; optimizer.step()
             rec.step(step)  # after every optimizer step
 
-At a tracked step t, for every tracked matrix (geometry.tracking):
+At a tracked step t, for every tracked matrix (geometry.capture.tracking):
     D_t = W_t - W0 (float32),  ||D_t||_F,  top-K singular values and subspaces U_K, V_K of D_t
 by one or a few warm-started subspace iterations: O(mnK) work on the training thread, O((m + n)K)
 bytes stored. Matrices of one shape go through the iteration together, in batches of up to
 ``track_batch_mb`` of float32 updates, so that small matrices do not pay per-call overheads one by one.
 Every ``snapshot_every`` steps (and at the end) the tracked tensors are copied to the
-CPU and written by the store's background thread (geometry.store), as Trainer-style checkpoints.
+CPU and written by the store's background thread (geometry.capture.store), as Trainer-style checkpoints.
 W0 stays on the CPU in its stored dtype (a lossless copy, half the size of float32 for a bf16 model).
 
-Several processes (geometry.distributed): rank 0 writes. Unsharded weights (DDP) are the same on every
+Several processes (geometry.capture.distributed): rank 0 writes. Unsharded weights (DDP) are the same on every
 rank, so other ranks' recorders do nothing. Sharded weights (FSDP1, FSDP2, ZeRO-3) are gathered one
 matrix at a time, so there every rank must create the recorder and call ``step`` with the same steps;
 rank 0's errors are raised on every rank, so that none is left waiting in a gather.
@@ -36,10 +36,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from geometry.distributed import FullParameters, broadcast, is_writer
+from geometry.capture.distributed import FullParameters, broadcast, is_writer
+from geometry.capture.store import Store, Tracked, read_manifest, read_tracking
+from geometry.capture.tracking import DEFAULT_EPS, DEFAULT_TOL, SubspaceTracker
 from geometry.errors import GeometryError
-from geometry.store import Store, Tracked, read_manifest, read_tracking
-from geometry.tracking import DEFAULT_EPS, DEFAULT_TOL, SubspaceTracker
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,7 +54,7 @@ class RecorderConfig:
     track_every: int = 1  # tracking state every N steps (and at snapshots); 0 disables tracking
     k: int = 16  # SPEC item 7: Sim_16
     oversample: int = 8  # extra columns carried by the iteration (Halko et al. 2011: 5-10)
-    tol: float = DEFAULT_TOL  # per-step convergence test of geometry.tracking
+    tol: float = DEFAULT_TOL  # per-step convergence test of geometry.capture.tracking
     eps: float = DEFAULT_EPS  # movement test of refined steps (snapshots, cold starts)
     max_iters: int = 8  # then the exact SVD, flagged in the tracking state
     seed: int = 0  # random start of the first step's iteration
@@ -118,7 +118,7 @@ def select_parameters(model: nn.Module | FullParameters, cfg: RecorderConfig) ->
     """The tracked parameters, by name, in name order (see RecorderConfig.include / exclude).
 
     Names and shapes are those of the full model: wrapper prefixes (FSDP1, torch.compile) are dropped and a
-    shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices.
+    shard is judged by its full shape (geometry.capture.distributed), so every rank selects the same matrices.
     """
     full = model if isinstance(model, FullParameters) else FullParameters(model)
     shapes = full.shapes
@@ -336,7 +336,7 @@ class Recorder:
 
 class _Batches:
     """Updates D_t = W_t - W0 (float32) of same-shape matrices, gathered into batches of at most ``mb`` MiB per
-    shape (at least one matrix) for geometry.tracking's batched iteration. One buffer per shape, kept from
+    shape (at least one matrix) for geometry.capture.tracking's batched iteration. One buffer per shape, kept from
     step to step (allocating them afresh costs page faults every step); memory: one batch per shape."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], mb: float):

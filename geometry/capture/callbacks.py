@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from geometry.distributed import is_sharded, is_writer
+from geometry.capture.distributed import is_sharded, is_writer
+from geometry.capture.recorder import Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
+from geometry.capture.store import check_writable
 from geometry.errors import GeometryError
-from geometry.recorder import Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
-from geometry.store import check_writable
 
 
 def _is_main_process(args, state) -> bool:
@@ -28,14 +28,14 @@ def _work_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 class GeometryCallback(TrainerCallback):
-    """Records the run into a geometry store at ``out_dir`` (geometry.recorder, geometry.store).
+    """Records the run into a geometry store at ``out_dir`` (geometry.capture.recorder, geometry.capture.store).
 
     Creating it checks that ``out_dir`` is writable (GeometryError, before any training); on_train_begin:
     a Recorder on the trainer's model (at ``state.global_step``: a resumed run continues its store; a full
     disk is refused here); on_step_end: ``rec.step(global_step)`` after each optimizer step, and a flush
     before the Trainer saves a checkpoint (a run resumed from it then misses no step); on_train_end: the
     final snapshot and close. The main process records; under FSDP / ZeRO-3 the other ranks take part in
-    the gathers of the sharded weights (geometry.distributed), under DDP they do nothing.
+    the gathers of the sharded weights (geometry.capture.distributed), under DDP they do nothing.
     """
 
     def __init__(self, out_dir: str | Path, config: RecorderConfig | None = None):

@@ -17,10 +17,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from geometry.config import AnalysisConfig
-from geometry.engine import BaseFactors, StepResult, decompose_base, group_size, locking_sims, measure_step
 from geometry.errors import GeometryError
-from geometry.sources import Checkpoint, MatrixSpec, TensorSource, open_run, open_source, read_matrix, select_matrices
+from geometry.offline.config import AnalysisConfig
+from geometry.offline.engine import BaseFactors, StepResult, decompose_base, group_size, locking_sims, measure_step
+from geometry.offline.sources import (
+    Checkpoint,
+    MatrixSpec,
+    TensorSource,
+    open_run,
+    open_source,
+    read_matrix,
+    select_matrices,
+)
 from geometry.table import Row, Table
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number

@@ -45,9 +45,9 @@ from typing import NamedTuple
 
 import torch
 
+from geometry.capture.store import read_manifest, read_tracking
 from geometry.linalg import subspace_sim
-from geometry.sources import layer_of, module_of
-from geometry.store import read_manifest, read_tracking
+from geometry.offline.sources import layer_of, module_of
 from geometry.table import Row, Table
 
 # Per-step test (module docstring). Measured on tiny Llama training runs (tests/test_callbacks.py,

@@ -58,7 +58,7 @@ COMMIT_SECONDS = 1.0  # the longest a landed tracking file waits for the manifes
 
 
 class Tracked(NamedTuple):
-    """One matrix's tracking state at one step (geometry.tracking), as stored and read back."""
+    """One matrix's tracking state at one step (geometry.capture.tracking), as stored and read back."""
 
     fro: float  # ||D_t||_F
     s: torch.Tensor  # (K,) top-K singular value estimates, float32

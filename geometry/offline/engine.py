@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 
 from geometry import metrics as M
-from geometry.config import AnalysisConfig
 from geometry.linalg import SVD, default_k, exact_svd, gram_svd, randomized_svd, spectrum, subspace_sim
+from geometry.offline.config import AnalysisConfig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from geometry.analysis import Analysis
 from geometry.errors import GeometryError
-from geometry.markdown import render_summary
-from geometry.summary import onset_rows, summarize, summary_json
+from geometry.offline.analyze import Analysis
+from geometry.offline.markdown import render_summary
+from geometry.offline.summary import onset_rows, summarize, summary_json
 
 FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")
 
