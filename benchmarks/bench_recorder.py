@@ -120,8 +120,8 @@ def main() -> None:
     settings = {
         "no callback": None,
         "snapshots every 50": RecorderConfig(snapshot_every=50, track_every=0),
-        f"tracking every step, K={a.k}": RecorderConfig(snapshot_every=50, track_every=1, k=a.k),
-        f"tracking every 4th step, K={a.k}": RecorderConfig(snapshot_every=50, track_every=4, k=a.k),
+        f"tracking every step, K={a.k}": RecorderConfig(snapshot_every=50, track_every=1, lock_k=a.k),
+        f"tracking every 4th step, K={a.k}": RecorderConfig(snapshot_every=50, track_every=4, lock_k=a.k),
     }
     n_params = sum(p.numel() for p in model_for(a).parameters())
     print(f"Llama hidden {a.hidden}, {a.layers} layers, {n_params / 1e6:.1f}M parameters; batch {a.batch} x {a.seq} = "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 
 from geometry.errors import GeometryError
 
@@ -18,7 +20,36 @@ class _Parser(argparse.ArgumentParser):
         raise GeometryError(f"{message} (see: {self.prog} --help)")
 
 
+def add_config_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per field of a config dataclass (geometry.offline.config.option): ``--field-name``, its
+    help and default from the field, so that no default is restated here. Unset options stay None and
+    leave the dataclass default in place."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, kind = f.metadata, hints[f.name]
+        flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        text = meta.get("help", "")
+        if kind is not bool and kind != tuple[str, ...] and "default" not in text:
+            text += f" (default: {f.default})"
+        extra = {"help": text, "dest": f.name, "default": None}
+        if kind is bool:
+            parser.add_argument(*flags, action="store_const", const=True, **extra)
+        elif kind == tuple[str, ...]:
+            parser.add_argument(*flags, action="append", metavar="REGEX", **extra)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(*flags, type=base, choices=meta.get("choices"), **extra)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """The config dataclass from the options that were given (the others keep its defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return cls(**given)
+
+
 def _analyze_args(sub) -> None:
+    from geometry.offline.config import AnalysisConfig
+
     p = sub.add_parser("analyze", help="measure the update geometry of checkpoints against a base",
                        description="Measure every metric of SPEC.md for one or more runs. One run: "
                        "`geometry analyze BASE CKPT_OR_RUN_DIR...`; several side by side: "
@@ -28,21 +59,9 @@ def _analyze_args(sub) -> None:
                    help="LABEL BASE CKPT... : one labelled run (repeatable)")
     p.add_argument("--label", default="run", help="label of the run given by positional paths")
     p.add_argument("-o", "--out", default="geometry-out", help="output directory (default: geometry-out)")
-    p.add_argument("--k", type=int, help="principal subspace size (default: min(512, rank // 8))")
-    p.add_argument("--K", type=int, default=16, help="locking subspace size (default 16)")
-    p.add_argument("--tau", type=float, default=0.9, help="locking threshold (default 0.9)")
-    p.add_argument("--include", help="regex over parameter names to keep")
-    p.add_argument("--exclude", help="regex over parameter names to drop")
-    p.add_argument("--embeddings", action="store_true", help="also measure embeddings and lm_head")
-    p.add_argument("--skip-mismatch", action="store_true",
-                   help="skip (and list) matrices missing from a checkpoint or of another shape")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read .bin pickle checkpoints (with weights_only=True); only for files you trust")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--memory-mb", type=float, default=2048.0, help="memory budget of one matrix group")
-    p.add_argument("--update-svd", choices=("gram", "randomized", "exact"), default="gram",
-                   help="how updates are decomposed (default gram: float64 Gram eigh, checked)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized methods")
+    add_config_options(p, AnalysisConfig)
+    p.add_argument("--skip-mismatch", dest="on_mismatch", action="store_const", const="skip",
+                   help="the same as --on-mismatch skip")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,10 +87,7 @@ def cmd_analyze(args) -> int:
     from geometry.offline.config import AnalysisConfig
     from geometry.offline.outputs import write_analysis
 
-    cfg = AnalysisConfig(k=args.k, K=args.K, tau=args.tau, include=args.include, exclude=args.exclude,
-                         embeddings=args.embeddings, on_mismatch="skip" if args.skip_mismatch else "error",
-                         allow_pickle=args.allow_pickle, device=args.device, memory_mb=args.memory_mb,
-                         update_svd=args.update_svd, seed=args.seed)
+    cfg = config_from_args(AnalysisConfig, args)
     analysis = analyze(_runs(args), config=cfg, progress=not args.no_progress)
     paths = write_analysis(analysis, args.out)
     for note in analysis.notes:

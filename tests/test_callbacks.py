@@ -94,7 +94,7 @@ def test_gradient_projection_confines_sgd_updates(tmp_path, side):
     the fixed top-K subspace(s) of D_t0, so its component outside them is zero (float64 rounding)."""
     model = tiny_llama().double()  # float32 rounding of W_t itself would leave ~1e-7 * ||W|| outside
     run = tmp_path / "geometry"
-    proj = GradientProjectionCallback(start_frac=0.25, k=K, side=side)
+    proj = GradientProjectionCallback(start_frac=0.25, lock_k=K, side=side)
     rec = GeometryCallback(run, RecorderConfig(snapshot_every=5, track_every=0))
     train(tmp_path, model, [proj, rec], steps=20, optim="sgd", learning_rate=0.1, weight_decay=0.0)
     assert proj.start_step == 5

@@ -101,7 +101,7 @@ def _stack(seed: int, L: int, m: int, n: int, dtype: torch.dtype = torch.float32
 @pytest.mark.parametrize("m, n", [(72, 48), (48, 72)])
 def test_measure_step_matches_scipy_reference(m, n):
     L = 3
-    cfg = AnalysisConfig(k=6, K=4, mask_rank=16, device="cpu")
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")
     W0, Ws, Wt = _stack(0, L, m, n)
     res = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
     refs = [_reference_step(W0[i].numpy(), Wt[i].numpy(), Ws[i].numpy(), cfg, 6) for i in range(L)]
@@ -120,7 +120,7 @@ def test_measure_step_matches_scipy_reference(m, n):
 
 def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():
     L = 2
-    cfg = AnalysisConfig(k=6, K=4, mask_rank=16, device="cpu")
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")
     W0, Ws, Wt = _stack(8, L, 64, 48, torch.bfloat16)
     res = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
     refs = [_reference_step(*(w[i].float().numpy() for w in (W0, Wt, Ws)), cfg, 6) for i in range(L)]
@@ -133,7 +133,7 @@ def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():
 
 
 def test_measure_step_update_subspaces_match_exact():
-    cfg = AnalysisConfig(k=6, K=4, device="cpu")
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, device="cpu")
     W0, Ws, Wt = _stack(1, 2, 64, 40)
     res = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
     assert res.UK.shape == (2, 64, 4) and res.VK.shape == (2, 40, 4)
@@ -145,7 +145,7 @@ def test_measure_step_update_subspaces_match_exact():
 
 
 def test_measure_step_default_k_and_exact_update_path():
-    cfg = AnalysisConfig(K=4, update_svd="exact", device="cpu")
+    cfg = AnalysisConfig(lock_k=4, update_svd="exact", device="cpu")
     W0, Ws, Wt = _stack(2, 2, 64, 48)
     base = decompose_base(W0, cfg)
     assert base.k == 6  # min(512, max(1, 48 // 8))
@@ -156,7 +156,7 @@ def test_measure_step_default_k_and_exact_update_path():
 
 
 def test_measure_step_of_unchanged_weights():
-    cfg = AnalysisConfig(k=4, K=4, device="cpu")
+    cfg = AnalysisConfig(principal_k=4, lock_k=4, device="cpu")
     W0, _, _ = _stack(3, 2, 40, 32)
     res = measure_step(decompose_base(W0, cfg), W0.clone(), W0.clone(), cfg)
     v = res.values
@@ -179,7 +179,7 @@ def _planted_factors(seed: int, m: int, n: int, k: int):
 
 def _engine_angles(W0: torch.Tensor, Wt: torch.Tensor, k: int) -> dict[str, float]:
     """The engine's path on one float32 matrix: exact SVD of W0, gram_svd of W_t, principal_angles."""
-    cfg = AnalysisConfig(k=k, K=4, device="cpu")
+    cfg = AnalysisConfig(principal_k=k, lock_k=4, device="cpu")
     res = measure_step(decompose_base(W0[None], cfg), Wt[None], W0[None], cfg)
     assert res.methods[0] == "gram"
     return {name: res.values[name].item() for name in ("angle_max_u", "angle_max_v", "nss")}
@@ -219,7 +219,7 @@ def test_planted_nss_of_1e_5_is_recovered_from_float32(s_min):
     s0, st = (sl.svdvals(w.double().numpy()) for w in (W0, Wt))
     stored = np.linalg.norm(st - s0) / np.linalg.norm(s0)  # the NSS the float32 matrices really have
     assert stored == pytest.approx(1e-5, rel=0.03)  # float32 storage moved it by well under a few %
-    cfg = AnalysisConfig(k=6, K=4, device="cpu")
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, device="cpu")
     res = measure_step(decompose_base(W0[None], cfg), Wt[None], W0[None], cfg)
     assert res.methods[0] == ("gram" if s_min > 1e-6 else "gram->exact")
     assert res.values["nss"].item() == pytest.approx(stored, rel=1e-2)
@@ -228,7 +228,7 @@ def test_planted_nss_of_1e_5_is_recovered_from_float32(s_min):
 # --- locking ----------------------------------------------------------------------------------
 
 def test_locking_sims_match_exact_subspaces():
-    cfg = AnalysisConfig(k=4, K=4, device="cpu")
+    cfg = AnalysisConfig(principal_k=4, lock_k=4, device="cpu")
     W0, Ws, Wt = _stack(6, 2, 48, 40)
     base = decompose_base(W0, cfg)
     results = [measure_step(base, Ws, W0, cfg), measure_step(base, Wt, Ws, cfg)]
@@ -281,7 +281,7 @@ def _write_run(root, m: int = 64, n: int = 48, K: int = 4):
 def test_analyze_recovers_planted_locking_onset(tmp_path):
     _write_run(tmp_path)
     result = analyze(tmp_path / "base", [tmp_path / "run"], label="opd",
-                     config=AnalysisConfig(k=4, K=4, device="cpu"))
+                     config=AnalysisConfig(principal_k=4, lock_k=4, device="cpu"))
     assert result.unique("step") == STEPS
     onsets = []
     for name, t0 in NAMES.items():
@@ -304,7 +304,7 @@ def test_update_paths_agree_with_exact():
     W0, Ws, Wt = _stack(3, 2, 80, 56)
     results = {}
     for path in ("exact", "gram", "randomized"):
-        cfg = AnalysisConfig(k=6, K=4, mask_rank=16, device="cpu", update_svd=path)
+        cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", update_svd=path)
         base = decompose_base(W0, cfg)
         steps = [measure_step(base, Ws, W0, cfg), measure_step(base, Wt, Ws, cfg)]
         results[path] = (steps, locking_sims(steps))

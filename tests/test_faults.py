@@ -61,7 +61,7 @@ LOOP = textwrap.dedent("""
             shutil.rmtree(run, ignore_errors=True)
         if on_ready:
             on_ready()
-        cfg = RecorderConfig(snapshot_every=snapshot_every, k=4, oversample=4)
+        cfg = RecorderConfig(snapshot_every=snapshot_every, lock_k=4, oversample=4)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*stay missing")  # a resumed run must miss no step
             rec = Recorder(model, run, cfg, step=start)
@@ -347,7 +347,7 @@ MIDRUN = textwrap.dedent("""
     warnings.simplefilter("always")
     try:
         with warnings.catch_warnings(record=True) as caught, \\
-                Recorder(model, fs / "geometry", RecorderConfig(snapshot_every=1, k=4, on_error=on_error)) as rec:
+                Recorder(model, fs / "geometry", RecorderConfig(snapshot_every=1, lock_k=4, on_error=on_error)) as rec:
             for t in range(1, 11):
                 model(torch.randn(8, 128)).square().mean().backward()
                 opt.step(); opt.zero_grad()

@@ -63,7 +63,7 @@ def test_unwraps_compiled_and_data_parallel_models():
 
 
 def test_config_is_checked():
-    with pytest.raises(GeometryError, match="bad regex"):
+    with pytest.raises(GeometryError, match="invalid include regex"):
         RecorderConfig(include=("(",))
     with pytest.raises(GeometryError, match="dtypes"):
         RecorderConfig(snapshot_dtype="int8")
@@ -216,7 +216,7 @@ CHILD = textwrap.dedent("""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Recorder(model, {run!r}, RecorderConfig(snapshot_every=5, k=4, oversample=4)) as rec:
+    with Recorder(model, {run!r}, RecorderConfig(snapshot_every=5, lock_k=4, oversample=4)) as rec:
         for t in range(1, 13):
             x = torch.randn(8, 32)
             model(x).square().mean().backward()

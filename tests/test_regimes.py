@@ -25,7 +25,7 @@ from geometry.lab.tokenizer import build_tokenizer, load_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 STUDENT, TEACHER = DATA / "student", DATA / "teacher"
-MICRO = RegimeConfig(steps=4, batch=2, generations=4, snapshot_every=2, K=8, eval_problems=20)
+MICRO = RegimeConfig(steps=4, batch=2, generations=4, snapshot_every=2, lock_k=8, eval_problems=20)
 
 
 def run(kind, out, cfg=MICRO, **kw):
@@ -41,8 +41,8 @@ def run(kind, out, cfg=MICRO, **kw):
 def test_config_checks_and_snapshot_default():
     assert RegimeConfig(steps=100).recorder_config().snapshot_every == 20  # 5 snapshots: 20%, ..., 100%
     assert RegimeConfig(steps=3).recorder_config().snapshot_every == 1
-    rc = RegimeConfig(K=4, seed=3).recorder_config()
-    assert (rc.k, rc.seed, rc.track_every) == (4, 3, 1)
+    rc = RegimeConfig(lock_k=4, seed=3).recorder_config()
+    assert (rc.lock_k, rc.seed, rc.track_every) == (4, 3, 1)
     assert RegimeConfig.quick().steps < RegimeConfig.default().steps
     for bad in (dict(steps=0), dict(generations=1), dict(lr=0.0), dict(snapshot_every=0), dict(threads=0)):
         with pytest.raises(GeometryError):

@@ -125,7 +125,7 @@ def test_gradient_projection_under_sft_trainer(tmp_path):
     """SPEC item 9 through a TRL trainer: with plain SGD (no weight decay), after the start step t0 = 1 the
     update D_T - D_1 lies in the top-K right singular subspace of D_1 (float64: rounding only)."""
     k, model, run = 8, tiny("llama", dtype=torch.float64), tmp_path / "geometry"
-    proj = GradientProjectionCallback(start_frac=0.25, k=k, side="right")
+    proj = GradientProjectionCallback(start_frac=0.25, lock_k=k, side="right")
     rec = GeometryCallback(run, RecorderConfig(snapshot_every=1, track_every=0))
     args = SFTConfig(max_length=32, optim="sgd", weight_decay=0.0, **common(tmp_path, learning_rate=0.1))
     SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sums()), processing_class=char_tokenizer(),

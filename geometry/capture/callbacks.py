@@ -84,14 +84,14 @@ class GradientProjectionCallback(TrainerCallback):
     not the updates, are constrained (as in the paper's experiment). W0 is kept on the CPU until t0.
     """
 
-    def __init__(self, start_frac: float = 0.2, k: int = 16, side: str = "right",
-                 include: tuple[str, ...] = (), exclude: tuple[str, ...] | None = None):
+    def __init__(self, start_frac: float = 0.2, lock_k: int = 16, side: str = "right",
+                 include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()):
         if not 0.0 < start_frac < 1.0:
             raise GeometryError(f"GradientProjectionCallback: start_frac must be in (0, 1), not {start_frac}")
-        if side not in ("right", "left", "both") or k < 1:
-            raise GeometryError("GradientProjectionCallback: side is 'right', 'left' or 'both'; k >= 1")
-        self.start_frac, self.k, self.side = start_frac, k, side
-        self.select = RecorderConfig(include=include, **({} if exclude is None else {"exclude": exclude}))
+        if side not in ("right", "left", "both") or lock_k < 1:
+            raise GeometryError("GradientProjectionCallback: side is 'right', 'left' or 'both'; lock_k >= 1")
+        self.start_frac, self.lock_k, self.side = start_frac, lock_k, side
+        self.select = RecorderConfig(include=include, exclude=exclude)
         self.start_step: int | None = None
         self._params: dict[str, torch.nn.Parameter] = {}
         self._w0: dict[str, torch.Tensor] = {}
@@ -138,7 +138,7 @@ class GradientProjectionCallback(TrainerCallback):
                 if not torch.any(d):
                     continue  # frozen or not yet moved: no subspace to keep it in; leave its gradient alone
                 U, _, Vh = torch.linalg.svd(d, full_matrices=False)
-                k, dtype = min(self.k, min(d.shape)), _work_dtype(p)
+                k, dtype = min(self.lock_k, min(d.shape)), _work_dtype(p)
                 bases[name] = (U[:, :k].to(dtype) if self.side in ("left", "both") else None,
                                Vh[:k].mT.to(dtype) if self.side in ("right", "both") else None)
         self._w0 = {}  # no longer needed: free the CPU copy

@@ -26,7 +26,6 @@ step up to it, and a run resumed from that checkpoint misses none.
 from __future__ import annotations
 
 import math
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from geometry.capture.distributed import FullParameters, broadcast, is_writer
 from geometry.capture.store import Store, Tracked, read_manifest, read_tracking
 from geometry.capture.tracking import DEFAULT_EPS, DEFAULT_TOL, SubspaceTracker
 from geometry.errors import GeometryError
+from geometry.selection import as_patterns, choose
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,11 +48,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class RecorderConfig:
     """What to record and how. Regexes are matched with re.search against parameter names."""
 
-    include: tuple[str, ...] = ()  # empty: every 2-D weight of a Linear layer (SPEC "Which matrices")
-    exclude: tuple[str, ...] = (r"embed", r"lm_head", r"(^|\.)wte\.", r"(^|\.)wpe\.")  # SPEC: only when asked
+    include: tuple[str, ...] = ()  # regexes; empty: every 2-D weight of a Linear layer (geometry.selection)
+    exclude: tuple[str, ...] = ()
+    embeddings: bool = False  # also embeddings and lm_head (SPEC: only when asked)
     snapshot_every: int = 50  # a checkpoint every N steps, plus the last; 0: the last only
     track_every: int = 1  # tracking state every N steps (and at snapshots); 0 disables tracking
-    k: int = 16  # SPEC item 7: Sim_16
+    lock_k: int = 16  # K of SPEC item 7: the tracked top-K subspaces, the paper's Sim_16
     oversample: int = 8  # extra columns carried by the iteration (Halko et al. 2011: 5-10)
     tol: float = DEFAULT_TOL  # per-step convergence test of geometry.capture.tracking
     eps: float = DEFAULT_EPS  # movement test of refined steps (snapshots, cold starts)
@@ -67,16 +68,12 @@ class RecorderConfig:
     label: str = "base"  # the base's label in the manifest
 
     def __post_init__(self):
-        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
-        for pattern in self.include + self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise GeometryError(f"RecorderConfig: bad regex {pattern!r}: {e}") from None
+        self.include, self.exclude = as_patterns(self.include, "include"), as_patterns(self.exclude, "exclude")
         if self.snapshot_every < 0 or self.track_every < 0:
             raise GeometryError("RecorderConfig: snapshot_every and track_every must be >= 0")
-        if self.k < 1 or self.oversample < 0 or self.max_iters < 1 or self.queue_size < 1 or self.track_batch_mb < 0:
-            raise GeometryError("RecorderConfig: need k >= 1, oversample >= 0, max_iters >= 1, queue_size >= 1, "
+        if (self.lock_k < 1 or self.oversample < 0 or self.max_iters < 1 or self.queue_size < 1
+                or self.track_batch_mb < 0):
+            raise GeometryError("RecorderConfig: need lock_k >= 1, oversample >= 0, max_iters >= 1, queue_size >= 1, "
                                 "track_batch_mb >= 0")
         if self.tracking_dtype not in _DTYPES or self.snapshot_dtype not in (*_DTYPES, "stored"):
             raise GeometryError(f"RecorderConfig: dtypes are one of {', '.join(_DTYPES)} (or 'stored' for snapshots)")
@@ -115,18 +112,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def select_parameters(model: nn.Module | FullParameters, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
-    """The tracked parameters, by name, in name order (see RecorderConfig.include / exclude).
+    """The tracked parameters by name (geometry.selection: Linear weights, embeddings only when asked).
 
     Names and shapes are those of the full model: wrapper prefixes (FSDP1, torch.compile) are dropped and a
-    shard is judged by its full shape (geometry.capture.distributed), so every rank selects the same matrices.
+    shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices.
     """
     full = model if isinstance(model, FullParameters) else FullParameters(model)
     shapes = full.shapes
-    if cfg.include:
-        names = [n for n in shapes if len(shapes[n]) == 2 and any(re.search(x, n) for x in cfg.include)]
-    else:  # 2-D Linear weights; "Conv1D" is GPT-2's transposed Linear
-        names = [n for n in full.linear_weights() if len(shapes[n]) == 2]
-    names = sorted(n for n in set(names) if not any(re.search(x, n) for x in cfg.exclude))
+    names = sorted(choose(shapes, include=cfg.include, exclude=cfg.exclude, embeddings=cfg.embeddings,
+                          linear=full.linear_weights()))
     if not names:
         raise GeometryError("Recorder: no parameter matches the include/exclude patterns")
     empty = [n for n in names if shapes[n].numel() == 0]
@@ -152,7 +146,7 @@ class Recorder:
         self.shapes = {n: tuple(self.full.shapes[n]) for n in self.params}  # full shapes, also of shards
         self.writer = is_writer()
         self.collective = self.full.sharded(self.params)  # every rank takes part in the gathers
-        self.tracker = SubspaceTracker(cfg.k, cfg.oversample, tol=cfg.tol, eps=cfg.eps, max_iters=cfg.max_iters,
+        self.tracker = SubspaceTracker(cfg.lock_k, cfg.oversample, tol=cfg.tol, eps=cfg.eps, max_iters=cfg.max_iters,
                                        seed=cfg.seed)
         self.store: Store | None = None
         self.done: int | None = None  # steps <= done were recorded by an earlier run

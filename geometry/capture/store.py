@@ -46,6 +46,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from geometry.atomic import fsync_path, save_atomic, write_atomic
 from geometry.errors import GeometryError
 
 FORMAT, VERSION = "geometry-store", 2
@@ -92,34 +93,7 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-# ---- atomic file operations ----
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(tmp: Path, dest: Path) -> None:
-    """Make tmp durable, rename it to dest, make the rename durable."""
-    _fsync_path(tmp)
-    os.replace(tmp, dest)
-    _fsync_path(dest.parent)
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict | None = None) -> None:
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-    _replace(tmp, dest)
-
-
-def _write_atomic(data: bytes, dest: Path) -> None:
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    tmp.write_bytes(data)
-    _replace(tmp, dest)
-
+# ---- a model folder, atomically ----
 
 def _save_folder(tensors: dict[str, torch.Tensor], dest: Path, config: dict | None) -> None:
     """A model folder (model.safetensors [+ config.json]) written as .tmp-<name>, then renamed."""
@@ -127,15 +101,15 @@ def _save_folder(tensors: dict[str, torch.Tensor], dest: Path, config: dict | No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    _fsync_path(tmp / "model.safetensors")
+    fsync_path(tmp / "model.safetensors")
     if config is not None:
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        _fsync_path(tmp / "config.json")
-    _fsync_path(tmp)
+        fsync_path(tmp / "config.json")
+    fsync_path(tmp)
     if dest.exists():  # landed before a crash but never entered the manifest: replace it
         shutil.rmtree(dest)
     os.replace(tmp, dest)
-    _fsync_path(dest.parent)
+    fsync_path(dest.parent)
 
 
 # ---- checks at open ----
@@ -329,7 +303,7 @@ class Store:
         tensors, metadata = encode_tracking(records, dtype)
 
         def job():
-            _save_atomic(tensors, self.root / "tracking" / f"{step}.safetensors", metadata)
+            save_atomic(self.root / "tracking" / f"{step}.safetensors", tensors, metadata)
             self._commit("tracking_steps", step, now=False)
 
         self._writer.submit(f"tracking of step {step}", job)
@@ -384,7 +358,7 @@ class Store:
                 return
             data = json.dumps(self._man).encode()  # no indent: the C encoder (the writer thread holds the GIL)
             self._dirty = False
-        _write_atomic(data, self.root / MANIFEST)
+        write_atomic(self.root / MANIFEST, data)
         self._written = time.monotonic()
 
     def _check(self) -> None:
@@ -418,13 +392,13 @@ def _create(root: Path, base_tensors, settings: dict, label: str, config: dict |
     for name in ("base", "tracking"):
         if unfinished:
             shutil.rmtree(root / name, ignore_errors=True)
-    _write_atomic(b"a geometry store is being created here\n", marker)
+    write_atomic(marker, b"a geometry store is being created here\n")
     _save_folder(base, root / "base", config)
     (root / "tracking").mkdir(exist_ok=True)
     man = {"format": FORMAT, "version": VERSION, "base": {"label": label, "sha256": base_hash(base)},
            "tensors": [{"name": n, "shape": list(t.shape), "dtype": _dtype_name(t)} for n, t in base.items()],
            "settings": settings, "steps": [], "tracking_steps": [], "final_step": None}
-    _write_atomic(json.dumps(man, indent=1).encode(), root / MANIFEST)
+    write_atomic(root / MANIFEST, json.dumps(man, indent=1).encode())
     marker.unlink()
     return man
 
@@ -452,7 +426,7 @@ def _reopen(root: Path, base_tensors, settings: dict) -> dict:
     done = _complete(man)
     if adopted or (done is not None and any(s > done for s in man["steps"])):
         man["steps"] = [s for s in man["steps"] if done is None or s <= done]
-        _write_atomic(json.dumps(man, indent=1).encode(), root / MANIFEST)
+        write_atomic(root / MANIFEST, json.dumps(man, indent=1).encode())
     _clean(root, man["steps"], man["tracking_steps"])
     (root / "tracking").mkdir(exist_ok=True)
     return man

@@ -47,7 +47,7 @@ import torch
 
 from geometry.capture.store import read_manifest, read_tracking
 from geometry.linalg import subspace_sim
-from geometry.offline.sources import layer_of, module_of
+from geometry.selection import layer_of, module_of
 from geometry.table import Row, Table
 
 # Per-step test (module docstring). Measured on tiny Llama training runs (tests/test_callbacks.py,

@@ -65,14 +65,15 @@ class RegimeConfig:
     batch: int = 8  # prompts per step (see the class docstring)
     generations: int = 8  # GRPO group size / samples per prompt of the compact loop
     snapshot_every: int | None = None  # None: max(1, steps // 5) -> 5 snapshots at 20%, 40%, ... 100%
-    K: int = 16  # tracking subspace size (SPEC item 7: Sim_16)
+    lock_k: int = 16  # K of SPEC item 7 (Sim_16): tracked and compared for locking
     seed: int = 0  # trainer seed and training-problem stream
     eval_problems: int = 500  # held-out problems (seed EVAL_SEED): accuracy to about +-2 points
     threads: int = 1  # torch CPU threads while training; one avoids OpenMP waits on a shared machine
 
     def __post_init__(self):
-        if min(self.steps, self.batch, self.K, self.eval_problems, self.threads) < 1:
-            raise GeometryError(f"RegimeConfig: steps, batch, K, eval_problems and threads must be >= 1, got {self}")
+        if min(self.steps, self.batch, self.lock_k, self.eval_problems, self.threads) < 1:
+            raise GeometryError(f"RegimeConfig: steps, batch, lock_k, eval_problems and threads must be >= 1, "
+                                f"got {self}")
         if self.generations < 2:  # a group of one has no spread: GRPO's advantage is undefined
             raise GeometryError(f"RegimeConfig: generations must be >= 2, got {self.generations}")
         if not self.lr > 0:
@@ -97,7 +98,7 @@ class RegimeConfig:
 
     def recorder_config(self) -> RecorderConfig:
         every = self.snapshot_every if self.snapshot_every is not None else max(1, self.steps // 5)
-        return RecorderConfig(snapshot_every=every, track_every=1, k=self.K, seed=self.seed)
+        return RecorderConfig(snapshot_every=every, track_every=1, lock_k=self.lock_k, seed=self.seed)
 
 
 class TrainResult(NamedTuple):
@@ -173,7 +174,7 @@ def _train_trl(name: str, student: Path, out: Path, cfg: RegimeConfig, build: Ca
         acc_before = accuracy(model, tok, held_out)
         callbacks = [GeometryCallback(out, cfg.recorder_config())]
         if projection:  # SPEC item 9: from 20% of training, gradients confined to the top-K right subspace
-            callbacks.insert(0, GradientProjectionCallback(start_frac=0.2, k=cfg.K, side="right"))
+            callbacks.insert(0, GradientProjectionCallback(start_frac=0.2, lock_k=cfg.lock_k, side="right"))
         # The trainer's own folder sits beside the store (never inside it) and is removed afterwards.
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}-trainer-", dir=out.parent))
         try:

@@ -206,7 +206,7 @@ def _figures(study: StudyResult, C: dict[str, Curves], fig_dir: Path) -> list[st
         fig = plots.bars([b.upper() for b, _ in pairs], series, ylabel="task accuracy (%)",
                          colors={"unconstrained": "#4c72b0", "projected from 20%": "#dd8452"},
                          baseline=100 * study.runs[pairs[0][0]].acc_before, baseline_label="student before training")
-        fig.axes[0].set_title(f"gradient projection on the rank-{study.config.K} update subspace")
+        fig.axes[0].set_title(f"gradient projection on the rank-{study.config.lock_k} update subspace")
         save(fig, "projection.png")
     return saved
 
@@ -220,7 +220,7 @@ def render(study: StudyResult, claims_: list[Claim], C: dict[str, Curves], figur
         f"Student: a tiny Llama ({_params(study):,} parameters in its measured matrices), pretrained on multi-digit "
         "addition; teacher: a larger model of "
         f"the same task. Every run starts from the student, {cfg.steps} optimizer steps, lr {cfg.lr:g}, recorded "
-        f"by our callback (per-step tracking, K = {cfg.K}; snapshots every {cfg.recorder_config().snapshot_every} "
+        f"by our callback (per-step tracking, K = {cfg.lock_k}; snapshots every {cfg.recorder_config().snapshot_every} "
         "steps). "
         f"Total time {study.seconds / 60:.1f} min. The paper (Shen et al. 2026) trains an 8B student; absolute "
         "values are not expected to match, orderings are what we test.", "",
@@ -248,8 +248,9 @@ def render(study: StudyResult, claims_: list[Claim], C: dict[str, Curves], figur
         [[r, fmt(S[r].final("angle_max_u"), "deg"), fmt(S[r].final("angle_max_v"), "deg"), PAPER_ANGLES.get(r, ""),
           fmt(S[r].final("nss"), "e"), PAPER_NSS.get(r, ""), fmt(S[r].final("intruders"))] for r in S])]
     lines += ["", "## Subspace locking", "",
-              f"Sim_K (K = {cfg.K}, right singular subspace) of D_t to the final update; onset = earliest step from "
-              f"which it stays >= {study.analysis.config.tau} (median over matrices; 'none' if never). Per-step values "
+              f"Sim_K (K = {cfg.lock_k}, right singular subspace) of D_t to the final update; onset = earliest "
+              f"step from which it stays >= {study.analysis.config.tau} (median over matrices; 'none' if never). "
+              "Per-step values "
               "come from the tracking state, snapshot values from the offline analysis.", "", table(
                   ["run", "Sim_K at 20% (per-step)", "paper", "onset, per-step (frac)", "onset, snapshots (frac)",
                    "stable rank at 20%", "stable rank final", "band after 20%"],
@@ -260,7 +261,8 @@ def render(study: StudyResult, claims_: list[Claim], C: dict[str, Curves], figur
     if pairs:
         lines += ["", "## Gradient projection (the causal test)", "",
                   "From 20% of training every gradient G of a tracked matrix is replaced by G V_K V_K^T, V_K the "
-                  f"top-{cfg.K} right singular vectors of D_t at that step. Paper: no loss for OPD, a loss for SFT.",
+                  f"top-{cfg.lock_k} right singular vectors of D_t at that step. Paper: no loss for OPD, a loss for "
+                  "SFT.",
                   "", table(
                       ["regime", "unconstrained accuracy (%)", "projected accuracy (%)", "drop (points)"],
                       [[b, fmt(runs[b].acc_after, "%"), fmt(runs[p].acc_after, "%"),

@@ -97,6 +97,6 @@ def run_study(out: str | Path, *, quick: bool = False, student: Path | None = No
         log(f"      accuracy {100 * res.acc_before:.1f}% -> {100 * res.acc_after:.1f}% in {res.seconds:.0f} s")
     log("analyzing the snapshots of every run")
     analysis = analyze([Run(name, res.store / "base", [res.store]) for name, res in results.items()],
-                       config=AnalysisConfig(K=cfg.K, device="cpu"))
+                       config=AnalysisConfig(lock_k=cfg.lock_k, device="cpu"))
     tracking = Table(row for name, res in results.items() for row in tracking_table(res.store, run=name))
     return StudyResult(out, results, analysis, tracking, cfg, time.perf_counter() - t0)

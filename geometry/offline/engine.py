@@ -45,7 +45,7 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig) -> BaseFactors:
     W0 = W0.double()
     m, n = W0.shape[-2:]
     svd = exact_svd(W0)
-    k = min(cfg.k or default_k(m, n), m, n)
+    k = min(cfg.principal_k or default_k(m, n), m, n)
     r = min(cfg.mask_rank, m, n)
     return BaseFactors(W0, svd, k, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha))
 
@@ -79,7 +79,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["mask_overlap_principal"] = M.mask_overlap(changed, base.principal)
     out["mask_overlap_lowmag"] = M.mask_overlap(changed, base.lowmag)
 
-    K = min(cfg.K, m, n)
+    K = min(cfg.lock_k, m, n)
     upd = _update_factors(D, K, cfg)  # full spectrum and top-K subspaces of D_t
     for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
         out[name] = value

@@ -10,26 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from geometry.atomic import write_atomic
 from geometry.errors import GeometryError
 from geometry.offline.analyze import Analysis
 from geometry.offline.markdown import render_summary
 from geometry.offline.summary import onset_rows, summarize, summary_json
 
 FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from geometry.errors import GeometryError
+from geometry.selection import as_patterns, choose, layer_of, matches, module_of, natural_order
 
 # safetensors header dtype codes -> torch dtypes; unknown codes fall back to reading the tensor.
 _ST_DTYPES = {
@@ -27,12 +29,6 @@ _ST_DTYPES = {
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _PICKLE_REFUSED = ("pickle checkpoints are refused (unpickling can run code); convert to safetensors "
                    "or opt in with --allow-pickle (allow_pickle=True)")
-# Input/output embeddings across HF architectures; left out unless asked for (SPEC "Which matrices").
-_EMBED_MODULES = frozenset(
-    "embed_tokens tok_embeddings wte wpe embed_in embed_out lm_head shared word_embeddings "
-    "position_embeddings token_type_embeddings embed_positions".split()
-)
-_DIGITS = re.compile(r"(\d+)")
 _CHECKPOINT_DIR = re.compile(r"checkpoint[-_](\d+)")
 _TRAILING_STEP = re.compile(r"(?:[-_]|step[-_ ]?)(\d+)$", re.IGNORECASE)
 
@@ -102,7 +98,7 @@ class TensorSource:
 
     def names(self) -> list[str]:
         """Tensor names in natural order, so layer 10 comes after layer 9."""
-        return sorted(self._files, key=lambda n: [int(p) if p.isdigit() else p for p in _DIGITS.split(n)])
+        return natural_order(self._files)
 
     def _file(self, name: str) -> _SafetensorsFile | _PickleFile:
         if name not in self._files:
@@ -253,24 +249,6 @@ class Selection(NamedTuple):
     skipped: list[tuple[str, str]]  # (name, reason); only filled when on_mismatch="skip"
 
 
-def module_of(name: str) -> str:
-    """"model.layers.3.self_attn.q_proj.weight" -> "q_proj"."""
-    return name.removesuffix(".weight").rsplit(".", 1)[-1]
-
-
-def layer_of(name: str) -> int | None:
-    """"model.layers.3.self_attn.q_proj.weight" -> 3; None when the name holds no block index."""
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return int(m.group(1)) if m else None
-
-
-def _compile(pattern: str | None, what: str) -> re.Pattern | None:
-    try:
-        return None if pattern is None else re.compile(pattern)
-    except re.error as e:
-        raise GeometryError(f"invalid {what} regex {pattern!r}: {e}") from None
-
-
 def _fused_parts(module: str, rows: int, config: dict | None) -> list[tuple[str, str, int]] | None:
     """(suffix, module, n_rows) of each part of a contiguously fused matrix, or None to keep it whole.
 
@@ -319,35 +297,19 @@ def _mismatch(name: str, base: TensorSource, checkpoints: list[TensorSource]) ->
     return None
 
 
-def select_matrices(base: TensorSource, checkpoints: list[TensorSource], *, include: str | None = None,
-                    exclude: str | None = None, embeddings: bool = False,
-                    on_mismatch: str = "error") -> Selection:
-    """The matrices to measure (SPEC "Which matrices"), checked against every checkpoint.
-
-    Default: every 2-D ``*.weight`` that is not a norm or an embedding / lm_head; `embeddings` adds
-    those. `include` / `exclude` are regexes (re.search) on the name; an embedding that `include`
-    matches is taken even without `embeddings`. Fused matrices are split as `_fused_parts` says.
-    """
+def select_matrices(base: TensorSource, checkpoints: list[TensorSource], *, include: Sequence[str] = (),
+                    exclude: Sequence[str] = (), embeddings: bool = False, on_mismatch: str = "error") -> Selection:
+    """The matrices to measure (geometry.selection), checked against every checkpoint; fused matrices are
+    split as `_fused_parts` says."""
     if on_mismatch not in ("error", "skip"):
         raise GeometryError(f"on_mismatch must be 'error' or 'skip', got {on_mismatch!r}")
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    chosen = []
-    for name in base.names():
-        shape = base.shape(name)
-        if (inc and not inc.search(name)) or (exc and exc.search(name)):
-            continue
-        is_norm = "norm" in name.lower() or re.search(r"(^|\.)ln_", name)
-        if len(shape) != 2 or is_norm or (inc is None and not name.endswith(".weight")):
-            continue
-        if module_of(name) in _EMBED_MODULES and not (embeddings or inc):
-            continue
-        chosen.append(name)
+    shapes = {name: base.shape(name) for name in base.names()}
+    chosen = choose(shapes, include=include, exclude=exclude, embeddings=embeddings)
     if not chosen:
-        if inc:
-            others = [n for n in base.names() if inc.search(n) and not (exc and exc.search(n))]
-            if others:
-                raise GeometryError(f"tensor {others[0]} is not a matrix (shape {base.shape(others[0])})")
-        raise GeometryError(f"{base.label}: no matrix selected (include={include!r}, exclude={exclude!r})")
+        named = [n for n in shapes if matches(n, include) and not matches(n, exclude)]
+        if as_patterns(include, "include") and named:
+            raise GeometryError(f"tensor {named[0]} is not a matrix (shape {shapes[named[0]]})")
+        raise GeometryError(f"{base.label}: no matrix selected (include={list(include)}, exclude={list(exclude)})")
     matrices, skipped = [], []
     for name in chosen:
         problem = _mismatch(name, base, checkpoints)
