@@ -153,11 +153,6 @@ def subspace_sim(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (A.double().mT @ B.double()).square().sum((-2, -1)) / K
 
 
-def default_k(m: int, n: int) -> int:
-    """SPEC item 2: k = min(512, max(1, rank // 8)), the paper's 512 of 4096."""
-    return min(512, max(1, min(m, n) // 8))
-
-
 def _well_conditioned(S: torch.Tensor) -> bool:
     top = S[..., 0]
     if not torch.isfinite(S).all():

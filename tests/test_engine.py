@@ -71,7 +71,7 @@ def _reference_step(W0: np.ndarray, Wt: np.ndarray, Ws: np.ndarray, cfg: Analysi
     out["overlap_2s"], out["overlap_2s_ratio"], out["overlap_left"], out["overlap_right"] = _overlaps(D, Uk, Vk)
     (out["overlap_2s_interval"], out["overlap_2s_interval_ratio"], out["overlap_left_interval"],
      out["overlap_right_interval"]) = _overlaps(d, Uk, Vk)
-    r = min(cfg.mask_rank, *W0.shape)
+    r = cfg.mask_size(W0.shape, None)
     principal = _top_fraction(np.abs((U0[:, :r] * s0[:r]) @ V0h[:r]), cfg.alpha)
     lowmag = _top_fraction(-np.abs(W0), cfg.alpha)
     out["mask_overlap_principal"] = (changed & principal).sum() / changed.sum()
@@ -148,7 +148,7 @@ def test_measure_step_default_k_and_exact_update_path():
     cfg = AnalysisConfig(lock_k=4, update_svd="exact", device="cpu")
     W0, Ws, Wt = _stack(2, 2, 64, 48)
     base = decompose_base(W0, cfg)
-    assert base.k == 6  # min(512, max(1, 48 // 8))
+    assert (base.k, base.r) == (6, 1)  # no hidden size given: scaled to the smaller side, round(512 * 48 / 4096)
     res = measure_step(base, Wt, Ws, cfg)
     assert res.methods[1] == "exact" and res.angles_u.shape == (2, 6)
     ref = _reference_step(W0[0].numpy(), Wt[0].numpy(), Ws[0].numpy(), cfg, 6)
@@ -315,3 +315,20 @@ def test_update_paths_agree_with_exact():
             np.testing.assert_allclose(steps[1].values[name], ref_steps[1].values[name], rtol=1e-6, err_msg=path)
         for name in ("sim_final_u", "sim_final_v", "sim_prev_v"):
             np.testing.assert_allclose(sims[0][name], ref_sims[0][name], atol=1e-3, err_msg=f"{path} {name}")
+
+
+@pytest.mark.parametrize("shape, hidden, k, r", [
+    ((4096, 4096), 4096, 512, 64),  # the paper's Qwen3-8B q_proj
+    ((1024, 4096), 4096, 512, 64),  # its k/v projections get the same k (SPEC 2)
+    ((12288, 4096), 4096, 512, 64),
+    ((128, 128), 128, 16, 2),  # the demo's hidden-128 student
+    ((384, 128), 128, 16, 2),
+    ((64, 48), None, 6, 1),  # no config.json: the matrix's smaller side stands for h
+    ((5, 7), None, 1, 1),  # at least 1
+    ((8, 4096), 4096, 8, 8),  # at most the rank
+])
+def test_principal_and_mask_sizes_scale_with_the_hidden_size(shape, hidden, k, r):
+    cfg = AnalysisConfig()
+    assert (cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)) == (k, r)
+    assert AnalysisConfig(principal_k=3, mask_rank=2).principal_size(shape, hidden) == min(3, *shape)
+

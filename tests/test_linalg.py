@@ -10,7 +10,6 @@ import scipy.linalg as sl
 import torch
 
 from geometry.linalg import (
-    default_k,
     degrees,
     exact_svd,
     gram_svd,
@@ -254,8 +253,3 @@ def test_subspace_sim_random_baseline_is_K_over_n():
     sims = subspace_sim(A, B)  # (trials,)
     stderr = sims.std() / math.sqrt(trials)
     assert abs(sims.mean() - K / n) < 4 * stderr
-
-
-@pytest.mark.parametrize("m, n, k", [(4096, 4096, 512), (4096, 11008, 512), (64, 32, 4), (5, 7, 1)])
-def test_default_k(m, n, k):
-    assert default_k(m, n) == k

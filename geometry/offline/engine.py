@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from geometry import metrics as M
-from geometry.linalg import SVD, default_k, exact_svd, gram_svd, randomized_svd, spectrum, subspace_sim
+from geometry.linalg import SVD, exact_svd, gram_svd, randomized_svd, spectrum, subspace_sim
 from geometry.offline.config import AnalysisConfig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
@@ -24,7 +24,8 @@ class BaseFactors(NamedTuple):
 
     W0: torch.Tensor  # (L, m, n) float64
     svd: SVD  # exact, all r = min(m, n) vectors: U (L, m, r), S (L, r), V (L, n, r)
-    k: int  # principal subspace size
+    k: int  # principal subspace size (SPEC 2, 4)
+    r: int  # rank of the reconstruction behind the principal mask (SPEC 5)
     principal: torch.Tensor  # (L, m, n) bool, SPEC 5
     lowmag: torch.Tensor  # (L, m, n) bool, SPEC 5
 
@@ -41,13 +42,13 @@ class StepResult(NamedTuple):
     methods: list[str]  # decomposition paths taken (for the notes on fallbacks)
 
 
-def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig) -> BaseFactors:
+def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = None) -> BaseFactors:
+    """The base's SVD and masks; ``hidden``: the model's hidden size, which sets the default k and r."""
     W0 = W0.double()
-    m, n = W0.shape[-2:]
+    shape = tuple(W0.shape[-2:])
     svd = exact_svd(W0)
-    k = min(cfg.principal_k or default_k(m, n), m, n)
-    r = min(cfg.mask_rank, m, n)
-    return BaseFactors(W0, svd, k, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha))
+    k, r = cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)
+    return BaseFactors(W0, svd, k, r, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha))
 
 
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig) -> StepResult:
