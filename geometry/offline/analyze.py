@@ -8,7 +8,7 @@ whatever the number of checkpoints.
 from __future__ import annotations
 
 import ctypes
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import groupby
 from pathlib import Path
@@ -105,6 +105,13 @@ def _return_freed_memory() -> None:
         pass
 
 
+def hidden_size(config: dict | None) -> int | None:
+    """The model's hidden size from its config.json (a multimodal config keeps it in text_config)."""
+    cfg = (config or {}).get("text_config") or config or {}
+    h = cfg.get("hidden_size") if isinstance(cfg, dict) else None
+    return h if isinstance(h, int) and h > 0 else None
+
+
 def _open_checkpoints(run: Run, cfg: AnalysisConfig) -> list[Checkpoint]:
     ckpts = [c for path in run.checkpoints for c in open_run(path, allow_pickle=cfg.allow_pickle)]
     if not ckpts:
@@ -141,16 +148,23 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
         notes.append(f"{run.label}: skipped {name}: {reason}")
     device = cfg.torch_device()
     methods: Counter = Counter()
+    hidden = hidden_size(base.config)
+    sizes: dict[tuple[int, int], list] = defaultdict(list)  # (k, r) -> shapes measured with them
     groups = _groups(sel.matrices, cfg.memory_mb)
     bar = _progress(len(groups) * len(ckpts), f"analyze {run.label}", progress)
     for group in groups:
-        factors = decompose_base(_read_group(base, group, device), cfg)
+        factors = decompose_base(_read_group(base, group, device), cfg, hidden)
+        sizes[(factors.k, factors.r)].append(group[0].shape)
         for i, spec in enumerate(group):
             curves.append(Curve(run.label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
         results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
         _emit(run.label, [c.step for c in ckpts], group, results, rows, curves)
         methods.update(m for res in results for m in res.methods)
     bar.close()
+    where = f"hidden size {hidden}" if hidden else "no hidden_size in config.json: scaled to each matrix's smaller side"
+    for (k, r), shapes in sorted(sizes.items()):
+        notes.append(f"{run.label}: principal k = {k}, mask rank r = {r} for shapes "
+                     f"{', '.join(f'{m}x{n}' for m, n in sorted(set(shapes)))} ({where})")
     for method, count in sorted(methods.items()):
         if "->" in method:
             notes.append(f"{run.label}: {count} batch decompositions fell back {method} (fast path failed its check)")
