@@ -76,6 +76,10 @@ def _reference_step(W0: np.ndarray, Wt: np.ndarray, Ws: np.ndarray, cfg: Analysi
     lowmag = _top_fraction(-np.abs(W0), cfg.alpha)
     out["mask_overlap_principal"] = (changed & principal).sum() / changed.sum()
     out["mask_overlap_lowmag"] = (changed & lowmag).sum() / changed.sum()
+    out["mask_overlap_principal_ratio"] = out["mask_overlap_principal"] / cfg.alpha
+    out["mask_overlap_lowmag_ratio"] = out["mask_overlap_lowmag"] / cfg.alpha
+    out["overlap_left_ratio"] = out["overlap_left"] / (k / W0.shape[0])
+    out["overlap_right_ratio"] = out["overlap_right"] / (k / W0.shape[1])
     out.update(_ranks(sl.svdvals(D)))
     interval = _ranks(sl.svdvals(d))
     out.update({f"{name}_interval": interval[name] for name in ("stable_rank", "effective_rank", "r90", "r99",
@@ -125,7 +129,7 @@ def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():
     res = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
     refs = [_reference_step(*(w[i].float().numpy() for w in (W0, Wt, Ws)), cfg, 6) for i in range(L)]
     # bf16 |W0| can tie exactly at the median, where which entries the low-magnitude mask takes is up to topk
-    names = [name for name in res.values if name != "mask_overlap_lowmag"]
+    names = [name for name in res.values if not name.startswith("mask_overlap_lowmag")]
     for name in names:
         np.testing.assert_allclose(res.values[name].numpy(), [r[name] for r in refs], rtol=1e-7, atol=1e-10,
                                    err_msg=name)
@@ -332,3 +336,28 @@ def test_principal_and_mask_sizes_scale_with_the_hidden_size(shape, hidden, k, r
     assert (cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)) == (k, r)
     assert AnalysisConfig(principal_k=3, mask_rank=2).principal_size(shape, hidden) == min(3, *shape)
 
+
+
+def test_overlap_and_mask_ratios_on_planted_updates():
+    """An update inside W0's top-k subspaces has every overlap at 1, so each ratio is 1 / its baseline; a random
+    dense update sits at its baselines (ratios near 1); mask ratios are the overlaps over alpha."""
+    m, n, k = 60, 40, 5
+    cfg = AnalysisConfig(principal_k=k, lock_k=4, alpha=0.3, device="cpu")
+    gen = torch.Generator().manual_seed(3)
+    W0 = torch.randn(1, m, n, generator=gen, dtype=torch.float64)
+    base = decompose_base(W0, cfg)
+    Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
+    inside = W0 + 1e-2 * Uk @ torch.randn(1, k, k, generator=gen, dtype=torch.float64) @ Vk.mT
+    v = measure_step(base, inside, W0, cfg).values
+    for name, ratio in (("overlap_2s", m * n / k**2), ("overlap_left", m / k), ("overlap_right", n / k)):
+        assert v[name].item() == pytest.approx(1.0, abs=1e-12)
+        assert v[f"{name}_ratio"].item() == pytest.approx(ratio, rel=1e-12)
+    ratios = {name: [] for name in ("overlap_2s_ratio", "overlap_left_ratio", "overlap_right_ratio")}
+    for _ in range(200):
+        rnd = measure_step(base, W0 + 1e-2 * torch.randn(1, m, n, generator=gen, dtype=torch.float64), W0, cfg)
+        for name in ratios:
+            ratios[name].append(rnd.values[name].item())
+        assert rnd.values["mask_overlap_lowmag_ratio"].item() == pytest.approx(
+            rnd.values["mask_overlap_lowmag"].item() / 0.3, rel=1e-12)
+    for name, vals in ratios.items():
+        assert abs(np.mean(vals) - 1) < 4 * np.std(vals) / math.sqrt(len(vals)) + 0.02, name

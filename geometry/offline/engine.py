@@ -73,12 +73,15 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     ov = M.overlap(D, Uk, Vk)
     out["overlap_2s"], out["overlap_2s_ratio"] = ov.two_sided, ov.two_sided_ratio
     out["overlap_left"], out["overlap_right"] = ov.left, ov.right
+    out["overlap_left_ratio"], out["overlap_right_ratio"] = ov.left * (m / k), ov.right * (n / k)  # baselines k/m, k/n
     ov_int = M.overlap(d, Uk, Vk)
     out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
     out["overlap_left_interval"], out["overlap_right_interval"] = ov_int.left, ov_int.right
 
     out["mask_overlap_principal"] = M.mask_overlap(changed, base.principal)
     out["mask_overlap_lowmag"] = M.mask_overlap(changed, base.lowmag)
+    out["mask_overlap_principal_ratio"] = out["mask_overlap_principal"] / cfg.alpha  # random baseline: alpha
+    out["mask_overlap_lowmag_ratio"] = out["mask_overlap_lowmag"] / cfg.alpha
 
     K = min(cfg.lock_k, m, n)
     upd = _update_factors(D, K, cfg)  # full spectrum and top-K subspaces of D_t
