@@ -50,3 +50,19 @@ def test_a_run_that_never_locks_says_none():
     doc = json.loads(summary_json([s], []))
     assert doc["runs"]["r"]["locking_onset_step"] == "none"
     assert "| r | none | none | 0/2 |" in render_summary([s], [], 0.9)
+
+
+def test_attention_onset_is_the_median_over_q_k_v_o_only():
+    """Attention matrices lock at step 2, MLP matrices never: the all-matrix median (4 of 6 never lock) says
+    none, the attention view says 2 (SPEC 7: the paper's trajectories cover q/k/v/o)."""
+    rows = []
+    mats = [("model.layers.0.self_attn.q_proj.weight", "q_proj"), ("model.layers.0.self_attn.v_proj.weight", "v_proj"),
+            *[(f"model.layers.{i}.mlp.{m}.weight", m) for i in (0, 1) for m in ("up_proj", "down_proj")]]
+    for step, att, mlp in ((1, 0.2, 0.2), (2, 0.95, 0.3), (3, 0.97, 0.5), (4, 1.0, 1.0)):
+        for name, module in mats:
+            rows.append(Row("r", step, name, 0, module, "sim_final_v", att if module.endswith("_proj") and
+                            module[0] in "qkvo" else mlp))
+    s = summarize(Table(rows))[0]
+    assert s.locking_onset_step is None and s.attention == [mats[0][0], mats[1][0]]
+    assert (s.attention_onset_step, s.attention_onset_frac) == (2, 0.5)
+    assert s.to_json()["locking_onset_attention"] == {"matrices": 2, "step": 2, "frac": 0.5}

@@ -16,6 +16,9 @@ WEIGHTED_BY_PARAMS = ("sparsity_bf16", "sparsity_abs")
 WEIGHTED_BY_CHANGED = ("mask_overlap_principal", "mask_overlap_lowmag", "mask_overlap_principal_ratio",
                        "mask_overlap_lowmag_ratio")
 ONSET_METRIC = "sim_final_v"  # onset follows the right subspace, the one gradient projection (SPEC 9) uses
+# SPEC 7: the paper's trajectories cover the attention matrices; reports give that view beside all matrices
+ATTENTION_MODULES = frozenset(
+    "q_proj k_proj v_proj o_proj qkv_proj query_key_value c_attn out_proj wq wk wv wo".split())
 
 
 class RunSummary(NamedTuple):
@@ -28,6 +31,9 @@ class RunSummary(NamedTuple):
     onsets: dict[str, int | None]  # matrix -> locking onset step (None: never locks)
     locking_onset_step: int | None  # median over matrices; None: the run never locks
     locking_onset_frac: float | None  # onset step / final step
+    attention: list[str]  # the attention matrices (ATTENTION_MODULES) among those measured
+    attention_onset_step: int | None  # median over the attention matrices only (None: none, or never locks)
+    attention_onset_frac: float | None
 
     def final(self, metric: str) -> float:
         """Run-level value at the final step; NaN for a metric the table does not hold."""
@@ -44,6 +50,11 @@ class RunSummary(NamedTuple):
             "per_step": {m: [clean(x) for x in v] for m, v in self.per_step.items()},
             "locking_onset_step": "none" if self.locking_onset_step is None else self.locking_onset_step,
             "locking_onset_frac": "none" if self.locking_onset_frac is None else self.locking_onset_frac,
+            "locking_onset_attention": {
+                "matrices": len(self.attention),
+                "step": "none" if self.attention_onset_step is None else self.attention_onset_step,
+                "frac": "none" if self.attention_onset_frac is None else self.attention_onset_frac,
+            },
         }
 
 
@@ -62,15 +73,18 @@ def onset_rows(table: Table, tau: float = 0.9) -> Table:
             r = first[matrix]
             step = math.nan if onset is None else float(onset)
             rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_step", step))
-            rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_frac", step / final))
+            frac = step / final if final > 0 else math.nan
+            rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_frac", frac))
     return Table(rows)
 
 
 def _summarize_run(table: Table, run: str, tau: float) -> RunSummary:
     steps = sorted(table.unique("step"))
     by = defaultdict(dict)  # (step, matrix) -> metric -> value
+    modules = {}
     for r in table:
         by[(r.step, r.matrix)][r.metric] = r.value
+        modules[r.matrix] = r.module
     matrices = sorted({m for _, m in by})
     metrics = [m for m in table.unique("metric") if m != "n_params"]
     per_step = {m: [_aggregate(m, [by[(s, x)] for x in matrices if (s, x) in by]) for s in steps] for m in metrics}
@@ -78,9 +92,15 @@ def _summarize_run(table: Table, run: str, tau: float) -> RunSummary:
     for x in matrices:
         traj = [(s, by[(s, x)].get(ONSET_METRIC, math.nan)) for s in steps if (s, x) in by]
         onsets[x] = locking_onset([s for s, _ in traj], [v for _, v in traj], tau)
+    attention = [x for x in matrices if modules.get(x) in ATTENTION_MODULES]
     onset = median_onset(list(onsets.values()))
-    frac = None if onset is None or steps[-1] == 0 else onset / steps[-1]
-    return RunSummary(run, steps, len(matrices), per_step, onsets, onset, frac)
+    att_onset = median_onset([onsets[x] for x in attention])
+    return RunSummary(run, steps, len(matrices), per_step, onsets, onset, _frac(onset, steps[-1]), attention,
+                      att_onset, _frac(att_onset, steps[-1]))
+
+
+def _frac(onset: int | None, final: int) -> float | None:
+    return None if onset is None or final <= 0 else onset / final
 
 
 def _aggregate(metric: str, cells: list[dict[str, float]]) -> float:
