@@ -49,7 +49,7 @@ def test_a_run_that_never_locks_says_none():
     assert s.locking_onset_step is None
     doc = json.loads(summary_json([s], []))
     assert doc["runs"]["r"]["locking_onset_step"] == "none"
-    assert "| r | none | none | 0/2 |" in render_summary([s], [], 0.9)
+    assert "| r | none | none | 0/2 | none | none | 0/0 |" in render_summary([s], [], 0.9)
 
 
 def test_attention_onset_is_the_median_over_q_k_v_o_only():

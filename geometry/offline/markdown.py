@@ -30,7 +30,7 @@ def fmt(v: float | None, kind: str = "g") -> str:
     return f"{v:.4g}"
 
 
-def render_summary(summaries: list[RunSummary], notes: list[str], tau: float) -> str:
+def render_summary(summaries: list[RunSummary], notes: list[str], tau: float, alpha: float = 0.3) -> str:
     """The whole summary.md: sparsity (the paper's Table 1), localisation, angles and spectrum, overlap,
     rank, locking. Values are at each run's final step, aggregated over matrices (summary.py says how)."""
     S = summaries
@@ -44,8 +44,9 @@ def render_summary(summaries: list[RunSummary], notes: list[str], tau: float) ->
                    [[s.run, fmt(s.final("sparsity_bf16"), "%"), fmt(s.final("sparsity_abs"), "%"),
                      fmt(1 - s.final("sparsity_bf16"), "%")] for s in S]), "",
              "## Localisation of the update mask", "",
-             "Share of changed entries inside the principal mask (top half of |rank-64 reconstruction of W0|) and "
-             "the low-magnitude mask (bottom half of |W0|); a random mask gives 50%.", "",
+             f"Share of changed entries inside the principal mask (top {alpha:.0%} of |rank-r reconstruction of W0|, "
+             f"r in the notes) and the low-magnitude mask (bottom {alpha:.0%} of |W0|); a random mask gives "
+             f"{alpha:.0%}.", "",
              table(["run", "update density (%)", "principal-mask overlap (%)", "low-magnitude-mask overlap (%)"],
                    [[s.run, fmt(1 - s.final("sparsity_bf16"), "%"), fmt(s.final("mask_overlap_principal"), "%"),
                      fmt(s.final("mask_overlap_lowmag"), "%")] for s in S]), "",
@@ -70,10 +71,15 @@ def render_summary(summaries: list[RunSummary], notes: list[str], tau: float) ->
 
 
 def _locking(S: list[RunSummary], tau: float) -> str:
-    onset = table(["run", "locking onset (step)", "fraction of training", "matrices locked"],
-                  [[s.run, "none" if s.locking_onset_step is None else s.locking_onset_step,
-                    "none" if s.locking_onset_frac is None else f"{s.locking_onset_frac:.2f}",
-                    f"{sum(o is not None for o in s.onsets.values())}/{len(s.onsets)}"] for s in S])
+    def none(v, spec: str = "") -> str:
+        return "none" if v is None else format(v, spec)
+
+    onset = table(["run", "onset, all matrices (step)", "fraction of training", "matrices locked",
+                   "onset, attention q/k/v/o (step)", "fraction", "attention matrices locked"],
+                  [[s.run, none(s.locking_onset_step), none(s.locking_onset_frac, ".2f"),
+                    f"{sum(o is not None for o in s.onsets.values())}/{len(s.onsets)}",
+                    none(s.attention_onset_step), none(s.attention_onset_frac, ".2f"),
+                    f"{sum(s.onsets[x] is not None for x in s.attention)}/{len(s.attention)}"] for s in S])
     steps = sorted({st for s in S for st in s.steps})
     traj_rows = []
     for st in steps:
@@ -85,5 +91,6 @@ def _locking(S: list[RunSummary], tau: float) -> str:
     return "\n".join([
         "## Subspace locking", "",
         f"Onset: the earliest measured step from which Sim_K (right singular subspace of D_t vs the final D_T) "
-        f"stays >= {tau} at every later measured step before the last; median over matrices; 'none' when "
-        "the run never locks.", "", onset, "", traj])
+        f"stays >= {tau} at every later measured step before the last; median over matrices (all of them, and "
+        "the attention matrices alone, the paper's view); 'none' when the median matrix never locks. The "
+        "trajectory below is the mean over all matrices.", "", onset, "", traj])

@@ -35,7 +35,7 @@ def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
     blobs = {
         "metrics.csv": csv_buf.getvalue().encode(),
         "summary.json": summary_json(summaries, analysis.notes).encode(),
-        "summary.md": render_summary(summaries, analysis.notes, tau).encode(),
+        "summary.md": render_summary(summaries, analysis.notes, tau, analysis.config.alpha).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
     created = not out.exists()
