@@ -1,16 +1,27 @@
-"""The ``geometry`` command: analyze, demo, lab. Bad input ends in one line on stderr and exit code 2."""
+"""The ``geometry`` command: analyze, demo, lab. Bad input ends in one line on stderr and exit code 2;
+Ctrl-C or SIGTERM in one line and 130 or 143 (the shell's codes for them); analyze then leaves no partial output."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import typing
 
 from geometry.errors import GeometryError
 
 EXIT_BAD_INPUT = 2
+EXIT_SIGNAL = 128  # + the signal number, as a shell reports a process a signal ended
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every cleanup (finally) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,10 +96,12 @@ def _runs(args):
 def cmd_analyze(args) -> int:
     from geometry.offline.analyze import analyze
     from geometry.offline.config import AnalysisConfig
-    from geometry.offline.outputs import write_analysis
+    from geometry.offline.outputs import check_output, write_analysis
 
     cfg = config_from_args(AnalysisConfig, args)
-    analysis = analyze(_runs(args), config=cfg, progress=not args.no_progress)
+    runs = _runs(args)
+    check_output(args.out)  # before the analysis, not after hours of it
+    analysis = analyze(runs, config=cfg, progress=not args.no_progress)
     paths = write_analysis(analysis, args.out)
     for note in analysis.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -146,14 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     # Spinning OpenMP threads make torch hundreds of times slower on a busy small machine; set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
+    try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except GeometryError as e:
         print(f"geometry: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("geometry: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        sig = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"geometry: interrupted by {sig.name}", file=sys.stderr)
+        return EXIT_SIGNAL + sig
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

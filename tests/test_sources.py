@@ -177,19 +177,27 @@ def test_run_dir_numeric_order_ignores_unfinished(llama, tmp_path):
     assert ckpts[0].source.label == str(run / "checkpoint-2")
 
 
-def test_single_model_step(llama, tmp_path):
-    f = tmp_path / "ckpt-7.safetensors"
+def test_single_model_step_only_where_training_wrote_one(llama, tmp_path):
+    """checkpoint-N (folder or file) or trainer_state.json's global_step; a name like phi-2 is not step 2."""
+    f = tmp_path / "checkpoint-7.safetensors"
     shutil.copy(llama[0] / "model.safetensors", f)
     [ck] = open_run(f)
-    assert ck.step == 7 and ck.source.label == str(f)
-    for name, step in (("step_300", 300), ("global_step40", 40), ("final", 42), ("plain", 0)):
-        d = shutil.copytree(llama[0], tmp_path / name)
+    assert ck.step == 7 and ck.source.label == str(f) and ck.label == "checkpoint-7"
+    cases = (("phi-2", None), ("step_300", None), ("ckpt-7", None), ("final", 42), ("checkpoint-12", 12))
+    for name, step in cases:
+        d = shutil.copytree(llama[0], tmp_path / "m" / name)
         if name == "final":
-            (d / "trainer_state.json").write_text(json.dumps({"global_step": 42}))
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": 42, "log_history": []}))
         [ck] = open_run(d)
-        assert ck.step == step
-    [ck] = open_run(tmp_path / "step_300" / "model.safetensors")  # the folder name carries the step
-    assert ck.step == 300
+        assert (ck.step, ck.label) == (step, name)
+        [ck] = open_run(d / "model.safetensors")  # a file called model.* is named after its folder
+        assert (ck.step, ck.label) == (step, name)
+    (tmp_path / "m" / "final" / "trainer_state.json").write_text(json.dumps({"global_step": "x"}))
+    with _raises("global_step is 'x'"):
+        open_run(tmp_path / "m" / "final")
+    (tmp_path / "m" / "final" / "trainer_state.json").write_text("[1, 2]")
+    with _raises("expected a JSON object"):
+        open_run(tmp_path / "m" / "final")
 
 
 # ---- selecting matrices ---------------------------------------------------------------------------

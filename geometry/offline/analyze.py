@@ -24,8 +24,8 @@ from geometry.offline.sources import (
     Checkpoint,
     MatrixSpec,
     TensorSource,
+    open_base,
     open_run,
-    open_source,
     read_matrix,
     select_matrices,
 )
@@ -58,13 +58,15 @@ class Analysis(Table):
     """The tidy table of every metric, plus what does not fit in it.
 
     curves: per-matrix angle curves and spectra; notes: fallbacks taken and matrices skipped, in words;
-    runs: the runs analysed, in order.
+    runs: the runs analysed, in order; labels: run -> step -> the name of the checkpoint measured at that
+    step (step 0: the base), for the outputs.
     """
 
     def __init__(self, rows: Iterable[Row], curves: list[Curve], notes: list[str], runs: list[Run],
-                 config: AnalysisConfig):
+                 config: AnalysisConfig, labels: dict[str, dict[int, str]] | None = None):
         super().__init__(rows)
         self.curves, self.notes, self.runs, self.config = curves, notes, runs, config
+        self.labels = labels or {}
 
 
 def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | Path] | None = None, *,
@@ -86,10 +88,10 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     if len(set(labels)) != len(labels):
         raise GeometryError(f"run labels must be unique, got {labels}")
     _return_freed_memory()
-    rows, curves, notes = [], [], []
+    rows, curves, notes, step_labels = [], [], [], {}
     for run in runs:
-        _analyze_run(run, cfg, rows, curves, notes, progress)
-    return Analysis(rows, curves, notes, runs, cfg)
+        step_labels[run.label] = _analyze_run(run, cfg, rows, curves, notes, progress)
+    return Analysis(rows, curves, notes, runs, cfg, step_labels)
 
 
 def _return_freed_memory() -> None:
@@ -113,15 +115,29 @@ def hidden_size(config: dict | None) -> int | None:
 
 
 def _open_checkpoints(run: Run, cfg: AnalysisConfig) -> list[Checkpoint]:
+    """The run's checkpoints in step order, every one with a step and a label unique in the run.
+
+    Checkpoints whose files give no step (a base against its fine-tunes: `phi-2 phi-2-instruct`) are
+    steps 1..N in the order given; a run mixing them with numbered ones has no order, and is refused.
+    """
     ckpts = [c for path in run.checkpoints for c in open_run(path, allow_pickle=cfg.allow_pickle)]
     if not ckpts:
         raise GeometryError(f"run {run.label}: no checkpoints found")
+    unnumbered = [c for c in ckpts if c.step is None]
+    if unnumbered and len(unnumbered) < len(ckpts):
+        numbered = next(c for c in ckpts if c.step is not None)
+        raise GeometryError(f"run {run.label}: {numbered.source.label} is step {numbered.step}, but "
+                            f"{unnumbered[0].source.label} says no step (no checkpoint-N name, no trainer_state.json); "
+                            "give numbered checkpoints only, or unnumbered ones only (steps 1..N in the order given)")
+    if unnumbered:
+        ckpts = [c._replace(step=i) for i, c in enumerate(ckpts, start=1)]
     ckpts.sort(key=lambda c: c.step)
     steps = [c.step for c in ckpts]
     if len(set(steps)) != len(steps):
         dup = sorted(s for s, n in Counter(steps).items() if n > 1)
         raise GeometryError(f"run {run.label}: two checkpoints share step {dup[0]}")
-    return ckpts
+    names = Counter(c.label for c in ckpts)  # two folders both named `final`: their paths tell them apart
+    return [c if names[c.label] == 1 else c._replace(label=c.source.label) for c in ckpts]
 
 
 def _groups(specs: list[MatrixSpec], memory_mb: float) -> list[list[MatrixSpec]]:
@@ -139,9 +155,13 @@ def _read_group(source: TensorSource, group: list[MatrixSpec], device: torch.dev
 
 
 def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Curve], notes: list[str],
-                 progress: bool) -> None:
-    base = open_source(run.base, allow_pickle=cfg.allow_pickle)
+                 progress: bool) -> dict[int, str]:
+    """Measure one run into rows, curves and notes; returns its step labels (step 0: the base)."""
+    base_ckpt = open_base(run.base, allow_pickle=cfg.allow_pickle)
+    base = base_ckpt.source
     ckpts = _open_checkpoints(run, cfg)
+    for source in (base, *(c.source for c in ckpts)):
+        notes.extend(f"{run.label}: {note}" for note in source.notes)
     sel = select_matrices(base, [c.source for c in ckpts], include=cfg.include, exclude=cfg.exclude,
                           embeddings=cfg.embeddings, on_mismatch=cfg.on_mismatch)
     for name, reason in sel.skipped:
@@ -152,15 +172,17 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     sizes: dict[tuple[int, int], list] = defaultdict(list)  # (k, r) -> shapes measured with them
     groups = _groups(sel.matrices, cfg.memory_mb)
     bar = _progress(len(groups) * len(ckpts), f"analyze {run.label}", progress)
-    for group in groups:
-        factors = decompose_base(_read_group(base, group, device), cfg, hidden)
-        sizes[(factors.k, factors.r)].append(group[0].shape)
-        for i, spec in enumerate(group):
-            curves.append(Curve(run.label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
-        results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
-        _emit(run.label, [c.step for c in ckpts], group, results, rows, curves)
-        methods.update(m for res in results for m in res.methods)
-    bar.close()
+    try:  # closed on an interrupt too: leave=False then clears its line for the message
+        for group in groups:
+            factors = decompose_base(_read_group(base, group, device), cfg, hidden)
+            sizes[(factors.k, factors.r)].append(group[0].shape)
+            for i, spec in enumerate(group):
+                curves.append(Curve(run.label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
+            results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
+            _emit(run.label, [c.step for c in ckpts], group, results, rows, curves)
+            methods.update(m for res in results for m in res.methods)
+    finally:
+        bar.close()
     where = f"hidden size {hidden}" if hidden else "no hidden_size in config.json: scaled to each matrix's smaller side"
     for (k, r), shapes in sorted(sizes.items()):
         notes.append(f"{run.label}: principal k = {k}, mask rank r = {r} for shapes "
@@ -168,6 +190,7 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     for method, count in sorted(methods.items()):
         if "->" in method:
             notes.append(f"{run.label}: {count} batch decompositions fell back {method} (fast path failed its check)")
+    return {0: base_ckpt.label, **{c.step: c.label for c in ckpts}}
 
 
 def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: list[MatrixSpec], cfg: AnalysisConfig,

@@ -1,16 +1,24 @@
-"""Writing an analysis to a directory: every file lands whole (temporary name, fsync, rename) or not at all."""
+"""Writing an analysis to a directory: every file lands whole (temporary name, fsync, rename) or not at all.
+
+A new output directory is staged beside its final name and renamed into place in one step, so a failure or
+an interrupt (Ctrl-C, SIGTERM) at any moment leaves either nothing or the whole result; into an existing
+directory the files are renamed one by one with SIGINT/SIGTERM held back until the last has landed.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import signal
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from geometry.atomic import write_atomic
+from geometry.atomic import fsync_path, write_atomic
 from geometry.errors import GeometryError
 from geometry.offline.analyze import Analysis
 from geometry.offline.markdown import render_summary
@@ -22,7 +30,8 @@ FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")
 def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
     """metrics.csv (the tidy table), summary.json, summary.md and curves.npz (angle curves, spectra).
 
-    Everything is rendered in memory first, so a failure leaves no output files behind.
+    Everything is rendered in memory first, so a failure leaves no output files behind. summary.json
+    names each run's checkpoints: ``base`` and ``step_labels`` (one per entry of ``steps``).
     """
     out = Path(out)
     tau = analysis.config.tau
@@ -34,28 +43,112 @@ def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
     np.savez_compressed(npz_buf, **{f"{c.run}|{c.step}|{c.matrix}|{c.kind}": c.values for c in analysis.curves})
     blobs = {
         "metrics.csv": csv_buf.getvalue().encode(),
-        "summary.json": summary_json(summaries, analysis.notes).encode(),
+        "summary.json": _with_labels(summary_json(summaries, analysis.notes), analysis.labels).encode(),
         "summary.md": render_summary(summaries, analysis.notes, tau, analysis.config.alpha).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
-    created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".tmp-geometry-", dir=out))
+        if out.is_dir():
+            _replace_files(blobs, out)
+        else:
+            _new_dir(blobs, out)
     except OSError as e:
-        raise GeometryError(f"cannot create output directory {out}: {e.strerror}") from None
+        raise GeometryError(f"cannot write the output to {out}: {e.strerror or e}") from None
+    return [out / name for name in blobs]
+
+
+def _with_labels(text: str, labels: dict[str, dict[int, str]]) -> str:
+    """summary.json with each run's base and checkpoint names beside its steps."""
+    doc = json.loads(text)
+    for run, entry in doc["runs"].items():
+        names = labels.get(run)
+        if names:
+            entry["base"] = names.get(0)
+            entry["step_labels"] = [names.get(step, str(step)) for step in entry["steps"]]
+    return json.dumps(doc, indent=2)
+
+
+def check_output(out: str | Path) -> None:
+    """Refuse, before any work, an output path that is not a directory or where nothing can be written;
+    leaves nothing behind."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise GeometryError(f"output path {out} exists and is not a directory")
+        where = out
+    else:
+        where = next(p for p in Path(os.path.abspath(out)).parents if p.exists() or p.is_symlink())
+        if not where.is_dir():
+            raise GeometryError(f"output path {out}: {where} is not a directory")
     try:
-        for name, data in blobs.items():  # stage everything first: a failure here leaves nothing behind
+        fd, probe = tempfile.mkstemp(prefix=".tmp-geometry-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise GeometryError(f"cannot write the output to {out}: {e.strerror or e}") from None
+
+
+def _stage(blobs: dict[str, bytes], where: Path) -> Path:
+    stage = Path(tempfile.mkdtemp(prefix=".tmp-geometry-", dir=where))
+    try:
+        for name, data in blobs.items():
             write_atomic(stage / name, data)
-        for name in blobs:  # renames within one filesystem: each lands whole
-            os.replace(stage / name, out / name)
-    except OSError as e:
-        raise GeometryError(f"cannot write to {out}: {e.strerror}") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+def _new_dir(blobs: dict[str, bytes], out: Path) -> None:
+    """Stage the whole directory beside `out`, then one rename: `out` appears complete or not at all."""
+    if out.exists() or out.is_symlink():
+        raise GeometryError(f"output path {out} exists and is not a directory")
+    absolute = Path(os.path.abspath(out))
+    missing = [p for p in absolute.parents if not p.exists()]  # parents to create, deepest first
+    try:
+        absolute.parent.mkdir(parents=True, exist_ok=True)
+        stage = _stage(blobs, absolute.parent)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(stage, 0o777 & ~umask)  # mkdtemp made it private; an output dir is an ordinary one
+            os.rename(stage, absolute)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    except BaseException:
+        for p in missing:  # the parents this call made, and only if still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    fsync_path(absolute.parent)
+
+
+def _replace_files(blobs: dict[str, bytes], out: Path) -> None:
+    """Stage inside `out`, then rename each file over its old version, interrupts held until all landed."""
+    stage = _stage(blobs, out)
+    try:
+        with _signals_held():
+            for name in blobs:  # renames within one filesystem: each lands whole
+                os.replace(stage / name, out / name)
+        fsync_path(out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-    return [out / name for name in blobs]
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (are delivered on exit) so that a set of renames completes."""
+    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def read_curves(path: str | Path, kind: str) -> dict[tuple[str, int, str], np.ndarray]:

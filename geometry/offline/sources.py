@@ -1,15 +1,14 @@
 """Checkpoint readers: open a model or a training run lazily and pick the matrices to measure.
 
-A model is never loaded whole. Each safetensors file is opened once (its header is parsed at open time,
-so a truncated or corrupt file fails early with its path) and every read pulls one tensor, or only the
-rows of one part of a fused tensor. Pickle checkpoints (``*.bin``) can run code when loaded, so they are
+A model is never loaded whole. Each safetensors file is opened once (its header is checked at open time by
+geometry.offline.header, so a truncated, corrupt or hostile file fails early with its path) and every read
+pulls one tensor, or only the rows of one part of a fused tensor. Where a model lives, its name and its step
+come from geometry.offline.locate. Pickle checkpoints (``*.bin``) can run code when loaded, so they are
 refused unless the caller opts in, and are then read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -18,19 +17,23 @@ import torch
 from safetensors import safe_open
 
 from geometry.errors import GeometryError
+from geometry.offline.header import read_header
+from geometry.offline.locate import CHECKPOINT, label_of, locate, read_json, stat_problem, step_of
 from geometry.selection import as_patterns, choose, layer_of, matches, module_of, natural_order
 
-# safetensors header dtype codes -> torch dtypes; unknown codes fall back to reading the tensor.
+# safetensors dtype codes -> torch dtype names (getattr: older torch builds lack the newest ones).
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
+    "C64": "complex64",
 }
+# What the metrics can use: bf16 equality and SVDs of real floating-point weights. Integer, bool and
+# float8/float4 weights (quantized checkpoints) are refused for a selected matrix rather than misread.
+MEASURABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _PICKLE_REFUSED = ("pickle checkpoints are refused (unpickling can run code); convert to safetensors "
                    "or opt in with --allow-pickle (allow_pickle=True)")
-_CHECKPOINT_DIR = re.compile(r"checkpoint[-_](\d+)")
-_TRAILING_STEP = re.compile(r"(?:[-_]|step[-_ ]?)(\d+)$", re.IGNORECASE)
 
 
 def _one_line(err: BaseException) -> str:
@@ -42,16 +45,19 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
+        self.meta = read_header(path)  # bounded: a hostile header is refused before the library maps the file
+        try:  # and the library must agree
             with safe_open(str(path), framework="pt", device="cpu") as handle:
-                slices = {k: handle.get_slice(k) for k in handle.keys()}
-                self.meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
-        except Exception as e:  # SafetensorError: truncated, garbage, header/size mismatch
+                handle.keys()
+        except Exception as e:  # SafetensorError
             raise GeometryError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
     def dtype(self, name: str) -> torch.dtype:
         code = self.meta[name][1]
-        return _ST_DTYPES[code] if code in _ST_DTYPES else self.read(name, slice(0, 0)).dtype
+        dtype = getattr(torch, _ST_DTYPES.get(code, ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise GeometryError(f"{self.path}: tensor {name} has dtype {code}, which this torch cannot hold")
+        return dtype
 
     def read(self, name: str, rows: slice | None) -> torch.Tensor:
         # Opened per read: a file kept mapped would keep every page it ever served resident, and memory
@@ -85,10 +91,12 @@ class _PickleFile:
 class TensorSource:
     """Lazy, read-only view of one model's tensors (possibly spread over several shard files)."""
 
-    def __init__(self, label: str, files: dict[str, _SafetensorsFile | _PickleFile], config: dict | None):
-        self.label = label  # the path it was opened from
+    def __init__(self, label: str, files: dict[str, _SafetensorsFile | _PickleFile], config: dict | None,
+                 notes: Sequence[str] = ()):
+        self.label = label  # the path it was opened from (the hub name for a hub model)
         self.config = config  # parsed config.json next to the weights; fused-matrix splitting needs it
         self._files = files  # tensor name -> the file holding it
+        self.notes = list(notes)  # choices made while opening it, for the analysis notes
 
     def __repr__(self) -> str:
         return f"TensorSource({self.label!r}, {len(self._files)} tensors)"
@@ -120,13 +128,32 @@ class TensorSource:
             raise GeometryError(f"checkpoint {self.label}: cannot read {name} ({_one_line(e)})") from None
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise GeometryError(f"{path}: not valid JSON ({_one_line(e)})") from None
+def _plain_files(d: Path, kind: str) -> list[Path]:
+    """The *.kind weight files of a folder; a link among them that leads nowhere is an error, not a skip."""
+    files = []
+    # training_args.bin is a pickled TrainingArguments that Trainer leaves in every checkpoint.
+    for f in sorted(d.glob(f"*.{kind}")):
+        problem = stat_problem(f)
+        if problem:
+            raise GeometryError(f"{f}: {problem}")
+        if f.is_file() and f.name != "training_args.bin":
+            files.append(f)
+    return files
+
+
+def _shards(index: Path, kind: str) -> dict[str, list[str]]:
+    """shard file name -> the tensor names the index puts in it. Shards must be plain file names of the
+    index's own kind: an index must not lead outside its folder, nor a safetensors index to a pickle."""
+    weight_map = (read_json(index) or {}).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise GeometryError(f"{index}: no weight_map")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard.endswith(f".{kind}") and Path(shard).name == shard):
+            raise GeometryError(f"{index}: tensor {name} is mapped to {str(shard)[:80]!r}, not a .{kind} file "
+                                "in the same folder")
+        shards.setdefault(shard, []).append(name)
+    return shards
 
 
 def _weight_files(d: Path, allow_pickle: bool) -> list[tuple[Path, list[str] | None]] | None:
@@ -135,23 +162,18 @@ def _weight_files(d: Path, allow_pickle: bool) -> list[tuple[Path, list[str] | N
     """
     for kind, single in (("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")):
         index = d / f"{single}.index.json"
-        # training_args.bin is a pickled TrainingArguments that Trainer leaves in every checkpoint.
-        files = sorted(f for f in d.glob(f"*.{kind}") if f.is_file() and f.name != "training_args.bin")
+        files = _plain_files(d, kind)
         if not (index.is_file() or files):
             continue
         if kind == "bin" and not allow_pickle:
             raise GeometryError(f"{d}: only pickle weights (*.bin) found; {_PICKLE_REFUSED}")
         if not index.is_file():
             return [(d / single, None)] if (d / single).is_file() else [(f, None) for f in files]
-        weight_map = (_read_json(index) or {}).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise GeometryError(f"{index}: no weight_map")
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)
+        shards = _shards(index, kind)
         for shard in sorted(shards):
-            if not (d / shard).is_file():
-                raise GeometryError(f"{index}: names shard {shard}, which does not exist in {d}")
+            problem = stat_problem(d / shard)
+            if problem or not (d / shard).is_file():
+                raise GeometryError(f"{index}: names shard {shard}, which is {problem or 'not a file'} in {d}")
         return [(d / shard, names) for shard, names in sorted(shards.items())]
     return None
 
@@ -169,32 +191,46 @@ def _build(label: str, found: list[tuple[Path, list[str] | None]]) -> dict:
     return files
 
 
+def _ignored_pickles(d: Path, found: list[tuple[Path, list[str] | None]]) -> list[str]:
+    """A note when a folder holds safetensors and pickle weights both: the safetensors were read."""
+    if not d.is_dir() or any(p.suffix != ".safetensors" for p, _ in found):
+        return []
+    pickles = sorted(f.name for f in d.glob("*.bin") if f.name != "training_args.bin")
+    return [f"{d}: read its safetensors weights, ignored {', '.join(pickles)}"] if pickles else []
+
+
 def open_source(path: str | Path, *, allow_pickle: bool = False) -> TensorSource:
-    """Open an HF model dir (single or sharded safetensors), a bare .safetensors file, or, with
-    `allow_pickle`, a pytorch_model.bin / *.bin. Only headers are read here."""
-    p = Path(path)
-    if not p.exists():
-        raise GeometryError(f"{p}: no such file or directory")
+    """Open an HF model dir (single or sharded safetensors), a bare .safetensors file, a hub name in the
+    local cache, or, with `allow_pickle`, a pytorch_model.bin / *.bin. Only headers are read here."""
+    p, hub = locate(path)
+    return _open(p, hub, allow_pickle)
+
+
+def _open(p: Path, hub: str | None, allow_pickle: bool) -> TensorSource:
     if p.is_file():
         if p.suffix in _PICKLE_SUFFIXES and not allow_pickle:
             raise GeometryError(f"{p}: {_PICKLE_REFUSED}")
         if p.suffix != ".safetensors" and p.suffix not in _PICKLE_SUFFIXES:
             raise GeometryError(f"{p}: not a weights file (expected .safetensors or, opted in, .bin)")
         found: list[tuple[Path, list[str] | None]] | None = [(p, None)]
-    else:
+    elif p.is_dir():
         found = _weight_files(p, allow_pickle)
+    else:
+        raise GeometryError(f"{p}: neither a file nor a folder")
     if found is None:
         raise GeometryError(f"{p}: no model weights (model.safetensors, *.safetensors or pytorch_model.bin)")
-    files = _build(str(p), found)
+    label = hub or str(p)
+    files = _build(label, found)
     if not files:
         raise GeometryError(f"{p}: the weights hold no tensors")
-    config = _read_json((p if p.is_dir() else p.parent) / "config.json")
-    return TensorSource(str(p), files, config)
+    config = read_json((p if p.is_dir() else p.parent) / "config.json")
+    return TensorSource(label, files, config, _ignored_pickles(p, found))
 
 
 class Checkpoint(NamedTuple):
-    step: int  # optimizer step the weights were saved at
+    step: int | None  # optimizer step: a checkpoint-N name or trainer_state.json; None where the files do not say
     source: TensorSource
+    label: str  # name in the outputs: the folder or file name, or the hub name (geometry.offline.locate.label_of)
 
 
 def _checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
@@ -202,8 +238,8 @@ def _checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
     output (it writes `.tmp-checkpoint-N`, then renames), so they never count."""
     found = {}
     for d in run.iterdir():
-        m = _CHECKPOINT_DIR.fullmatch(d.name)
-        if d.is_dir() and m and not d.name.startswith(".") and ".tmp" not in d.name:
+        m = CHECKPOINT.fullmatch(d.name)
+        if d.is_dir() and m:
             step = int(m.group(1))
             if step in found:
                 raise GeometryError(f"{run}: two checkpoints for step {step}: {found[step].name}, {d.name}")
@@ -211,28 +247,27 @@ def _checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def _step_of(p: Path) -> int:
-    """Step of a single model: a trailing -N/_N/stepN in its name (or its folder's), else
-    trainer_state.json's global_step, else 0."""
-    d = p if p.is_dir() else p.parent
-    for name in (p.stem if p.is_file() else p.name, d.name if p.is_file() else ""):
-        m = _TRAILING_STEP.search(name)
-        if m:
-            return int(m.group(1))
-    state = _read_json(d / "trainer_state.json") or {}
-    return int(state.get("global_step") or 0)
+def open_base(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """The base model of a run, as step 0 with its label."""
+    p, hub = locate(path)
+    return Checkpoint(0, _open(p, hub, allow_pickle), label_of(p, hub))
 
 
 def open_run(path: str | Path, *, allow_pickle: bool = False) -> list[Checkpoint]:
-    """A Trainer/TRL output dir -> its checkpoints in step order; a plain model dir or file -> one."""
-    p = Path(path)
+    """A Trainer/TRL output dir -> its checkpoints in step order; a plain model dir, file or hub name -> one,
+    whose step is None unless its name is checkpoint-N or a trainer_state.json says it."""
+    p, hub = locate(path)
     if p.is_dir():
+        if (p / "geometry-store.json").is_file():  # a recorder's store: refused whole if its manifest was edited
+            from geometry.capture.store import check_store  # here only: plain checkpoints need no capture code
+
+            check_store(p)
         steps = _checkpoint_dirs(p)
         if steps:
-            return [Checkpoint(n, open_source(d, allow_pickle=allow_pickle)) for n, d in steps]
+            return [Checkpoint(n, _open(d, None, allow_pickle), d.name) for n, d in steps]
         if _weight_files(p, allow_pickle) is None:
             raise GeometryError(f"{p}: no checkpoint-N folders and no model weights")
-    return [Checkpoint(_step_of(p), open_source(p, allow_pickle=allow_pickle))]
+    return [Checkpoint(step_of(p), _open(p, hub, allow_pickle), label_of(p, hub))]
 
 
 class MatrixSpec(NamedTuple):
@@ -259,16 +294,21 @@ def _fused_parts(module: str, rows: int, config: dict | None) -> list[tuple[str,
     cfg = (config or {}).get("text_config") or config
     if not isinstance(cfg, dict):
         return None
+
+    def size(key: str) -> int | None:  # a hand-edited config.json may hold anything
+        v = cfg.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
     if module == "qkv_proj":
-        heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
-        kv = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+        heads, hidden = size("num_attention_heads"), size("hidden_size")
+        kv = size("num_key_value_heads") or heads
+        head_dim = size("head_dim") or (hidden // heads if hidden and heads else None)
         if not (heads and kv and head_dim):
             return None
         q, k = heads * head_dim, kv * head_dim
         parts = [("q", "q_proj", q), ("k", "k_proj", k), ("v", "v_proj", k)]
-    elif module == "gate_up_proj" and cfg.get("intermediate_size"):
-        parts = [("gate", "gate_proj", cfg["intermediate_size"]), ("up", "up_proj", cfg["intermediate_size"])]
+    elif module == "gate_up_proj" and size("intermediate_size"):
+        parts = [("gate", "gate_proj", size("intermediate_size")), ("up", "up_proj", size("intermediate_size"))]
     else:
         return None
     return parts if sum(n for _, _, n in parts) == rows else None
@@ -288,12 +328,17 @@ def _specs(name: str, shape: tuple[int, int], config: dict | None) -> list[Matri
 
 
 def _mismatch(name: str, base: TensorSource, checkpoints: list[TensorSource]) -> str | None:
+    """Why a selected matrix cannot be measured (missing, another shape, a dtype the metrics cannot use)."""
     shape = base.shape(name)
     for c in checkpoints:
         if name not in c:
             return f"checkpoint {c.label}: tensor {name} is missing (base {base.label} has shape {shape})"
         if c.shape(name) != shape:
             return f"checkpoint {c.label}: tensor {name} has shape {c.shape(name)}, base has {shape}"
+    for c in (base, *checkpoints):
+        if c.dtype(name) not in MEASURABLE:
+            return (f"{c.label}: tensor {name} is {str(c.dtype(name)).removeprefix('torch.')}; only float16, "
+                    "bfloat16, float32 and float64 weights can be measured (dequantize, or --exclude it)")
     return None
 
 
