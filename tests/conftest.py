@@ -17,3 +17,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def no_store_writer_outlives_its_test():
+    """A store's writer thread left running after a test would write (and warn) into the next ones."""
+    import threading
+
+    from geometry.capture.writer import THREAD_NAME
+
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in threading.enumerate() if t.name == THREAD_NAME and t.is_alive() and t not in before]
+    if left:
+        pytest.fail(f"{len(left)} geometry store writer thread(s) outlived the test: close the Store or Recorder")

@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from geometry.capture.callbacks import GeometryCallback, GradientProjectionCallback
 from geometry.capture.recorder import RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
-from geometry.capture.tracking import tracking_table
+from geometry.capture.trajectory import tracking_table
 from geometry.errors import GeometryError
 from geometry.linalg import subspace_sim
 

@@ -255,6 +255,6 @@ def test_recorder_rank_from_environment(tmp_path, monkeypatch):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
     with Recorder(model, tmp_path / "store", RecorderConfig(**CONFIG)) as rec:
-        assert not rec.writer and not rec.collective and rec.store is None
+        assert not rec.writes and not rec.collective and rec.store is None
         rec.step(3)
     assert not (tmp_path / "store").exists()

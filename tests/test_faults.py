@@ -27,9 +27,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 from geometry import analyze
 from geometry.capture.callbacks import GeometryCallback
+from geometry.capture.layout import CREATING
 from geometry.capture.recorder import Recorder, RecorderConfig
-from geometry.capture.store import CREATING, MANIFEST, read_manifest, read_snapshot, read_tracking
-from geometry.capture.tracking import tracking_table
+from geometry.capture.store import MANIFEST, read_manifest, read_snapshot, read_tracking
+from geometry.capture.trajectory import tracking_table
 from geometry.errors import GeometryError
 from geometry.linalg import subspace_sim
 from geometry.offline.sources import open_run
@@ -116,7 +117,7 @@ def check_intact(run: Path, ref: Path, offline: bool = True):
     """What a killed run's store lists loads, has every tracked tensor with its shape, and equals the
     uninterrupted run at that step; the generic readers accept it (``analyze`` too when offline)."""
     man = read_manifest(run)
-    shapes = {t["name"]: tuple(t["shape"]) for t in man.tensors}
+    shapes = {t.name: t.shape for t in man.tensors}
     base = read_snapshot(run, None)
     assert all(torch.equal(base[n], w) for n, w in read_snapshot(ref, None).items())
     for t in man.steps:

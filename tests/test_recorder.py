@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from geometry.capture.batches import UpdateBatches
 from geometry.capture.recorder import Recorder, RecorderConfig, select_parameters, unwrap
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
-from geometry.capture.tracking import TRACK_METRICS, tracking_table
+from geometry.capture.trajectory import TRACK_METRICS, tracking_table
 from geometry.errors import GeometryError
 from geometry.linalg import subspace_sim
 from geometry.metrics import sparsity_bf16
@@ -108,7 +109,7 @@ def test_batched_tracking_equals_one_matrix_at_a_time(tmp_path):
             for t in sgd_steps(model, 9, lr=0.05):
                 rec.step(t)
         runs[label] = tmp_path / label
-    sizes = sorted(rec._batches.size.items())
+    sizes = sorted(UpdateBatches(rec.shapes, 0.05).size.items())
     assert sizes == [((32, 64), 4), ((64, 64), 3), ((64, 128), 1), ((128, 64), 1)]
     for t in read_manifest(runs["single"]).tracking_steps:
         a, b = read_tracking(runs["single"], t), read_tracking(runs["batched"], t)
@@ -231,6 +232,6 @@ def test_recorder_in_a_subprocess_writes_a_store(tmp_path):
     subprocess.run([sys.executable, "-c", CHILD.format(run=str(run))], check=True, timeout=120,
                    cwd=Path(__file__).parent.parent)
     man = read_manifest(run)
-    assert [t["name"] for t in man.tensors] == ["0.weight", "2.weight"]
+    assert [t.name for t in man.tensors] == ["0.weight", "2.weight"]
     assert man.steps == [5, 10, 12] and man.tracking_steps == list(range(1, 13)) and man.final_step == 12
     assert read_tracking(run, 12)["2.weight"].u.shape == (16, 4)

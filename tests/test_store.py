@@ -1,7 +1,10 @@
-"""The geometry store: layout, atomic writes, resume, refusals, writer errors, a SIGKILL mid-write."""
+"""The geometry store: layout, atomic writes, resume, refusals, writer errors, a SIGKILL mid-write, and
+manifests edited by hand (refused with one line by every reader, not half-read)."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,17 +18,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import geometry.capture.store as store_module
+from geometry.capture.layout import check_free_space
+from geometry.capture.manifest import Manifest, TensorInfo
 from geometry.capture.store import (
     MANIFEST,
     Store,
-    Tracked,
     base_hash,
-    check_free_space,
+    check_store,
     read_manifest,
     read_snapshot,
     read_tracking,
 )
+from geometry.capture.tracking import Estimate
 from geometry.errors import GeometryError
 from geometry.offline.sources import open_run
 
@@ -42,7 +46,7 @@ def tracked(m, n, k=4, step=1):
     g = torch.Generator().manual_seed(step)
     u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
     v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
-    return Tracked(float(step), torch.linspace(2, 1, k), u, v, 1, 1e-3, False)
+    return Estimate(u, torch.linspace(2, 1, k), v, float(step), 1, 1e-3, False)
 
 
 def records(step):
@@ -67,8 +71,10 @@ def test_layout_manifest_and_round_trip(tmp_path):
     assert man.base_label == "qwen-base" and man.base_sha256 == base_hash(base_tensors())
     assert man.steps == [5, 10] and man.tracking_steps == list(range(1, 11)) and man.final_step == 10
     assert man.settings == SETTINGS
-    assert [t["name"] for t in man.tensors] == sorted(base_tensors())
-    assert {t["dtype"] for t in man.tensors} == {"bfloat16", "float32"}
+    assert [t.name for t in man.tensors] == sorted(base_tensors())
+    assert {t.dtype for t in man.tensors} == {"bfloat16", "float32"}
+    assert [t.shape for t in man.tensors] == [(12, 8), (20, 8)]
+    assert check_store(run) == man
     assert sorted(p.name for p in run.iterdir()) == ["base", "checkpoint-10", "checkpoint-5", MANIFEST, "tracking"]
     assert json.loads((run / "base" / "config.json").read_text()) == {"model_type": "llama"}
 
@@ -155,21 +161,33 @@ def test_data_without_manifest_entry_is_removed_on_reopen(tmp_path):
     assert read_manifest(run).steps == [5, 7]
 
 
-def test_landed_tracking_files_wait_for_the_manifest_and_are_taken_in_on_reopen(tmp_path, monkeypatch):
-    """Tracking files land every step; the manifest lists them at most every COMMIT_SECONDS (its rewrite costs
-    O(steps)), and at snapshots, flush and close. A crash in between loses nothing: reopening takes them in."""
-    monkeypatch.setattr(store_module, "COMMIT_SECONDS", 3600.0)
-    run = tmp_path / "run"
-    store = Store.open(run, base_tensors(), settings=SETTINGS)
+LANDED = textwrap.dedent("""
+    import os, sys, time
+    from geometry.capture.store import Store, read_manifest
+    sys.path.insert(0, {tests!r})
+    from test_store import base_tensors, write_steps, SETTINGS
+    store = Store.open({run!r}, base_tensors(), settings=SETTINGS, commit_seconds=3600.0)
     write_steps(store, [1, 2])
     store.flush()  # flush writes the manifest
-    assert read_manifest(run).tracking_steps == [1, 2]
+    print(read_manifest({run!r}).tracking_steps, flush=True)
     write_steps(store, [3, 4])
-    deadline = time.monotonic() + 30
-    while not (run / "tracking" / "4.safetensors").exists() and time.monotonic() < deadline:
+    while not os.path.exists(os.path.join({run!r}, "tracking", "4.safetensors")):
         time.sleep(0.01)
-    assert read_manifest(run).tracking_steps == [1, 2]  # landed, not yet listed
-    # the training process dies here (its store never closes); a new one reopens the store
+    print(read_manifest({run!r}).tracking_steps, flush=True)
+    os._exit(0)  # the training process dies here: its store never closes, nothing runs at exit
+""")
+
+
+def test_landed_tracking_files_wait_for_the_manifest_and_are_taken_in_on_reopen(tmp_path):
+    """Tracking files land every step; the manifest lists them at most every commit_seconds (its rewrite costs
+    O(steps)), and at snapshots, flush and close. A crash in between loses nothing: reopening takes them in."""
+    run = tmp_path / "run"
+    code = LANDED.format(tests=str(Path(__file__).parent), run=str(run))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[1, 2]", "[1, 2]"]  # 3 and 4 landed, not yet listed
+    assert read_manifest(run).tracking_steps == [1, 2]
     again = Store.open(run, base_tensors(), settings=SETTINGS)
     assert again.last_step == 4 and read_manifest(run).tracking_steps == [1, 2, 3, 4]
     assert read_tracking(run, 4)["layers.0.q_proj.weight"].fro == 4.0
@@ -264,7 +282,7 @@ def test_read_only_folder_is_refused(tmp_path):
 
 
 def test_free_space_check(tmp_path):
-    free = __import__("shutil").disk_usage(tmp_path).free
+    free = shutil.disk_usage(tmp_path).free
     with pytest.raises(GeometryError, match="not enough disk space"):
         check_free_space(tmp_path, 2 * free)
     with pytest.warns(UserWarning, match="snapshots of"):
@@ -294,7 +312,7 @@ def test_writer_errors_reach_the_training_thread(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from geometry.capture.store import Store, Tracked
+    from geometry.capture.store import Store
     sys.path.insert(0, {tests!r})
     from test_store import base_tensors, records, SETTINGS
     store = Store.open({run!r}, base_tensors(), settings=SETTINGS, queue_size=2)
@@ -337,3 +355,145 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
     assert again.steps == man.steps
     names = [p.name for p in run.iterdir()] + [p.name for p in (run / "tracking").iterdir()]
     assert not [n for n in names if n.startswith(".tmp")]
+
+
+# ---- manifests edited by hand (issue 10 item 5): one clear line from every reader, nothing half-read ----
+
+def _set(key, value):
+    return lambda d: d.update({key: value})
+
+
+def _set_base(key, value):
+    return lambda d: d["base"].update({key: value})
+
+
+def _set_tensor(key, value):
+    return lambda d: d["tensors"][0].update({key: value})
+
+
+def _drop(*keys):
+    def edit(d):
+        for k in keys[:-1]:
+            d = d[k]
+        del d[keys[-1]]
+    return edit
+
+
+HOSTILE = {  # case: (edit of the manifest's JSON, what the one line says)
+    "wrong base hash": (_set_base("sha256", "0" * 64), r"has a base/ other than the one its manifest names"),
+    "steps out of order": (_set("steps", [10, 5]), r"steps are not in ascending order \(10 then 5\)"),
+    "step listed twice": (_set("steps", [5, 5, 10]), r"steps lists step 5 twice"),
+    "tracking steps out of order": (_set("tracking_steps", [1, 3, 2]), r"tracking_steps are not in ascending order"),
+    "listed snapshot missing": (_set("steps", [5, 10, 15]),
+                                r"lists checkpoint-15/model\.safetensors, which is missing"),
+    "listed tracking missing": (_set("tracking_steps", list(range(1, 13))),
+                                r"lists tracking/11\.safetensors, which is missing \(and 1 more\)"),
+    "step a string": (_set("steps", ["5", 10]), r"steps holds \"5\", not a step"),
+    "step a bool": (_set("tracking_steps", [True]), r"tracking_steps holds true, not a step"),
+    "step negative": (_set("steps", [-5]), r"steps holds -5, not a step"),
+    "steps not a list": (_set("tracking_steps", "1-10"), r"tracking_steps is str \"1-10\", not list"),
+    "hash not a string": (_set_base("sha256", 123), r"base\.sha256 is int 123, not str"),
+    "hash not hex": (_set_base("sha256", "z" * 64), r"base\.sha256 is 'z+', not a sha256 hex digest"),
+    "final_step a string": (_set("final_step", "10"), r"final_step is \"10\", not a step or null"),
+    "settings a list": (_set("settings", []), r"settings is list \[\], not dict"),
+    "tensor shape a string": (_set_tensor("shape", "12x8"), r"tensors\[0\]\.shape is str \"12x8\", not list"),
+    "tensor shape edited": (_set_tensor("shape", [8, 12]), r"its manifest lists other tensors"),
+    "tensor renamed": (_set_tensor("name", "zz"), r"tensors are not in name order"),
+    "steps missing": (_drop("steps"), r"invalid manifest: steps is missing"),
+    "base missing": (_drop("base"), r"invalid manifest: base is missing"),
+    "label missing": (_drop("base", "label"), r"base\.label is missing"),
+    "tensor dtype missing": (_drop("tensors", 0, "dtype"), r"tensors\[0\]\.dtype is missing"),
+    "version 3": (_set("version", 3), r"not a geometry-store manifest of version 1, 2"),
+    "not an object": (lambda d: d.clear(), r"not a geometry-store manifest"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_store(tmp_path_factory):
+    run = tmp_path_factory.mktemp("good") / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS, config={"model_type": "llama"})
+    write_steps(store, range(1, 11))
+    store.close(final_step=10)
+    return run
+
+
+def _files(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hand_edited_manifest_is_refused_with_one_line(case, good_store, tmp_path, capsys):
+    """Every reader refuses the store with the same one line, and nothing in it changes (Store.open cleans
+    nothing up, analyze writes no output): the manifest is checked before anything is read or written."""
+    from geometry.capture.trajectory import tracking_table
+    from geometry.cli import main
+
+    edit, says = HOSTILE[case]
+    run = tmp_path / "run"
+    shutil.copytree(good_store, run)
+    manifest = json.loads((run / MANIFEST).read_text())
+    edit(manifest)
+    (run / MANIFEST).write_text(json.dumps(manifest))
+    before = _files(run)
+    readers = {"check_store": lambda: check_store(run), "tracking_table": lambda: tracking_table(run),
+               "Store.open (resume)": lambda: Store.open(run, None, settings=SETTINGS),
+               "Store.open (base given)": lambda: Store.open(run, base_tensors(), settings=SETTINGS)}
+    for reader, call in readers.items():
+        with pytest.raises(GeometryError) as err:
+            call()
+        line = str(err.value)
+        assert "\n" not in line, (reader, line)
+        if not (case == "wrong base hash" and reader == "Store.open (base given)"):
+            assert re.search(says, line), (reader, line)
+        else:
+            assert "was made from another base" in line
+    assert main(["analyze", str(run / "base"), str(run), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(says, err), err
+    assert not (tmp_path / "out").exists()
+    assert _files(run) == before  # nothing cleaned up, adopted or rewritten
+
+
+def test_manifest_record_round_trips_and_keeps_steps_ordered():
+    man = Manifest("base", "a" * 64, [TensorInfo("w", (3, 2), "bfloat16")], {"track_every": 1})
+    for step in (2, 5, 3, 5, 1):  # late or repeated landings keep the lists ascending and unique
+        man.add_tracking(step)
+    man.add_snapshot(5)
+    assert man.tracking_steps == [1, 2, 3, 5] and man.steps == [5] and man.last_complete() == 5
+    for indent in (None, 1):
+        assert Manifest.from_json(man.to_json(indent)) == man
+    old = json.loads(man.to_json())
+    del old["final_step"]  # a store that never closed before final_step existed
+    old["version"] = 1
+    assert Manifest.from_json(json.dumps(old)).version == 1 and Manifest.from_json(json.dumps(old)).final_step is None
+    with pytest.raises(GeometryError, match=r"unreadable manifest"):
+        Manifest.from_json(b"{not json", "x.json")
+
+
+def test_missing_or_broken_tracking_and_snapshot_files_are_one_line(good_store, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_store, run)
+    with pytest.raises(GeometryError, match=r"no tracking file for step 11$"):
+        read_tracking(run, 11)
+    (run / "tracking" / "3.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(GeometryError, match=r"3\.safetensors: unreadable tracking file"):
+        read_tracking(run, 3)
+    with pytest.raises(GeometryError, match=r"checkpoint-15/model\.safetensors: missing \(snapshot of step 15\)"):
+        read_snapshot(run, 15)
+
+
+FIXTURE_CHECK = textwrap.dedent("""
+    from geometry.capture.store import Store
+
+    def test_leaves_a_writer(tmp_path):
+        Store.open(tmp_path / "run", {"w": __import__("torch").zeros(2, 2)}, settings={})
+""")
+
+
+def test_a_test_leaving_a_writer_thread_fails(tmp_path):
+    """The autouse fixture in conftest.py: a store left open fails the test that left it."""
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_leak.py").write_text(FIXTURE_CHECK)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert "1 passed, 1 error" in out.stdout and "outlived the test" in out.stdout, out.stdout[-2000:]

@@ -25,7 +25,7 @@ from geometry import analyze
 from geometry.capture.callbacks import GeometryCallback, GradientProjectionCallback
 from geometry.capture.recorder import RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
-from geometry.capture.tracking import tracking_table
+from geometry.capture.trajectory import tracking_table
 
 STEPS = 4
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3

@@ -14,8 +14,8 @@ import torch
 from transformers import TrainerCallback
 
 from geometry.capture.distributed import is_sharded, is_writer
+from geometry.capture.layout import check_writable
 from geometry.capture.recorder import Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
-from geometry.capture.store import check_writable
 from geometry.errors import GeometryError
 
 

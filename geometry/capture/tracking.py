@@ -40,15 +40,11 @@ of the same checkpoints agree (SPEC: Sim_K within 0.02, stable rank within 2%).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from geometry.capture.store import read_manifest, read_tracking
 from geometry.linalg import subspace_sim
-from geometry.selection import layer_of, module_of
-from geometry.table import Row, Table
 
 # Per-step test (module docstring). Measured on tiny Llama training runs (tests/test_callbacks.py,
 # benchmarks/bench_recorder.py): about one iteration per step, Sim_K >= 0.99 against the exact SVD.
@@ -65,19 +61,24 @@ RANK_TOL = 1e-5
 
 
 class Estimate(NamedTuple):
-    """The tracked state of one matrix at one step (all float32, on D's device).
+    """The tracked state of one matrix at one step: what the iteration returns and what a store holds.
 
-    u: (m, r) left Ritz vectors, descending; s: (r,) Ritz values; v: (n, r) right Ritz vectors, the
-    next step's warm start; only the first ``k`` columns / values are reported.
+    Fresh from the iteration: r = K + p columns, float32 on D's device (v is the next step's warm
+    start); ``top(K)`` keeps the K that are reported and stored. Read back from a store
+    (geometry.capture.trackfile): K columns on the CPU, u and v upcast to float32.
     """
 
-    u: torch.Tensor
-    s: torch.Tensor
-    v: torch.Tensor
+    u: torch.Tensor  # (m, r) left Ritz vectors, descending
+    s: torch.Tensor  # (r,) Ritz values, lower bounds of the singular values of D
+    v: torch.Tensor  # (n, r) right Ritz vectors
     fro: float  # ||D||_F, exact
     iters: int  # subspace iterations spent at this step
     residual: float  # ||D V_K - U_K S_K||_F / (sqrt(K) s_1) after the last iteration
     exact: bool  # True when the iteration did not converge and the exact SVD was used
+
+    def top(self, k: int) -> Estimate:
+        """The first k columns / values: what is reported (SPEC item 7's K)."""
+        return self._replace(u=self.u[:, :k], s=self.s[:k], v=self.v[:, :k])
 
 
 def orth(y: torch.Tensor) -> torch.Tensor:
@@ -265,53 +266,3 @@ class SubspaceTracker:
 
     def _seed(self, name: str) -> int:
         return self.seed + self._index.setdefault(name, len(self._index))
-
-
-# ---- reading a store's tracking back as locking curves (the one I/O function here) ----
-
-TRACK_METRICS = ("track_sim_final_u", "track_sim_final_v", "track_sim_prev_u", "track_sim_prev_v",
-                 "track_stable_rank", "track_fro_norm", "track_s1")
-
-
-def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
-    """Per-step locking curves from a store's tracking state: one Row per (step, matrix, metric).
-
-    Per matrix and tracked step t: Sim_K of the tracked top-K subspaces (U and V) to those of the
-    final tracked step T and of the previous tracked step (NaN for the first, and for a zero update),
-    stable rank ||D_t||_F^2 / s_1^2, ||D_t||_F and s_1. Metric names: TRACK_METRICS.
-    """
-    man = read_manifest(run_dir)
-    label = run if run is not None else Path(run_dir).name
-    steps = man.tracking_steps
-    if not steps:
-        return Table()
-    final = read_tracking(run_dir, steps[-1])
-    rows: list[Row] = []
-    prev = None
-    for step in steps:
-        cur = final if step == steps[-1] else read_tracking(run_dir, step)
-        for name, st in cur.items():
-            layer, module = layer_of(name), module_of(name)
-            vals = _step_values(st, final[name], prev[name] if prev else None)
-            rows.extend(Row(label, step, name, layer, module, m, v) for m, v in vals.items())
-        prev = cur
-    return Table(rows)
-
-
-def _step_values(st, fin, prev) -> dict[str, float]:
-    nan = math.nan
-    moved = st.fro > 0
-    s1 = float(st.s[0]) if st.s.numel() else 0.0
-
-    def sim(a, b):
-        return float(subspace_sim(a, b)) if moved and b is not None else nan
-
-    return {
-        "track_sim_final_u": sim(st.u, fin.u if fin.fro > 0 else None),
-        "track_sim_final_v": sim(st.v, fin.v if fin.fro > 0 else None),
-        "track_sim_prev_u": sim(st.u, prev.u if prev is not None and prev.fro > 0 else None),
-        "track_sim_prev_v": sim(st.v, prev.v if prev is not None and prev.fro > 0 else None),
-        "track_stable_rank": st.fro**2 / s1**2 if s1 > 0 else nan,
-        "track_fro_norm": st.fro,
-        "track_s1": s1,
-    }

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from geometry.capture.tracking import tracking_table
+from geometry.capture.trajectory import tracking_table
 from geometry.errors import GeometryError
 from geometry.lab import regimes
 from geometry.lab.regimes import RegimeConfig, TrainResult

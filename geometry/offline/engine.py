@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 
 from geometry import metrics as M
-from geometry.linalg import SVD, exact_svd, gram_svd, randomized_svd, spectrum, subspace_sim
+from geometry.linalg import SVD, exact_svd, gram_svd, randomized_svd, spectrum
+from geometry.locking import step_sims
 from geometry.offline.config import AnalysisConfig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
@@ -107,26 +108,19 @@ def _update_factors(D: torch.Tensor, K: int, cfg: AnalysisConfig) -> SVD:
 
 
 def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:
-    """Per step: Sim_K of D_t's top-K subspaces to the final D_T's and to the previous step's (SPEC 7).
-
-    A zero update has no subspace: its similarities are NaN.
+    """Per step: Sim_K of D_t's top-K subspaces to the final D_T's and to the previous step's (SPEC 7),
+    by geometry.locking.step_sims. A zero update D_t has no subspace: its similarities are NaN.
     """
     final = results[-1]
     sims = []
     for i, res in enumerate(results):
         prev = results[i - 1] if i > 0 else None
         moved = res.values["fro_norm"] > 0
-        nan = torch.full_like(res.values["fro_norm"], float("nan"))
-
-        def sim(a, b):
-            return torch.where(moved, subspace_sim(a, b), nan)  # noqa: B023 - evaluated immediately
-
-        sims.append({
-            "sim_final_u": sim(res.UK, final.UK),
-            "sim_final_v": sim(res.VK, final.VK),
-            "sim_prev_u": sim(res.UK, prev.UK) if prev else nan,
-            "sim_prev_v": sim(res.VK, prev.VK) if prev else nan,
-        })
+        # Only D_t's own zero is masked here, as this engine always did (its outputs stay bit-identical); the
+        # capture's tracking also masks a zero D_T or D_s (geometry.capture.trajectory).
+        u = step_sims(res.UK, final.UK, prev.UK if prev else None, moved, moved, moved)
+        v = step_sims(res.VK, final.VK, prev.VK if prev else None, moved, moved, moved)
+        sims.append({"sim_final_u": u.final, "sim_final_v": v.final, "sim_prev_u": u.prev, "sim_prev_v": v.prev})
     return sims
 
 

@@ -1,0 +1,175 @@
+"""A store's manifest, ``geometry-store.json``: one typed record, parsed, checked and written here only.
+
+    {"format": "geometry-store", "version": 2,
+     "base": {"label": str, "sha256": hex},           the tracked tensors at step 0 (base/)
+     "tensors": [{"name", "shape", "dtype"}, ...],      in name order
+     "settings": {...},                                 the recorder's settings (a resumed run must repeat them)
+     "steps": [int, ...],                               complete snapshots (checkpoint-N/), ascending
+     "tracking_steps": [int, ...],                      tracking files (tracking/N.safetensors), ascending
+     "final_step": int | null}                          set by a clean close
+
+A manifest edited by hand (a field missing or of another type, steps out of order or repeated) is
+refused with one GeometryError line naming the field, before anything else of the store is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from geometry.errors import GeometryError
+
+FORMAT, VERSION = "geometry-store", 2
+READS = (1, 2)  # version 1 kept one set of tensors per matrix in a tracking file; its manifest is the same
+MANIFEST = "geometry-store.json"
+
+
+class TensorInfo(NamedTuple):
+    """One tracked tensor as the manifest lists it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch's name without "torch.": bfloat16, float32, ...
+
+
+@dataclass
+class Manifest:
+    base_label: str
+    base_sha256: str  # base_hash of the tensors in base/
+    tensors: list[TensorInfo]  # in name order
+    settings: dict  # JSON values: tuples become lists
+    steps: list[int] = field(default_factory=list)  # complete snapshots, ascending
+    tracking_steps: list[int] = field(default_factory=list)  # steps with tracking state, ascending
+    final_step: int | None = None  # last step of a cleanly closed run; None while running or after a crash
+    version: int = VERSION  # kept as read: a resumed version-1 store stays version 1 (readers check each file)
+
+    def last_complete(self) -> int | None:
+        """The last step whose every write landed: with tracking on, every recorded step has tracking,
+        written after the step's snapshot; without it, snapshots are all there is."""
+        every = self.settings.get("track_every")
+        if every is None:  # a store written without a recorder's settings: any landed step counts
+            done = self.steps + self.tracking_steps
+        else:
+            done = self.tracking_steps if every > 0 else self.steps
+        return max(done) if done else None
+
+    def add_snapshot(self, step: int) -> None:
+        _insert(self.steps, step)
+
+    def add_tracking(self, step: int) -> None:
+        _insert(self.tracking_steps, step)
+
+    def to_json(self, indent: int | None = None) -> bytes:
+        """The file's bytes. No indent for the frequent rewrites: json's C encoder only runs without one, and
+        the writer thread holds the GIL while it encodes."""
+        d = {"format": FORMAT, "version": self.version,
+             "base": {"label": self.base_label, "sha256": self.base_sha256},
+             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors],
+             "settings": self.settings, "steps": self.steps, "tracking_steps": self.tracking_steps,
+             "final_step": self.final_step}
+        return json.dumps(d, indent=indent).encode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str | Path = MANIFEST) -> Manifest:
+        """Parse and check a manifest; GeometryError (one line, naming ``where``) if it is not a valid one."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GeometryError(f"{where}: unreadable manifest ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") not in READS:
+            raise GeometryError(f"{where}: not a {FORMAT} manifest of version {', '.join(map(str, READS))}")
+        try:
+            return _parse(d)
+        except _Bad as e:
+            raise GeometryError(f"{where}: invalid manifest: {e}") from None
+
+
+def _insert(steps: list[int], step: int) -> None:
+    if not steps or step > steps[-1]:
+        steps.append(step)  # the usual case: O(1), not O(steps)
+    elif step not in steps:
+        steps.insert(next(i for i, s in enumerate(steps) if s > step), step)
+
+
+class _Bad(Exception):
+    """What is wrong with a manifest, said in a few words."""
+
+
+def _get(d: Mapping, key: str, kind: type | tuple[type, ...], what: str = "") -> object:
+    if key not in d:
+        raise _Bad(f"{what or key} is missing")
+    value = d[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _Bad(f"{what or key} is {type(value).__name__} {json.dumps(value)[:40]}, not {name}")
+    return value
+
+
+def _step_list(d: Mapping, key: str) -> list[int]:
+    steps = _get(d, key, list)
+    for s in steps:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise _Bad(f"{key} holds {json.dumps(s)[:40]}, not a step (an integer >= 0)")
+    for a, b in zip(steps, steps[1:], strict=False):
+        if b <= a:
+            raise _Bad(f"{key} are not in ascending order ({a} then {b})" if b < a else f"{key} lists step {a} twice")
+    return steps
+
+
+def _tensor(t: object, i: int) -> TensorInfo:
+    if not isinstance(t, dict):
+        raise _Bad(f"tensors[{i}] is not an object")
+    name = _get(t, "name", str, f"tensors[{i}].name")
+    shape = _get(t, "shape", list, f"tensors[{i}].shape")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+        raise _Bad(f"tensors[{i}].shape is {json.dumps(shape)[:40]}, not a list of sizes")
+    return TensorInfo(name, tuple(shape), _get(t, "dtype", str, f"tensors[{i}].dtype"))
+
+
+def _parse(d: dict) -> Manifest:
+    base = _get(d, "base", dict)
+    sha = _get(base, "sha256", str, "base.sha256")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise _Bad(f"base.sha256 is {sha[:40]!r}, not a sha256 hex digest")
+    tensors = [_tensor(t, i) for i, t in enumerate(_get(d, "tensors", list))]
+    names = [t.name for t in tensors]
+    if names != sorted(set(names)):
+        raise _Bad("tensors are not in name order, or a name is repeated")
+    final = d.get("final_step")  # absent in stores that never closed before it existed
+    if final is not None and (not isinstance(final, int) or isinstance(final, bool) or final < 0):
+        raise _Bad(f"final_step is {json.dumps(final)[:40]}, not a step or null")
+    return Manifest(_get(base, "label", str, "base.label"), sha, tensors, _get(d, "settings", dict),
+                    _step_list(d, "steps"), _step_list(d, "tracking_steps"), final, d["version"])
+
+
+def read_manifest(run_dir: str | Path) -> Manifest:
+    """A store's manifest, checked (module docstring); GeometryError if there is none or it is invalid."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise GeometryError(f"{run_dir}: not a geometry store (no {MANIFEST})") from None
+    except OSError as e:
+        raise GeometryError(f"{path}: unreadable manifest ({e.strerror or e})") from None
+    return Manifest.from_json(text, path)
+
+
+def base_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' raw bytes, in name order (dtype-exact: bf16 and fp32 bases differ)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_infos(tensors: Mapping[str, torch.Tensor]) -> list[TensorInfo]:
+    """What the manifest lists of these tensors, in name order."""
+    return [TensorInfo(n, tuple(tensors[n].shape), str(tensors[n].dtype).removeprefix("torch."))
+            for n in sorted(tensors)]

@@ -1,0 +1,60 @@
+"""A store's per-step tracking read back as locking curves: one Row per (step, matrix, metric)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from geometry.capture.store import check_store, read_tracking
+from geometry.capture.tracking import Estimate
+from geometry.locking import step_sims
+from geometry.selection import layer_of, module_of
+from geometry.table import Row, Table
+
+TRACK_METRICS = ("track_sim_final_u", "track_sim_final_v", "track_sim_prev_u", "track_sim_prev_v",
+                 "track_stable_rank", "track_fro_norm", "track_s1")
+
+
+def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
+    """Per-step locking curves from a store's tracking state (metric names: TRACK_METRICS).
+
+    Per matrix and tracked step t: Sim_K of the tracked top-K subspaces (U and V) to those of the
+    final tracked step T and of the previous tracked step (geometry.locking.step_sims: NaN for the
+    first, and where either update is zero), stable rank ||D_t||_F^2 / s_1^2, ||D_t||_F and s_1.
+    The store is checked first (geometry.capture.store.check_store): a damaged one is refused, not half-read.
+    """
+    steps = check_store(run_dir).tracking_steps
+    label = run if run is not None else Path(run_dir).name
+    if not steps:
+        return Table()
+    final = read_tracking(run_dir, steps[-1])
+    rows: list[Row] = []
+    prev: dict[str, Estimate] | None = None
+    for step in steps:
+        cur = final if step == steps[-1] else read_tracking(run_dir, step)
+        for name, est in cur.items():
+            layer, module = layer_of(name), module_of(name)
+            values = step_values(est, final[name], prev[name] if prev else None)
+            rows.extend(Row(label, step, name, layer, module, m, v) for m, v in values.items())
+        prev = cur
+    return Table(rows)
+
+
+def step_values(est: Estimate, final: Estimate, prev: Estimate | None) -> dict[str, float]:
+    """TRACK_METRICS of one matrix at one step, from its Estimates at this, the final and the previous step."""
+    def moved(e: Estimate) -> torch.Tensor:
+        return torch.tensor(e.fro > 0)
+
+    prev_moved = moved(prev) if prev is not None else None
+    u = step_sims(est.u, final.u, prev.u if prev is not None else None, moved(est), moved(final), prev_moved)
+    v = step_sims(est.v, final.v, prev.v if prev is not None else None, moved(est), moved(final), prev_moved)
+    s1 = float(est.s[0]) if est.s.numel() else 0.0
+    return {
+        "track_sim_final_u": float(u.final), "track_sim_final_v": float(v.final),
+        "track_sim_prev_u": float(u.prev), "track_sim_prev_v": float(v.prev),
+        "track_stable_rank": est.fro**2 / s1**2 if s1 > 0 else math.nan,
+        "track_fro_norm": est.fro,
+        "track_s1": s1,
+    }
