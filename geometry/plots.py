@@ -6,6 +6,7 @@ are told apart at a glance across figures.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -25,6 +26,17 @@ def color(run: str, runs: Sequence[str] = ()) -> str:
             return c
     others = [r for r in runs if r.lower() not in _KNOWN] or [run]
     return _OTHERS[others.index(run) % len(_OTHERS)] if run in others else _OTHERS[0]
+
+
+def panels(n: int, width: float = 6.0, height: float = 4.2, cols: int | None = None):
+    """A new figure with n axes, ``cols`` to a row (default: all in one row): (figure, list of n axes)."""
+    cols = min(n, cols or n)
+    rows = -(-n // cols)
+    fig, ax = plt.subplots(rows, cols, figsize=(width * cols, height * rows), layout="constrained", squeeze=False)
+    axes = list(ax.flat)
+    for extra in axes[n:]:
+        extra.set_axis_off()
+    return fig, axes[:n]
 
 
 def _axes(ax, figsize=(6, 4)):
@@ -96,14 +108,16 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, 
     return fig
 
 
-def localisation(table: Table, ax=None, *, runs: Sequence[str] | None = None):
-    """The paper's localisation table as bars: density, principal-mask and low-magnitude-mask overlap (%)."""
+def localisation(table: Table, ax=None, *, runs: Sequence[str] | None = None, alpha: float = 0.3):
+    """The paper's localisation table as bars: density, principal-mask and low-magnitude-mask overlap (%);
+    alpha, the masks' fraction, is the random baseline of either overlap."""
     summaries = {s.run: s for s in summarize(table)}
     runs = list(runs or summaries)
     series = {r: [100 * (1 - summaries[r].final("sparsity_bf16")), 100 * summaries[r].final("mask_overlap_principal"),
                   100 * summaries[r].final("mask_overlap_lowmag")] for r in runs}
     return bars(["update density", "principal-mask overlap", "low-magnitude overlap"], series, ax,
-                ylabel="% (final checkpoint)", baseline=50.0, baseline_label="random mask overlap (50%)")
+                ylabel="% (final checkpoint)", baseline=100 * alpha,
+                baseline_label=f"random mask overlap ({100 * alpha:.0f}%)")
 
 
 def angle_curves(curves: dict[tuple[str, int, str], np.ndarray], ax=None, *, step: int | None = None,
@@ -143,6 +157,43 @@ def spectra(curves: dict[tuple[str, int, str], np.ndarray], matrix: str, ax=None
     ax.set_ylabel("|s_i(W_t) - s_i(W_0)| / s_i(W_0)")
     ax.set_title(matrix, fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=7)
     return fig
 
+
+
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def heatmap(table: Table, metric: str, ax=None, *, run: str | None = None, step: int | None = None,
+            vmin: float | None = None, vmax: float | None = None):
+    """One metric over layer x module at one step (default: the run's last), one cell per matrix: where in the
+    network an update sits. Cells with no matrix (or a NaN value) stay blank; give vmin/vmax to share a colour
+    scale between panels."""
+    run = run or table.unique("run")[0]
+    rows = table.where(run=run, metric=metric)
+    at = step if step is not None else max(rows.unique("step"), default=None)
+    rows = rows.where(step=at)
+    layers = sorted({r.layer for r in rows if r.layer is not None})
+    modules = sorted(dict.fromkeys(r.module for r in rows if r.layer is not None),
+                     key=lambda m: (_MODULE_ORDER.index(m) if m in _MODULE_ORDER else len(_MODULE_ORDER), m))
+    grid = np.full((len(layers), len(modules)), np.nan)
+    for r in rows:
+        if r.layer is not None:
+            grid[layers.index(r.layer), modules.index(r.module)] = r.value
+    fig, ax = _axes(ax, figsize=(1.2 + 0.8 * max(1, len(modules)), 1.2 + 0.35 * max(1, len(layers))))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=8)
+    ax.set_ylabel("layer")
+    ax.set_title(f"{run}: {metric} at step {at}", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.9)
+    return fig
+
+
+def png(fig, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes; the figure is closed (pyplot keeps every open figure alive)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()

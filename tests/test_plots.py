@@ -53,3 +53,46 @@ def test_angle_curves_and_spectra_from_curves():
     fig = plots.angle_curves({("sft", 5, "w"): np.array([0.1, 1.0])})
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [0.1, 1.0])
     plt.close(fig)
+
+
+def test_heatmap_puts_each_matrix_in_its_layer_and_module_cell():
+    rows = [Row("sft", 5, f"model.layers.{layer}.{m}.weight", layer, m, "stable_rank", 10 * layer + i)
+            for layer in range(3) for i, m in enumerate(("up_proj", "q_proj", "down_proj"))]
+    fig = plots.heatmap(Table(rows), "stable_rank", vmin=0, vmax=30)
+    image = fig.axes[0].get_images()[0]
+    # modules in the architecture's order (q, up, down), layers top to bottom
+    np.testing.assert_array_equal(image.get_array(), [[1, 0, 2], [11, 10, 12], [21, 20, 22]])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["q_proj", "up_proj", "down_proj"]
+    assert image.get_clim() == (0, 30)
+    assert plots.png(fig).startswith(b"\x89PNG") and not plt.get_fignums()  # png() closes the figure
+
+
+def test_standard_figures_and_a_self_contained_html_report(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    import geometry
+    from geometry.offline.figures import report_html, report_markdown, standard_figures
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.{b}.{m}.weight" for i in range(2)
+             for b, m in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "up_proj"))]
+    base = {n: torch.randn(16, 16, generator=g) for n in names}
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    for step in (2, 4, 6):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({n: w + 1e-2 * step * torch.randn(16, 16, generator=g) for n, w in base.items()},
+                  str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
+    a = geometry.analyze(tmp_path / "base", [tmp_path / "run"], label="sft",
+                         config=geometry.AnalysisConfig(lock_k=2, device="cpu"))
+    figs = standard_figures(a)
+    assert set(figs) == {"sparsity_localisation.png", "angles_spectra.png", "rank_norm.png", "locking.png",
+                         "heatmap_sparsity_bf16.png", "heatmap_overlap_2s_ratio.png", "heatmap_stable_rank.png"}
+    assert all(b.startswith(b"\x89PNG") for b in figs.values()) and not plt.get_fignums()
+    md = report_markdown("# Summary\n\n| run | x |\n|---|---|\n| sft | 1 |\n", figs)
+    assert "![locking](figures/locking.png)" in md
+    page = report_html("# Summary\n\nText with **bold**.\n\n| run | x |\n|---|---|\n| sft | 1 |\n\n- a <note>\n", figs)
+    assert page.count("data:image/png;base64,") == len(figs)
+    assert "<td>sft</td>" in page and "<b>bold</b>" in page and "<li>a &lt;note&gt;</li>" in page
+    assert "http" not in page.replace("data:image", "")  # nothing fetched when opened

@@ -1,0 +1,139 @@
+"""The standard figures of an analysis, and report.md / report.html that embed them beside summary.md.
+
+Figures are rendered to PNG bytes in memory (geometry.plots draws them), so the writer can land them with
+the other outputs, all or nothing. The HTML report is one self-contained file: figures inlined as base64,
+no script, nothing fetched when it is opened.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+
+from geometry import plots
+from geometry.offline.analyze import Analysis, curves_by
+from geometry.offline.summary import ATTENTION_MODULES, summarize
+
+HEATMAP_METRICS = ("sparsity_bf16", "overlap_2s_ratio", "stable_rank")  # where in the network each update sits
+
+
+def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_METRICS) -> dict[str, bytes]:
+    """File name -> PNG of each standard figure: sparsity and localisation, angles and spectra, rank and norm,
+    locking (all matrices and attention only), and a layer x module heatmap per metric in ``heatmaps``."""
+    a, cfg = analysis, analysis.config
+    runs = a.unique("run")
+    summaries = {s.run: s for s in summarize(a, cfg.tau)}
+    out = {}
+
+    fig, ax = plots.panels(2)
+    plots.bars(["bf16 sparsity"], {r: [100 * summaries[r].final("sparsity_bf16")] for r in runs}, ax[0], ylabel="%")
+    ax[0].set_title("update sparsity at the final step")
+    plots.localisation(a, ax[1], runs=runs, alpha=cfg.alpha)
+    ax[1].set_title("localisation of the update mask")
+    out["sparsity_localisation.png"] = plots.png(fig)
+
+    fig, ax = plots.panels(2)
+    plots.angle_curves(curves_by(a, "angles_u"), ax[0], runs=runs)
+    ax[0].set_title("principal angles, top-k U of W0 vs W_t (mean over matrices)")
+    matrix = _most_shifted(a)
+    if matrix is not None:
+        plots.spectra(curves_by(a, "spectrum"), matrix, ax[1], runs=runs)
+    out["angles_spectra.png"] = plots.png(fig)
+
+    fig, ax = plots.panels(2)
+    plots.metric_over_steps(a, "stable_rank", ax[0], runs=runs, ylabel="stable rank of D_t")
+    plots.metric_over_steps(a, "fro_norm", ax[1], runs=runs, ylabel="||D_t||_F", logy=True)
+    out["rank_norm.png"] = plots.png(fig)
+
+    fig, ax = plots.panels(2)
+    plots.locking(a, ax[0], tau=cfg.tau, runs=runs)
+    ax[0].set_title(f"all matrices ({len(a.unique('matrix'))})")
+    attention = a.where(module=tuple(ATTENTION_MODULES))
+    if len(attention):
+        plots.locking(attention, ax[1], tau=cfg.tau, runs=runs)
+    ax[1].set_title("attention matrices q/k/v/o (the paper's view)")
+    out["locking.png"] = plots.png(fig)
+
+    for metric in heatmaps:
+        if not len(a.where(metric=metric)):
+            continue
+        fig, ax = plots.panels(len(runs), width=4.5, height=3.6, cols=3)
+        values = [v for v in a.where(metric=metric).values() if math.isfinite(v)]
+        scale = {"vmin": min(values), "vmax": max(values)} if values else {}
+        for i, run in enumerate(runs):
+            plots.heatmap(a, metric, ax[i], run=run, **scale)  # one colour scale: runs compare cell by cell
+        out[f"heatmap_{metric}.png"] = plots.png(fig)
+    return out
+
+
+def _most_shifted(a: Analysis) -> str | None:
+    """The matrix with the largest final spectral shift in the first run: the spectrum most worth a look."""
+    if not len(a):
+        return None
+    run = a.rows[0].run
+    rows = a.where(run=run, metric="nss")
+    if not len(rows):
+        return None
+    last = max(rows.unique("step"))
+    return max(rows.where(step=last), key=lambda r: (r.value, r.matrix)).matrix
+
+
+def report_markdown(summary_md: str, figures: dict[str, bytes], folder: str = "figures") -> str:
+    """summary.md followed by the figures, linked from ``folder``."""
+    parts = [summary_md.rstrip(), "", "## Figures", ""]
+    parts += [f"![{name.removesuffix('.png')}]({folder}/{name})\n" for name in figures]
+    return "\n".join(parts) + "\n"
+
+
+def report_html(summary_md: str, figures: dict[str, bytes], title: str = "geometry report") -> str:
+    """One self-contained HTML page: the summary's headings, paragraphs, lists and tables, then the figures
+    inlined as base64 PNGs."""
+    body = _markdown_to_html(summary_md)
+    images = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{html.escape(name.removesuffix('.png'))}</figcaption></figure>"
+        for name, data in figures.items())
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "text-align:right}th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}\n<h2>Figures</h2>\n{images}\n</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _markdown_to_html(md: str) -> str:
+    """The subset of markdown our summaries use: #-headings, paragraphs, '- ' lists, pipe tables."""
+    out, lines, i = [], md.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
+            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "</table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return "\n".join(out)
