@@ -2,13 +2,14 @@
 
 from importlib import import_module
 
-__all__ = ["analyze", "Analysis", "AnalysisConfig", "Run", "Row", "Table", "GeometryError",
+__all__ = ["analyze", "load", "Analysis", "AnalysisConfig", "Run", "Row", "Table", "GeometryError",
            "GeometryCallback", "GradientProjectionCallback", "Recorder", "RecorderConfig"]
 
 _WHERE = {"analyze": "offline.analyze", "Analysis": "offline.analyze", "Run": "offline.analyze",
-          "AnalysisConfig": "offline.config", "Row": "table", "Table": "table", "GeometryError": "errors",
-          "GeometryCallback": "capture.callbacks", "GradientProjectionCallback": "capture.callbacks",
-          "Recorder": "capture.recorder", "RecorderConfig": "capture.recorder"}
+          "load": "offline.outputs", "AnalysisConfig": "offline.config", "Row": "table", "Table": "table",
+          "GeometryError": "errors", "GeometryCallback": "capture.callbacks",
+          "GradientProjectionCallback": "capture.callbacks", "Recorder": "capture.recorder",
+          "RecorderConfig": "capture.recorder"}
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
 """Run-level aggregation follows SPEC: weighted sparsity, pooled mask overlap, median onset or 'none'."""
 
+import dataclasses
 import json
 import math
 
@@ -66,3 +67,42 @@ def test_attention_onset_is_the_median_over_q_k_v_o_only():
     assert s.locking_onset_step is None and s.attention == [mats[0][0], mats[1][0]]
     assert (s.attention_onset_step, s.attention_onset_frac) == (2, 0.5)
     assert s.to_json()["locking_onset_attention"] == {"matrices": 2, "step": 2, "frac": 0.5}
+
+
+def test_load_gives_back_what_write_analysis_wrote(tmp_path):
+    """write -> load -> write: the same tables, summaries and curves (the onset rows are derived anew)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    import geometry
+    from geometry.offline.outputs import write_analysis
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "o_proj")]
+    base = {n: torch.randn(16, 16, generator=g) for n in names}
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    for step in (2, 4):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({n: w + 1e-2 * step * torch.randn(16, 16, generator=g) for n, w in base.items()},
+                  str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
+    cfg = geometry.AnalysisConfig(lock_k=2, alpha=0.25, device="cpu")
+    first = geometry.analyze(tmp_path / "base", [tmp_path / "run"], label="sft", config=cfg)
+    write_analysis(first, tmp_path / "a")
+    again = geometry.load(tmp_path / "a")
+    def key(rows):  # NaN != NaN: compare NaN values as equal
+        return [(*r[:-1], "nan" if math.isnan(r.value) else r.value) for r in rows]
+
+    assert key(again.rows) == key(first.rows) and again.notes == first.notes
+    assert dataclasses.replace(again.config, device="cpu") == cfg  # the device is chosen anew where it is loaded
+    assert [r.label for r in again.runs] == ["sft"]
+    write_analysis(again, tmp_path / "b")
+    for name in ("metrics.csv", "summary.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert a["config"].pop("device") == "cpu" and b["config"].pop("device") == "auto" and a == b
+    with np.load(tmp_path / "a" / "curves.npz") as a, np.load(tmp_path / "b" / "curves.npz") as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    with pytest.raises(geometry.GeometryError, match="no metrics.csv"):
+        geometry.load(tmp_path)

@@ -7,6 +7,7 @@ directory the files are renamed one by one with SIGINT/SIGTERM held back until t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -20,9 +21,11 @@ import numpy as np
 
 from geometry.atomic import fsync_path, write_atomic
 from geometry.errors import GeometryError
-from geometry.offline.analyze import Analysis
+from geometry.offline.analyze import Analysis, Curve, Run
+from geometry.offline.config import AnalysisConfig
 from geometry.offline.markdown import render_summary
-from geometry.offline.summary import onset_rows, summarize, summary_json
+from geometry.offline.summary import DERIVED, onset_rows, summarize, summary_json
+from geometry.table import Table
 
 FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")
 
@@ -43,7 +46,8 @@ def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
     np.savez_compressed(npz_buf, **{f"{c.run}|{c.step}|{c.matrix}|{c.kind}": c.values for c in analysis.curves})
     blobs = {
         "metrics.csv": csv_buf.getvalue().encode(),
-        "summary.json": _with_labels(summary_json(summaries, analysis.notes), analysis.labels).encode(),
+        "summary.json": _with_labels(summary_json(summaries, analysis.notes, dataclasses.asdict(analysis.config)),
+                                     analysis.labels).encode(),
         "summary.md": render_summary(summaries, analysis.notes, tau, analysis.config.alpha).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
@@ -151,12 +155,31 @@ def _signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def read_curves(path: str | Path, kind: str) -> dict[tuple[str, int, str], np.ndarray]:
-    """The curves of one kind ("angles_u", "angles_v", "spectrum") from a curves.npz, keyed (run, step, matrix)."""
-    out = {}
-    with np.load(path) as data:
-        for key in data.files:
-            run, step, matrix, k = key.split("|")  # written by write_analysis; names hold no '|'
-            if k == kind:
-                out[(run, int(step), matrix)] = data[key]
-    return out
+def load(out: str | Path) -> Analysis:
+    """An analysis back from the directory ``write_analysis`` wrote: rows, curves, notes, settings.
+
+    The per-matrix onset rows that ``write_analysis`` derives are left out (writing the result again derives
+    them anew); runs carry their labels only (the base and checkpoint paths are not part of the outputs).
+    """
+    out = Path(out)
+    for name in ("metrics.csv", "summary.json", "curves.npz"):
+        if not (out / name).is_file():
+            raise GeometryError(f"{out}: no {name}; not an output directory of `geometry analyze`")
+    try:
+        table = Table.from_csv(out / "metrics.csv")
+        summary = json.loads((out / "summary.json").read_text())
+        config = AnalysisConfig(**{**summary.get("config", {}), "device": "auto"})  # written on another machine?
+        curves = []
+        with np.load(out / "curves.npz") as data:
+            for key in data.files:
+                run, step, matrix, kind = key.split("|")  # written by write_analysis; names hold no '|'
+                curves.append(Curve(run, int(step), matrix, kind, data[key]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GeometryError(f"{out}: unreadable analysis output ({type(e).__name__}: {e})") from None
+    rows = [r for r in table if r.metric not in DERIVED]
+    labels = {}  # run -> step -> checkpoint name, as _with_labels wrote them
+    for run, entry in summary.get("runs", {}).items():
+        if "step_labels" in entry:
+            labels[run] = {0: entry.get("base"), **dict(zip(entry["steps"], entry["step_labels"], strict=True))}
+    runs = [Run(label, "", []) for label in dict.fromkeys(r.run for r in rows)]
+    return Analysis(rows, curves, summary.get("notes", []), runs, config, labels)

@@ -63,6 +63,9 @@ def summarize(table: Table, tau: float = 0.9) -> list[RunSummary]:
     return [_summarize_run(table.where(run=run), run, tau) for run in table.unique("run")]
 
 
+DERIVED = ("locking_onset_step", "locking_onset_frac")  # per-matrix rows onset_rows derives from the others
+
+
 def onset_rows(table: Table, tau: float = 0.9) -> Table:
     """Per-matrix ``locking_onset_step`` / ``locking_onset_frac`` rows at the final step (NaN: never locks)."""
     rows = []
@@ -120,5 +123,9 @@ def _aggregate(metric: str, cells: list[dict[str, float]]) -> float:
     return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
 
 
-def summary_json(summaries: list[RunSummary], notes: list[str]) -> str:
-    return json.dumps({"runs": {s.run: s.to_json() for s in summaries}, "notes": notes}, indent=2)
+def summary_json(summaries: list[RunSummary], notes: list[str], config: dict | None = None) -> str:
+    """summary.json: run-level values, notes, and the analysis settings (every size, seed and method used)."""
+    doc = {"runs": {s.run: s.to_json() for s in summaries}, "notes": notes}
+    if config is not None:
+        doc["config"] = config
+    return json.dumps(doc, indent=2)
