@@ -74,6 +74,8 @@ def _analyze_args(sub) -> None:
     p.add_argument("--skip-mismatch", dest="on_mismatch", action="store_const", const="skip",
                    help="the same as --on-mismatch skip")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-figures", action="store_true", help="no figures/ and report.md (tables only)")
+    p.add_argument("--html", action="store_true", help="also report.html: one self-contained file, figures inlined")
 
 
 def _runs(args):
@@ -102,26 +104,46 @@ def cmd_analyze(args) -> int:
     runs = _runs(args)
     check_output(args.out)  # before the analysis, not after hours of it
     analysis = analyze(runs, config=cfg, progress=not args.no_progress)
-    paths = write_analysis(analysis, args.out)
+    paths = write_analysis(analysis, args.out, figures=not args.no_figures, html=args.html)
     for note in analysis.notes:
         print(f"note: {note}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
+def _plot_args(sub) -> None:
+    p = sub.add_parser("plot", help="re-render the figures and report of an analysis output directory",
+                       description="Read OUT (written by `geometry analyze`) and write its figures/, report.md "
+                       "and summary.md anew, without measuring again.")
+    p.add_argument("out", metavar="OUT", help="an output directory of `geometry analyze`")
+    p.add_argument("--html", action="store_true", help="also report.html: one self-contained file, figures inlined")
+
+
+def cmd_plot(args) -> int:
+    from geometry.offline.outputs import load, write_analysis
+
+    paths = write_analysis(load(args.out), args.out, figures=True, html=args.html)
+    print("wrote " + ", ".join(str(p) for p in paths if p.suffix in (".md", ".html")) + f" and {args.out}/figures/")
+    return 0
+
+
 def _demo_args(sub) -> None:
+    from geometry.lab.config import StudyConfig
+
     p = sub.add_parser("demo", help="the miniature study: SFT vs RLVR vs OPD on a tiny LM, analysed and reported",
-                       description="Train the three regimes and the paper's controls from the shipped student, "
-                       "record them with the callback, analyze, and write report.md with figures.")
+                       description="Train the three regimes and the paper's controls from the shipped student for "
+                       "several seeds, record them with the callback, analyze, and write report.md with a verdict "
+                       "per claim of the paper, and figures.")
     p.add_argument("-o", "--out", default="demo-report", help="report directory (default: demo-report)")
-    p.add_argument("--quick", action="store_true", help="a smoke-test size (about two minutes)")
+    add_config_options(p, StudyConfig)
 
 
 def cmd_demo(args) -> int:
+    from geometry.lab.config import StudyConfig
     from geometry.lab.report import write_report
     from geometry.lab.study import run_study
 
-    study = run_study(args.out, quick=args.quick, log=lambda msg: print(msg, flush=True))
+    study = run_study(args.out, config_from_args(StudyConfig, args), log=lambda msg: print(msg, flush=True))
     path = write_report(study)
     print(f"wrote {path} ({study.seconds / 60:.1f} min)")
     return 0
@@ -147,12 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="geometry", description="Parameter-space update geometry of LLM post-training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _analyze_args(sub)
+    _plot_args(sub)
     _demo_args(sub)
     _lab_args(sub)
     return parser
 
 
-COMMANDS = {"analyze": cmd_analyze, "demo": cmd_demo, "lab": cmd_lab}
+COMMANDS = {"analyze": cmd_analyze, "plot": cmd_plot, "demo": cmd_demo, "lab": cmd_lab}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,3 +96,37 @@ def test_standard_figures_and_a_self_contained_html_report(tmp_path):
     assert page.count("data:image/png;base64,") == len(figs)
     assert "<td>sft</td>" in page and "<b>bold</b>" in page and "<li>a &lt;note&gt;</li>" in page
     assert "http" not in page.replace("data:image", "")  # nothing fetched when opened
+
+
+def test_analyze_writes_figures_and_plot_re_renders_them_with_html(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from geometry.cli import main
+
+    g = torch.Generator().manual_seed(1)
+    base = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(12, 12, generator=g) for i in range(2)}
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    for step in (1, 2):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({n: w + 0.01 * step * torch.randn(12, 12, generator=g) for n, w in base.items()},
+                  str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "run"), "-o", str(out), "--lock-k", "2",
+                 "--no-progress"]) == 0
+    pngs = sorted(p.name for p in (out / "figures").iterdir())
+    assert "locking.png" in pngs and "heatmap_stable_rank.png" in pngs and not (out / "report.html").exists()
+    report = (out / "report.md").read_text()
+    assert report.startswith((out / "summary.md").read_text().rstrip()) and "![locking](figures/locking.png)" in report
+    for p in (out / "figures").iterdir():
+        p.unlink()
+    assert main(["plot", str(out), "--html"]) == 0
+    assert sorted(p.name for p in (out / "figures").iterdir()) == pngs
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == len(pngs)
+    assert not [p for p in out.rglob(".tmp*")]
+    assert main(["plot", str(tmp_path / "base")]) == 2  # not an analysis output: one line, exit 2
+    assert "not an output directory" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "run"), "-o", str(tmp_path / "bare"),
+                 "--no-figures", "--no-progress"]) == 0
+    assert not (tmp_path / "bare" / "figures").exists() and not (tmp_path / "bare" / "report.md").exists()

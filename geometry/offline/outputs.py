@@ -30,8 +30,10 @@ from geometry.table import Table
 FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")
 
 
-def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
-    """metrics.csv (the tidy table), summary.json, summary.md and curves.npz (angle curves, spectra).
+def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False, html: bool = False) -> list[Path]:
+    """metrics.csv (the tidy table), summary.json, summary.md and curves.npz (angle curves, spectra); with
+    ``figures``, the standard figures (figures/*.png) and report.md embedding them; with ``html``, also
+    report.html, one self-contained file (geometry.offline.figures).
 
     Everything is rendered in memory first, so a failure leaves no output files behind. summary.json
     names each run's checkpoints: ``base`` and ``step_labels`` (one per entry of ``steps``).
@@ -51,6 +53,8 @@ def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
         "summary.md": render_summary(summaries, analysis.notes, tau, analysis.config.alpha).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
+    if figures or html:
+        blobs.update(_report_files(analysis, blobs["summary.md"].decode(), html))
     try:
         if out.is_dir():
             _replace_files(blobs, out)
@@ -59,6 +63,17 @@ def write_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
     except OSError as e:
         raise GeometryError(f"cannot write the output to {out}: {e.strerror or e}") from None
     return [out / name for name in blobs]
+
+
+def _report_files(analysis: Analysis, summary_md: str, html: bool) -> dict[str, bytes]:
+    from geometry.offline.figures import report_html, report_markdown, standard_figures
+
+    figs = standard_figures(analysis)
+    files = {f"figures/{name}": data for name, data in figs.items()}
+    files["report.md"] = report_markdown(summary_md, figs, "figures").encode()
+    if html:
+        files["report.html"] = report_html(summary_md, figs).encode()
+    return files
 
 
 def _with_labels(text: str, labels: dict[str, dict[int, str]]) -> str:
@@ -96,6 +111,7 @@ def _stage(blobs: dict[str, bytes], where: Path) -> Path:
     stage = Path(tempfile.mkdtemp(prefix=".tmp-geometry-", dir=where))
     try:
         for name, data in blobs.items():
+            (stage / name).parent.mkdir(exist_ok=True)  # figures/
             write_atomic(stage / name, data)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -136,6 +152,7 @@ def _replace_files(blobs: dict[str, bytes], out: Path) -> None:
     try:
         with _signals_held():
             for name in blobs:  # renames within one filesystem: each lands whole
+                (out / name).parent.mkdir(exist_ok=True)
                 os.replace(stage / name, out / name)
         fsync_path(out)
     finally:
