@@ -32,8 +32,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from geometry.capture.callbacks import GeometryCallback
+from geometry.capture.layout import read_snapshot, save_folder
 from geometry.capture.recorder import RecorderConfig
-from geometry.capture.store import _save_folder, read_manifest
+from geometry.capture.store import read_manifest
 
 WARMUP = 5  # steps dropped from the timings: allocator and kernel warm-up
 
@@ -91,14 +92,11 @@ def run(a, out: Path, config: RecorderConfig | None):
 
 def write_seconds(store: Path, repeats: int = 3) -> float:
     """The writer thread's work for one snapshot (safetensors file, fsyncs, rename), timed here on its own."""
-    step = read_manifest(store).steps[-1]
-    from safetensors.torch import load_file
-
-    tensors = load_file(store / f"checkpoint-{step}" / "model.safetensors")
+    tensors = read_snapshot(store, read_manifest(store).steps[-1])
     best = float("inf")
     for i in range(repeats):
         t0 = time.perf_counter()
-        _save_folder(tensors, store / f"bench-write-{i}", None)
+        save_folder(tensors, store / f"bench-write-{i}", None)
         best = min(best, time.perf_counter() - t0)
     return best
 

@@ -3,9 +3,11 @@ later measured step (the final one left out) stays at or above tau; "none" when 
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
-from geometry.locking import locking_onset, median_onset
+from geometry.locking import locking_onset, median_onset, step_sims
 
 STEPS = [10, 20, 30, 40, 50]
 
@@ -75,3 +77,45 @@ def test_median_onset_counts_none_as_never():
 
 def test_median_onset_of_nothing_is_none():
     assert median_onset([]) is None
+
+
+# ---- Sim_K of each step to the final and the previous one ----
+
+def _basis(g, n, k):
+    return torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+
+
+def test_step_sims_against_principal_angles():
+    """Batched Sim_K equals the mean squared cosine of the principal angles (scipy-free reference: the singular
+    values of A^T B, one matrix at a time, in numpy), where both updates moved; NaN where either is zero."""
+    g = torch.Generator().manual_seed(0)
+    cur, fin, prev = (torch.stack([_basis(g, 20, 4) for _ in range(6)]).reshape(2, 3, 20, 4) for _ in range(3))
+    moved = torch.tensor([[True, True, False], [True, True, True]])
+    fin_moved = torch.tensor([[True, False, True], [True, True, True]])
+    prev_moved = torch.tensor([[True, True, True], [False, True, True]])
+    sims = step_sims(cur, fin, prev, moved, fin_moved, prev_moved)
+    assert sims.final.shape == sims.prev.shape == (2, 3) and sims.final.dtype == torch.float64
+
+    def ref(a, b):
+        cos = np.linalg.svd(a.numpy().T @ b.numpy(), compute_uv=False)
+        return float(np.mean(cos**2))
+
+    for i in range(2):
+        for j in range(3):
+            for got, other, ok in ((sims.final, fin, moved & fin_moved), (sims.prev, prev, moved & prev_moved)):
+                if ok[i, j]:
+                    assert got[i, j].item() == pytest.approx(ref(cur[i, j], other[i, j]), abs=1e-12)
+                else:
+                    assert math.isnan(got[i, j].item())
+
+
+def test_step_sims_identities():
+    g = torch.Generator().manual_seed(1)
+    a = _basis(g, 30, 5)
+    yes = torch.tensor(True)
+    same = step_sims(a, a, None, yes, yes)
+    assert same.final.item() == pytest.approx(1.0, abs=1e-12) and math.isnan(same.prev.item())  # no previous
+    rotated = a @ _basis(g, 5, 5)  # another basis of the same subspace
+    assert step_sims(a, rotated, rotated, yes, yes, yes).prev.item() == pytest.approx(1.0, abs=1e-12)
+    e = torch.eye(30, dtype=torch.float64)
+    assert step_sims(e[:, :5], e[:, 5:10], None, yes, yes).final.item() == 0.0  # orthogonal subspaces

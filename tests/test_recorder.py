@@ -235,3 +235,29 @@ def test_recorder_in_a_subprocess_writes_a_store(tmp_path):
     assert [t.name for t in man.tensors] == ["0.weight", "2.weight"]
     assert man.steps == [5, 10, 12] and man.tracking_steps == list(range(1, 13)) and man.final_step == 12
     assert read_tracking(run, 12)["2.weight"].u.shape == (16, 4)
+
+
+def test_update_batches_fill_by_size_and_hand_back_every_matrix():
+    """UpdateBatches: D = W - W0 in float32 with its norm, batches of at most mb MiB per shape (at least one
+    matrix), each handed back as soon as it is full or its shape has no matrix left; every matrix once a step."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (8, 4), "b": (8, 4), "c": (8, 4), "d": (4, 4)}
+    w = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    w0 = {n: torch.randn(s, generator=g).bfloat16() for n, s in shapes.items()}
+    batches = UpdateBatches(shapes, mb=2 * 8 * 4 * 4 / 2**20)  # two (8, 4) float32 matrices
+    assert batches.size == {(8, 4): 2, (4, 4): 1}
+    for _ in range(2):  # the buffers are reused from step to step
+        batches.start()
+        names = []
+        for n in shapes:
+            b = batches.add(n, w[n], w0[n])
+            if b is None:
+                continue
+            names.append(b.names)
+            for i, m in enumerate(b.names):  # valid until its shape's next add: checked now
+                want = w[m].float() - w0[m].float()
+                assert torch.equal(b.d[i], want) and b.fro[i].item() == pytest.approx(want.norm().item(), rel=1e-6)
+        assert names == [["a", "b"], ["c"], ["d"]] and list(batches.rest()) == []
+    batches.start()
+    batches.add("a", w["a"], w0["a"])  # a step that stops early (an error) leaves a batch for rest()
+    assert [b.names for b in batches.rest()] == [["a"]]

@@ -122,6 +122,18 @@ def test_unconverged_falls_back_to_exact_svd():
     assert torch.allclose(est.s[:K].double(), S[:K], rtol=1e-5)
 
 
+def test_top_keeps_the_reported_k():
+    """Estimate.top(K): the first K Ritz triplets, what the recorder stores; the scalars unchanged."""
+    d = planted(seed=5)
+    est = SubspaceTracker(K, 8).update("w", d, refine=True)
+    top = est.top(K)
+    assert est.u.shape[1] == K + 8 and top.u.shape == (d.shape[0], K) and top.v.shape == (d.shape[1], K)
+    assert torch.equal(top.u, est.u[:, :K]) and torch.equal(top.s, est.s[:K]) and torch.equal(top.v, est.v[:, :K])
+    assert top[3:] == est[3:]  # fro, iters, residual, exact
+    U, S, V = exact(d)
+    assert subspace_sim(top.v, V) > 0.999
+
+
 def test_zero_update_has_no_subspace():
     tr = SubspaceTracker(K, 8)
     est = tr.update("w", torch.zeros(40, 30))

@@ -1,6 +1,8 @@
 """Training-time capture: what runs inside a training loop.
 
-tracking (per-step subspace iteration) -> recorder (the framework-free entry) -> store (the run's
-files, written off the training thread) ; distributed (full matrices from sharded ones) ;
-callbacks (the HF Trainer / TRL adapters).
+    callbacks (HF Trainer / TRL adapters) -> recorder (the framework-free entry; config: RecorderConfig)
+        -> tracking (per-step subspace iteration, pure maths; batches: same-shape updates batched for it)
+        -> store (the run's files, written off the training thread by writer), laid out as in layout,
+           listed by manifest, tracking state in trackfile
+    distributed (full matrices from sharded ones) ; trajectory (a store read back as locking curves)
 """
