@@ -58,6 +58,9 @@ def _entry(name: str, info: object) -> tuple[tuple[int, ...], str, int, int]:
 
 def _check_tiling(spans: list[tuple[int, int, str]], data_bytes: int) -> None:
     """The tensors' byte ranges must cover the data from 0 to its end without gaps or overlaps."""
+    for _, end, name in spans:
+        if end > data_bytes:
+            raise ValueError(f"tensor {name!r} ends at byte {end}, past the {data_bytes} bytes of data")
     at, prev = 0, None
     for begin, end, name in sorted(spans):
         if begin < at:
