@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from geometry.cli import main
-from geometry.offline.outputs import FILES
+from geometry.offline.outputs import FILES, REPORT
 from geometry.table import Table
 
 NAMES = [f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("up_proj", "down_proj")]
@@ -46,7 +46,7 @@ def _cli(capsys, *argv):
 def test_analyze_writes_every_output(run, capsys):
     code, out, _ = _cli(capsys, "analyze", run / "base", run / "run", "-o", run / "out", "--no-progress")
     assert code == 0
-    assert sorted(p.name for p in (run / "out").iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in (run / "out").iterdir()) == sorted(FILES + REPORT)
     table = Table.from_csv(run / "out" / "metrics.csv")
     assert table.unique("step") == [10, 20, 30]
     assert set(table.unique("matrix")) == set(NAMES)

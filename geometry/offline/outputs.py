@@ -27,7 +27,8 @@ from geometry.offline.markdown import render_summary
 from geometry.offline.summary import DERIVED, onset_rows, summarize, summary_json
 from geometry.table import Table
 
-FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")
+FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")  # the tables
+REPORT = ("figures", "report.md")  # with figures=True (the CLI's default); report.html with html=True
 
 
 def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False, html: bool = False) -> list[Path]:
