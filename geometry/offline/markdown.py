@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from geometry.offline.reading import reading
 from geometry.offline.summary import RunSummary
 
 
@@ -30,11 +31,13 @@ def fmt(v: float | None, kind: str = "g") -> str:
     return f"{v:.4g}"
 
 
-def render_summary(summaries: list[RunSummary], notes: list[str], tau: float, alpha: float = 0.3) -> str:
+def render_summary(summaries: list[RunSummary], notes: list[str], tau: float, alpha: float = 0.3,
+                   lock_k: int = 16) -> str:
     """The whole summary.md: sparsity (the paper's Table 1), localisation, angles and spectrum, overlap,
     rank, locking. Values are at each run's final step, aggregated over matrices (summary.py says how)."""
     S = summaries
     parts = ["# Update geometry summary", "",
+             "## Reading", "", *reading(S, lock_k), "",
              "Values at each run's final checkpoint, aggregated over matrices: sparsity weighted by parameter "
              "count, mask overlaps pooled over changed entries, everything else an unweighted mean.", "",
              table(["run", "steps measured", "final step", "matrices"],

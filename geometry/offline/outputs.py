@@ -51,7 +51,8 @@ def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False
         "metrics.csv": csv_buf.getvalue().encode(),
         "summary.json": _with_labels(summary_json(summaries, analysis.notes, dataclasses.asdict(analysis.config)),
                                      analysis.labels).encode(),
-        "summary.md": render_summary(summaries, analysis.notes, tau, analysis.config.alpha).encode(),
+        "summary.md": render_summary(summaries, analysis.notes, tau, analysis.config.alpha,
+                                     analysis.config.lock_k).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
     if figures or html:
