@@ -1,0 +1,67 @@
+"""Ctrl-C and SIGTERM in the middle of `geometry analyze` (issue 10): the real console process ends within
+seconds, says so in one line, exits 130 / 143 and leaves no output directory and no temporary file."""
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from st_bytes import tiny, to_bytes
+
+ROOT = Path(__file__).parent.parent
+N_CKPTS = 600  # enough that the analysis is still running when the signal comes, on any machine
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> Path:
+    """A base and N_CKPTS fine-tunes: one file under N_CKPTS names (symlinks), steps 1..N in order."""
+    d = tmp_path_factory.mktemp("many")
+    base = tiny(0)
+    (d / "base.safetensors").write_bytes(to_bytes(base))
+    (d / "ft.safetensors").write_bytes(to_bytes(tiny(1, 1e-2, base)))
+    for i in range(N_CKPTS):
+        os.symlink("ft.safetensors", d / f"ft-{i:04d}.safetensors")
+    return d
+
+
+def _wait_for(proc: subprocess.Popen, pattern: bytes, timeout: float) -> bytes:
+    """stderr until `pattern` appears."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while not re.search(pattern, seen) and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stderr], [], [], 0.1)[0]:
+            seen += os.read(proc.stderr.fileno(), 65536)
+    return seen
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_analysis_leaves_nothing(many, tmp_path, sig, code):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "geometry", "analyze", many / "base.safetensors",
+            *sorted(many.glob("ft-*.safetensors")), "-o", out, "--no-figures"]  # progress bar on: the start signal
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(list(map(str, argv)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        started = _wait_for(proc, rb"\| *[1-9]\d*/\d+ \[", timeout=120)  # the bar has moved: checkpoints are read
+        assert proc.poll() is None, f"ended before the signal: {started.decode(errors='replace')[-500:]}"
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = (started + proc.stderr.read()).decode(errors="replace")
+    proc.stderr.close()
+    proc.stdout.close()
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.returncode == code and last == f"geometry: interrupted by {sig.name}", err[-2000:]
+    assert "Traceback" not in err
+    assert took < 5, f"took {took:.1f} s to stop"  # typically well under a second; the margin is for a loaded CI
+    assert not out.exists()
+    assert not [q for p in (tmp_path, many) for q in p.rglob(".tmp*")]
