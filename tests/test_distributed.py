@@ -24,7 +24,7 @@ from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.linalg import subspace_sim
 
 STEPS = 6
-CONFIG = dict(snapshot_every=3, k=4, oversample=4)
+CONFIG = dict(snapshot_every=3, lock_k=4, oversample=4)
 MODES = ("ddp", "fsdp2", "fsdp1")
 
 # Model, data and loop shared by the workers and the single-process reference (exec'd in both).

@@ -40,6 +40,9 @@ class TensorInfo(NamedTuple):
 
 @dataclass
 class Manifest:
+    """A store's manifest (module docstring). Mutable: a Store keeps one in memory, adds steps as their files
+    land, and writes it back with ``to_json``."""
+
     base_label: str
     base_sha256: str  # base_hash of the tensors in base/
     tensors: list[TensorInfo]  # in name order
