@@ -180,8 +180,7 @@ class Store:
         ends now rather than at exit (later writes would only fail the same way)."""
         errors = self._writer.errors()
         if errors and self.on_error == "raise":
-            self._shut_down()
-            errors += self._writer.errors()  # what the queued jobs added is the same failure: not reported
+            self._shut_down()  # the queued jobs run first; their errors are this failure again, left unreported
             what, err = errors[0]
             raise GeometryError(f"geometry store {self.root}: {what} failed: {err}") from err
         for what, err in errors:
