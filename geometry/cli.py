@@ -24,6 +24,11 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
+def error_line(err: GeometryError) -> str:
+    """The message as one printable line: names from a hostile file may hold newlines or terminal escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not a usage block."""
 
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except GeometryError as e:
-        print(f"geometry: error: {e}", file=sys.stderr)
+        print(f"geometry: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         sig = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT

@@ -42,7 +42,7 @@ def _entry(name: str, info: object) -> tuple[tuple[int, ...], str, int, int]:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise ValueError(f"tensor {name!r}: entry lacks dtype, shape or data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise ValueError(f"tensor {name!r}: unknown dtype {str(dtype)[:20]!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise ValueError(f"tensor {name!r}: shape is not a list of non-negative integers")

@@ -150,7 +150,7 @@ def _shards(index: Path, kind: str) -> dict[str, list[str]]:
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         if not (isinstance(shard, str) and shard.endswith(f".{kind}") and Path(shard).name == shard):
-            raise GeometryError(f"{index}: tensor {name} is mapped to {str(shard)[:80]!r}, not a .{kind} file "
+            raise GeometryError(f"{index}: tensor {name!r} is mapped to {str(shard)[:80]!r}, not a .{kind} file "
                                 "in the same folder")
         shards.setdefault(shard, []).append(name)
     return shards
