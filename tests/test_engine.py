@@ -361,3 +361,17 @@ def test_overlap_and_mask_ratios_on_planted_updates():
             rnd.values["mask_overlap_lowmag"].item() / 0.3, rel=1e-12)
     for name, vals in ratios.items():
         assert abs(np.mean(vals) - 1) < 4 * np.std(vals) / math.sqrt(len(vals)) + 0.02, name
+
+
+def test_locking_sims_are_nan_against_a_zero_previous_update():
+    """A matrix untouched at the first checkpoint has no subspace there: Sim_K to it is NaN (SPEC 7), not a
+    number compared against whatever basis the decomposition returned for a zero matrix."""
+    cfg = AnalysisConfig(principal_k=2, lock_k=2, device="cpu")
+    gen = torch.Generator().manual_seed(5)
+    W0 = torch.randn(1, 10, 8, generator=gen, dtype=torch.float64)
+    base = decompose_base(W0, cfg)
+    W2 = W0 + 0.1 * torch.randn(1, 10, 8, generator=gen, dtype=torch.float64)
+    results = [measure_step(base, W0.clone(), W0, cfg), measure_step(base, W2, W0, cfg)]
+    first, second = locking_sims(results)
+    assert math.isnan(first["sim_final_v"].item()) and math.isnan(second["sim_prev_v"].item())
+    assert second["sim_final_v"].item() == pytest.approx(1.0)

@@ -109,17 +109,16 @@ def _update_factors(D: torch.Tensor, K: int, cfg: AnalysisConfig) -> SVD:
 
 def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:
     """Per step: Sim_K of D_t's top-K subspaces to the final D_T's and to the previous step's (SPEC 7),
-    by geometry.locking.step_sims. A zero update D_t has no subspace: its similarities are NaN.
+    by geometry.locking.step_sims. A zero update has no subspace: a pair with one (D_t, D_T or the previous
+    D_s) is NaN.
     """
     final = results[-1]
+    moved = [res.values["fro_norm"] > 0 for res in results]
     sims = []
     for i, res in enumerate(results):
-        prev = results[i - 1] if i > 0 else None
-        moved = res.values["fro_norm"] > 0
-        # Only D_t's own zero is masked here, as this engine always did (its outputs stay bit-identical); the
-        # capture's tracking also masks a zero D_T or D_s (geometry.capture.trajectory).
-        u = step_sims(res.UK, final.UK, prev.UK if prev else None, moved, moved, moved)
-        v = step_sims(res.VK, final.VK, prev.VK if prev else None, moved, moved, moved)
+        prev, prev_moved = (results[i - 1], moved[i - 1]) if i > 0 else (None, None)
+        u = step_sims(res.UK, final.UK, prev.UK if prev else None, moved[i], moved[-1], prev_moved)
+        v = step_sims(res.VK, final.VK, prev.VK if prev else None, moved[i], moved[-1], prev_moved)
         sims.append({"sim_final_u": u.final, "sim_final_v": v.final, "sim_prev_u": u.prev, "sim_prev_v": v.prev})
     return sims
 
