@@ -1,4 +1,4 @@
-"""`geometry demo --quick` end to end: every run trained and recorded, report and figures written."""
+"""`geometry demo --quick` end to end: every run and seed trained and recorded, report and figures written."""
 
 import re
 
@@ -6,7 +6,9 @@ import pytest
 from matplotlib.image import imread
 
 from geometry.cli import main
-from geometry.lab.study import CONTROLS, MAIN, PROJECTED
+from geometry.errors import GeometryError
+from geometry.lab.report import Interval, all_of, below, interval
+from geometry.lab.study import CONTROLS, MAIN, PROJECTED, data_dir
 from geometry.table import Table
 
 
@@ -19,21 +21,23 @@ def demo(tmp_path_factory):
 
 def test_report_has_every_section_and_a_verdict_per_claim(demo):
     text = (demo / "report.md").read_text()
-    for section in ("## Claims at this scale", "## Update sparsity (Table 1)", "## Localisation of the update mask",
-                    "## Principal angles and spectral shift", "## Subspace locking", "## Gradient projection"):
+    for section in ("## Claims at this scale", "## Setup: differences from the paper", "## Learning rates",
+                    "## Update sparsity (Table 1)", "## Localisation of the update mask",
+                    "## Principal angles and spectral shift", "## Subspace locking", "## Are there boundaries",
+                    "## Gradient projection"):
         assert section in text
-    verdicts = re.findall(r"^- \*\*(reproduced|not reproduced|undecided)\*\*", text, flags=re.M)
+    verdicts = re.findall(r"^- \*\*(reproduced|not reproduced|inconclusive)\*\*", text, flags=re.M)
     assert len(verdicts) == 11
     assert "77.20" in text  # the paper's RLVR sparsity stands beside ours
 
 
-def test_every_run_is_analyzed_and_tracked(demo):
-    runs = set(MAIN) | set(CONTROLS) | set(PROJECTED)
+def test_every_run_and_seed_is_analyzed_and_tracked(demo):
+    labels = {f"{n}/s{s}" for n in (*MAIN, *CONTROLS, *PROJECTED) for s in (0, 1)}  # --quick: 2 seeds
     snapshots = Table.from_csv(demo / "analysis" / "metrics.csv")
     tracking = Table.from_csv(demo / "analysis" / "tracking.csv")
-    assert set(snapshots.unique("run")) == runs == set(tracking.unique("run"))
-    assert len(snapshots.where(run="sft").unique("step")) == 5  # snapshots at 20%, 40%, ... 100%
-    assert sorted(tracking.where(run="opd").unique("step")) == list(range(1, 11))  # every step
+    assert set(snapshots.unique("run")) == labels == set(tracking.unique("run"))
+    assert len(snapshots.where(run="sft/s0").unique("step")) == 5  # snapshots at 20%, 40%, ... 100%
+    assert sorted(tracking.where(run="opd/s1").unique("step")) == list(range(1, 11))  # every step
 
 
 def test_figures_are_real_pngs(demo):
@@ -50,3 +54,25 @@ def test_a_second_demo_replaces_its_own_output_but_not_other_dirs(demo, tmp_path
     assert main(["demo", "--quick", "-o", str(tmp_path)]) == 2
     assert "not a geometry demo output" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep"
+
+
+def test_data_directory_resolution(tmp_path, monkeypatch, capsys):
+    """--data, then $GEOMETRY_DATA, then the repository's data/; a missing model is one clear error."""
+    monkeypatch.delenv("GEOMETRY_DATA", raising=False)
+    assert (data_dir() / "student" / "config.json").is_file()
+    monkeypatch.setenv("GEOMETRY_DATA", str(tmp_path))
+    with pytest.raises(GeometryError, match="student: no model here"):
+        data_dir()
+    assert data_dir(data_dir.__globals__["REPO_DATA"]) == data_dir.__globals__["REPO_DATA"]
+    assert main(["demo", "--quick", "--data", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    assert "geometry lab pretrain" in capsys.readouterr().err
+
+
+def test_intervals_and_verdicts():
+    """Student-t 95% interval (t_0.975 with 2 degrees of freedom = 4.303); orderings decided only beyond it."""
+    iv = interval([1.0, 2.0, 3.0])
+    assert iv.mean == 2.0 and iv.hi - iv.mean == pytest.approx(4.302653 / 3**0.5) and iv.n == 3
+    a, b, c = Interval(1, 0.9, 1.1, 3), Interval(2, 1.9, 2.1, 3), Interval(1.5, 0.5, 2.5, 3)
+    assert below(a, b) is True and below(b, a) is False and below(a, c) is None
+    assert below(a, Interval(2, float("nan"), float("nan"), 1)) is None  # one seed decides nothing
+    assert all_of([True, True]) is True and all_of([True, None]) is None and all_of([None, False]) is False

@@ -1,19 +1,28 @@
-"""The demo study's post-training runs, each recorded into a geometry store.
+"""The demo study's post-training runs, each recorded into a geometry store, all with TRL trainers.
 
-Three regimes from one student, with the trainers users actually run (TRL): SFT on the reference
-answers, RLVR (GRPO, 0/1 exact-answer reward) and on-policy distillation (OPD, per-token reverse KL
-to the teacher). Plus the paper's controls (Shen et al., arXiv 2606.07082), which need a compact
-loop of our own: off-policy rollouts, and OPD's advantage mixed with RLVR's (``train_opd_loop``).
+The paper's three regimes (Shen et al., arXiv 2606.07082, appendices) from one student:
+- SFT: TRL ``SFTTrainer``, cross-entropy on the reference answer, lr 10x OPD's, cosine decay;
+- RLVR: GRPO with a 0/1 exact-answer reward, groups with zero reward variance skipped (``RLVRTrainer``);
+- OPD: the student samples, the teacher scores each sampled token, advantage -(log p_s - log p_t)
+  (``OPDTrainer``), the same prompts x samples per step as GRPO. Its controls use the same trainer:
+  teacher rollouts (``off_policy``) and OPD's advantage mixed with GRPO's (``alpha``);
+- a labelled variant: TRL's ``DistillationTrainer`` (the exact full-vocabulary reverse KL, one sample
+  per prompt), which is not the paper's estimator.
 
-Every run starts from the same student, trains on a seeded stream of fresh problems, is recorded
-per step (GeometryCallback / Recorder: tracking every step, ``snapshot_every`` checkpoints and the
-last step), and is scored by greedy exact-answer accuracy on the same held-out problems before
-and after. Same config, same machine and thread count -> same accuracy and same weights.
+The paper's precision regime: the student is a bf16 checkpoint (its weights are rounded to bf16 on
+loading), training keeps float32 master weights as mixed-precision training does, and the recorder
+stores bf16 snapshots, so the offline analysis compares bf16 checkpoints as the paper does. Learning
+rates come from ``geometry.lab.precision`` (the paper's lr / bf16-spacing ratio); AdamW betas
+(0.9, 0.98), weight decay 0.1, Adam eps 1e-15 for RLVR, as in the paper. Per-step tracking (the
+recorder's subspace iteration) follows the float32 master weights.
+
+Every run is scored by greedy exact-answer accuracy on the same held-out problems before and after.
+Same config, same machine and thread count -> same accuracy and same weights.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 import shutil
 import tempfile
 import time
@@ -29,45 +38,49 @@ from datasets import Dataset
 from datasets import disable_progress_bars as ds_disable_progress
 from datasets import enable_progress_bars as ds_enable_progress
 from datasets import is_progress_bar_enabled as ds_progress_enabled
-from transformers import DynamicCache, PrinterCallback
+from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from geometry.capture.callbacks import GeometryCallback, GradientProjectionCallback
-from geometry.capture.recorder import Recorder, RecorderConfig
+from geometry.capture.recorder import RecorderConfig
 from geometry.errors import GeometryError
 from geometry.lab.models import load_model
+from geometry.lab.precision import SFT_LR_RATIO, rule_lr
 from geometry.lab.pretrain import EVAL_SEED_OFFSET
 from geometry.lab.task import accuracy, make_problems, records, reward
 from geometry.lab.tokenizer import load_tokenizer
 
-EVAL_SEED = EVAL_SEED_OFFSET  # pretraining's held-out stream (seed 0): acc_before is data/README.md's 47.4%
+EVAL_SEED = EVAL_SEED_OFFSET  # pretraining's held-out stream (seed 0)
 TRAIN_SEED = 20_000  # + cfg.seed: a problem stream neither pretraining (seed 0) nor the evaluation replays
 MAX_NEW_TOKENS = 6  # the longest answer (4 digits) + EOS, and one token to spare
-MAX_GRAD_NORM = 1.0  # TRL's default clipping, repeated by the compact loop
+MAX_GRAD_NORM = 1.0  # TRL's default clipping (the paper does not state one)
+BETAS = (0.9, 0.98)  # the paper's AdamW betas
+WEIGHT_DECAY = 0.1  # the paper's; at lr ~1e-6 it moves a weight by ~1e-7 of itself per step, far below bf16
+RLVR_EPS = 1e-15  # the paper's Adam eps for RLVR (others keep 1e-8)
+TRACK_K = 16  # top singular subspaces tracked per step: any K the study picks (<= 16) is read from them
+PROJECTION_START = 0.2  # SPEC 9: gradients projected from 20% of training
 
 
 @dataclass
 class RegimeConfig:
-    """One size for every run of the study; the regimes differ only in their loss.
+    """One size for every run of the study; the regimes differ in their loss and learning rate.
 
-    Sequences per optimizer step are ``batch * generations`` in every regime: GRPO and the compact loop
-    sample ``generations`` completions for each of ``batch`` prompts; SFT and TRL's OPD (one sample per
-    prompt) take ``batch * generations`` prompts. Optimizer everywhere: AdamW, no weight decay, betas
-    (0.9, 0.999), constant lr, no warm-up, gradient clipping at 1.0 (TRL's defaults, lr aside).
+    Sequences per optimizer step are ``batch * generations`` in every regime: GRPO and OPD sample
+    ``generations`` completions for each of ``batch`` prompts; SFT and the full-KL variant (one sample
+    per prompt) take ``batch * generations`` prompts.
     """
 
-    steps: int = 200  # optimizer steps
-    # One lr for all, as in the paper, and small: the paper's geometry (bf16 sparsity above all) comes from
-    # updates small beside the weights' bf16 resolution (its lr 1e-6 on an 8B model). Measured at 200 steps:
-    # every regime still learns (SFT 47 -> 61%, GRPO -> 54%, OPD -> 60%); 5e-5 learns faster but moves every
-    # entry past bf16 resolution in every regime; 1e-4 stalls GRPO and 2e-4 collapses it and the loop.
-    lr: float = 1e-5
-    batch: int = 8  # prompts per step (see the class docstring)
-    generations: int = 8  # GRPO group size / samples per prompt of the compact loop
+    # Optimizer steps, the same for every regime (the paper: SFT 5375, RLVR 1023, OPD 299). At the rule's lr
+    # (lab/precision.py), measured on seed 0 before any verdict: at 200 steps OPD gained 2 points, within the
+    # evaluation noise; at 300 OPD and RLVR gain 4 (46.1 -> 50.2% on 1000 problems), SFT 16. 300 fits the budget.
+    steps: int = 300
+    lr: float | None = None  # OPD and RLVR; None: precision.rule_lr of the student. SFT: 10x
+    batch: int = 4  # prompts per step: 4 x 8 samples learn as much as 8 x 8 in 300 steps (measured) at half the time
+    generations: int = 8  # the paper's 8 samples per prompt (GRPO group size, OPD samples)
     snapshot_every: int | None = None  # None: max(1, steps // 5) -> 5 snapshots at 20%, 40%, ... 100%
-    lock_k: int = 16  # K of SPEC item 7 (Sim_16): tracked and compared for locking
+    lock_k: int = 16  # K of the gradient projection (SPEC 9); the study sets it by the paper's rule
     seed: int = 0  # trainer seed and training-problem stream
-    eval_problems: int = 500  # held-out problems (seed EVAL_SEED): accuracy to about +-2 points
+    eval_problems: int = 1000  # held-out problems (seed EVAL_SEED): one accuracy to about +-3 points (95%)
     threads: int = 1  # torch CPU threads while training; one avoids OpenMP waits on a shared machine
 
     def __post_init__(self):
@@ -76,21 +89,15 @@ class RegimeConfig:
                                 f"got {self}")
         if self.generations < 2:  # a group of one has no spread: GRPO's advantage is undefined
             raise GeometryError(f"RegimeConfig: generations must be >= 2, got {self.generations}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise GeometryError(f"RegimeConfig: lr must be positive, got {self.lr}")
         if self.snapshot_every is not None and self.snapshot_every < 1:
             raise GeometryError(f"RegimeConfig: snapshot_every must be >= 1 (or None), got {self.snapshot_every}")
 
     @classmethod
-    def default(cls) -> RegimeConfig:
-        """The study's size. Measured on the 2-core reference machine, one thread, other jobs running: the
-        nine runs and the analysis take 4.8 min, every run gains 8-15 points of accuracy (47.4% before)."""
-        return cls()
-
-    @classmethod
     def quick(cls) -> RegimeConfig:
-        """A smoke-test size: ~2 s a run (~20 s for the nine); accuracies on 100 problems are not a result."""
-        return cls(steps=10, batch=4, eval_problems=100)
+        """A smoke-test size: ~2 s a run; accuracies on 100 problems are not a result."""
+        return cls(steps=10, batch=4, generations=4, eval_problems=100)
 
     @property
     def sequences(self) -> int:
@@ -98,19 +105,55 @@ class RegimeConfig:
 
     def recorder_config(self) -> RecorderConfig:
         every = self.snapshot_every if self.snapshot_every is not None else max(1, self.steps // 5)
-        return RecorderConfig(snapshot_every=every, track_every=1, lock_k=self.lock_k, seed=self.seed)
+        return RecorderConfig(snapshot_every=every, track_every=1, lock_k=TRACK_K, seed=self.seed,
+                              snapshot_dtype="bfloat16")  # checkpoints as the paper compares them
 
 
 class TrainResult(NamedTuple):
     name: str  # the run's name in the study
-    store: Path  # the geometry store written (base = the student)
-    steps: int  # optimizer steps taken
+    seed: int  # its training seed
+    store: Path  # the geometry store written (base = the bf16-rounded student)
+    steps: int  # optimizer steps counted (skipped ones included)
+    lr: float  # its learning rate
     acc_before: float  # held-out greedy exact-answer accuracy of the student
     acc_after: float  # the same after training
+    skipped: int  # optimizer steps skipped (RLVR: every group of the batch had zero reward variance)
     seconds: float  # wall time of training with recording; loading and the two evaluations excluded
 
 
 # ---- shared machinery ----
+
+
+def load_student(path: str | Path) -> torch.nn.Module:
+    """The student as the paper's is: a bf16 checkpoint, here float32 tensors holding bf16 values (the
+    master weights of mixed-precision training start from them)."""
+    model = load_model(path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    return model
+
+
+def measured_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The Linear weights the recorder measures (no embeddings, no lm_head)."""
+    return [p.detach() for n, p in model.named_parameters()
+            if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+
+
+@functools.lru_cache(maxsize=4)
+def study_lr(student: Path) -> float:
+    """lr of OPD and RLVR by the precision rule, from the bf16-rounded student."""
+    return rule_lr(measured_matrices(load_student(student)))
+
+
+def learning_rates(cfg: RegimeConfig, student: Path) -> dict[str, float]:
+    lr = cfg.lr if cfg.lr is not None else study_lr(Path(student).resolve())
+    return {"sft": SFT_LR_RATIO * lr, "rlvr": lr, "opd": lr}
+
+
+@functools.lru_cache(maxsize=4)
+def _accuracy_before(student: Path, n: int) -> float:
+    return accuracy(load_student(student), load_tokenizer(student), make_problems(n, EVAL_SEED))
 
 
 @contextmanager
@@ -133,12 +176,9 @@ def _session(cfg: RegimeConfig) -> Iterator[None]:
             ds_enable_progress()
 
 
-def _held_out(cfg: RegimeConfig):
-    return make_problems(cfg.eval_problems, EVAL_SEED)
-
-
-def _train_problems(n: int, cfg: RegimeConfig):
-    return make_problems(n, TRAIN_SEED + cfg.seed)
+def _prompts(n: int, cfg: RegimeConfig, completions: bool = False) -> Dataset:
+    data = Dataset.from_list(records(make_problems(n, TRAIN_SEED + cfg.seed)))
+    return data if completions else data.remove_columns("completion")
 
 
 def _exact_reward(tokenizer) -> Callable[..., list[float]]:
@@ -150,31 +190,40 @@ def _exact_reward(tokenizer) -> Callable[..., list[float]]:
     return exact_answer
 
 
-def _trl_args(config_cls, cfg: RegimeConfig, output_dir: Path, per_device: int, **extra):
-    """TRL's config with every default that does not suit a float32 CPU demo overridden."""
+def _trl_args(config_cls, cfg: RegimeConfig, output_dir: Path, per_device: int, lr: float, *,
+              schedule: str = "constant", eps: float = 1e-8, **extra):
+    """TRL's config in the paper's optimizer settings, float32 master weights on the CPU."""
     return config_cls(
-        output_dir=str(output_dir), max_steps=cfg.steps, learning_rate=cfg.lr, per_device_train_batch_size=per_device,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM,
+        output_dir=str(output_dir), max_steps=cfg.steps, learning_rate=lr, per_device_train_batch_size=per_device,
+        lr_scheduler_type=schedule, warmup_steps=0, weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1], adam_epsilon=eps, max_grad_norm=MAX_GRAD_NORM,
         bf16=False, use_cpu=True, gradient_checkpointing=False,  # TRL defaults: bf16 and checkpointing on
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, **extra,
     )
 
 
-def _train_trl(name: str, student: Path, out: Path, cfg: RegimeConfig, build: Callable[..., object],
-               projection: bool, teacher: Path | None = None) -> TrainResult:
-    """Load the student (and teacher), evaluate, build the trainer with ``build(model, tokenizer, output_dir,
-    callbacks, teacher_model)``, train with the recorder (and the projection) attached, evaluate again."""
-    out = Path(out)
+def _grpo_args(cfg: RegimeConfig, work: Path, lr: float, **extra):
+    from trl import GRPOConfig
+
+    return _trl_args(GRPOConfig, cfg, work, cfg.sequences, lr, num_generations=cfg.generations,
+                     max_completion_length=MAX_NEW_TOKENS, temperature=1.0, beta=0.0, **extra)
+
+
+def _train(name: str, student: Path, out: Path, cfg: RegimeConfig, lr: float, build: Callable[..., object],
+           projection: bool = False, teacher: Path | None = None) -> TrainResult:
+    """Load the student (and teacher), build the trainer with ``build(model, tokenizer, output_dir, callbacks,
+    teacher_model)``, train with the recorder (and the projection) attached, evaluate."""
+    out, student = Path(out), Path(student)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _session(cfg):
-        tok, model = load_tokenizer(student), load_model(student)
+        acc_before = _accuracy_before(student.resolve(), cfg.eval_problems)
+        tok, model = load_tokenizer(student), load_student(student)
         teacher_model = load_model(teacher) if teacher is not None else None
-        held_out = _held_out(cfg)
-        acc_before = accuracy(model, tok, held_out)
         callbacks = [GeometryCallback(out, cfg.recorder_config())]
         if projection:  # SPEC item 9: from 20% of training, gradients confined to the top-K right subspace
-            callbacks.insert(0, GradientProjectionCallback(start_frac=0.2, lock_k=cfg.lock_k, side="right"))
+            callbacks.insert(0, GradientProjectionCallback(start_frac=PROJECTION_START, lock_k=cfg.lock_k,
+                                                           side="right"))
         # The trainer's own folder sits beside the store (never inside it) and is removed afterwards.
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}-trainer-", dir=out.parent))
         try:
@@ -185,178 +234,78 @@ def _train_trl(name: str, student: Path, out: Path, cfg: RegimeConfig, build: Ca
             seconds = time.perf_counter() - start
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        acc_after = accuracy(model, tok, held_out)
-    return TrainResult(name, out, state.global_step, acc_before, acc_after, seconds)
+        acc_after = accuracy(model, tok, make_problems(cfg.eval_problems, EVAL_SEED))
+    return TrainResult(name, cfg.seed, out, state.global_step, lr, acc_before, acc_after,
+                       getattr(trainer, "skipped_steps", 0), seconds)
 
 
-# ---- the three regimes, with TRL ----
+# ---- the regimes ----
 
 
 def train_sft(student: Path, out: Path, cfg: RegimeConfig, *, name: str = "sft",
               projection: bool = False) -> TrainResult:
-    """SFT: TRL SFTTrainer, cross-entropy on the reference answer (+ EOS), completion tokens only."""
+    """SFT: TRL SFTTrainer, cross-entropy on the reference answer (+ EOS), completion tokens only, cosine decay."""
     from trl import SFTConfig, SFTTrainer
 
-    data = Dataset.from_list(records(_train_problems(cfg.steps * cfg.sequences, cfg)))
+    lr = learning_rates(cfg, student)["sft"]
+    data = _prompts(cfg.steps * cfg.sequences, cfg, completions=True)
 
     def build(model, tok, work, callbacks, teacher_model):
-        args = _trl_args(SFTConfig, cfg, work, cfg.sequences, max_length=32)
+        args = _trl_args(SFTConfig, cfg, work, cfg.sequences, lr, schedule="cosine", max_length=32)
         return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=callbacks)
 
-    return _train_trl(name, student, out, cfg, build, projection)
+    return _train(name, student, out, cfg, lr, build, projection)
 
 
 def train_rlvr(student: Path, out: Path, cfg: RegimeConfig, *, name: str = "rlvr") -> TrainResult:
-    """RLVR: TRL GRPOTrainer, 0/1 exact-answer reward, no KL penalty (beta=0), groups of ``generations``.
+    """RLVR: GRPO (RLVRTrainer), 0/1 exact-answer reward, no KL penalty (beta=0), groups of ``generations``,
+    zero-variance groups skipped. TRL's batch counts completions: ``batch`` distinct prompts per step."""
+    from geometry.lab.trainers import RLVRTrainer
 
-    TRL's batch counts completions: ``batch * generations`` of them, ``batch`` distinct prompts per step.
-    """
-    from trl import GRPOConfig, GRPOTrainer
-
-    data = Dataset.from_list(records(_train_problems(cfg.steps * cfg.batch, cfg))).remove_columns("completion")
+    lr = learning_rates(cfg, student)["rlvr"]
+    data = _prompts(cfg.steps * cfg.batch, cfg)
 
     def build(model, tok, work, callbacks, teacher_model):
-        args = _trl_args(GRPOConfig, cfg, work, cfg.sequences, num_generations=cfg.generations,
-                         max_completion_length=MAX_NEW_TOKENS, temperature=1.0, beta=0.0)
-        return GRPOTrainer(model=model, reward_funcs=_exact_reward(tok), args=args, train_dataset=data,
-                           processing_class=tok, callbacks=callbacks)
+        return RLVRTrainer(model=model, reward_funcs=_exact_reward(tok), args=_grpo_args(cfg, work, lr, eps=RLVR_EPS),
+                           train_dataset=data, processing_class=tok, callbacks=callbacks)
 
-    return _train_trl(name, student, out, cfg, build, projection=False)
+    return _train(name, student, out, cfg, lr, build)
 
 
 def train_opd(student: Path, teacher: Path, out: Path, cfg: RegimeConfig, *, name: str = "opd",
-              projection: bool = False) -> TrainResult:
-    """OPD: TRL DistillationTrainer, reverse KL (beta=1) to the teacher at temperature 1.
+              projection: bool = False, alpha: float = 1.0, off_policy: bool = False) -> TrainResult:
+    """OPD, the paper's estimator (OPDTrainer): per-token advantage -(log p_s - log p_t) on ``generations``
+    samples of each of ``batch`` prompts. Controls: ``off_policy`` (teacher samples), ``alpha`` < 1 (mixed
+    with GRPO's advantage: alpha A_OPD + (1 - alpha) A_GRPO)."""
+    from geometry.lab.trainers import OPDTrainer
 
-    In trl 1.16 the DistillationTrainer is always on-policy (the student samples every completion; the
-    config has no ``lmbda`` mixing in teacher or dataset completions) and its loss is the full-vocabulary
-    reverse KL per sampled position. One sample per prompt, ``batch * generations`` prompts per step.
-    """
-    from trl import DistillationConfig, DistillationTrainer
-
-    data = Dataset.from_list(records(_train_problems(cfg.steps * cfg.sequences, cfg))).remove_columns("completion")
+    if not 0.0 <= alpha <= 1.0:
+        raise GeometryError(f"train_opd: alpha must be in [0, 1], got {alpha}")
+    lr = learning_rates(cfg, student)["opd"]
+    data = _prompts(cfg.steps * cfg.batch, cfg)
 
     def build(model, tok, work, callbacks, teacher_model):
-        args = _trl_args(DistillationConfig, cfg, work, cfg.sequences, max_completion_length=MAX_NEW_TOKENS,
+        return OPDTrainer(model=model, teacher_model=teacher_model, alpha=alpha, off_policy=off_policy,
+                          reward_funcs=_exact_reward(tok), args=_grpo_args(cfg, work, lr), train_dataset=data,
+                          processing_class=tok, callbacks=callbacks)
+
+    return _train(name, student, out, cfg, lr, build, projection, teacher)
+
+
+def train_opd_fullkl(student: Path, teacher: Path, out: Path, cfg: RegimeConfig, *,
+                     name: str = "opd_fullkl") -> TrainResult:
+    """A variant, not the paper's OPD: TRL DistillationTrainer, the exact full-vocabulary reverse KL (beta=1)
+    at every sampled position, on-policy (trl 1.16 always samples from the student), one sample per prompt,
+    ``batch * generations`` prompts per step, OPD's learning rate."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    lr = learning_rates(cfg, student)["opd"]
+    data = _prompts(cfg.steps * cfg.sequences, cfg)
+
+    def build(model, tok, work, callbacks, teacher_model):
+        args = _trl_args(DistillationConfig, cfg, work, cfg.sequences, lr, max_completion_length=MAX_NEW_TOKENS,
                          beta=1.0, temperature=1.0)
         return DistillationTrainer(model=model, teacher_model=teacher_model, args=args, train_dataset=data,
                                    processing_class=tok, callbacks=callbacks)
 
-    return _train_trl(name, student, out, cfg, build, projection, teacher)
-
-
-# ---- the controls: a compact loop ----
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) left padding: every sequence starts at position 0
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, gen: torch.Generator):
-    """Ancestral sampling at temperature 1 (no top-k / top-p), stopping at EOS; seeded by ``gen``.
-
-    Returns ids (N, P + C) with left-padded prompts, their attention mask, and the completion mask
-    (N, C): 1 on generated tokens up to and including the first EOS. A KV cache makes it ~3x faster
-    than re-running the prefix (same samples).
-    """
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    ids, mask = enc["input_ids"], enc["attention_mask"]  # (N, P)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    cache = _kv_cache(model)
-    new, pos = ids, _positions(mask)
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=new, attention_mask=mask, position_ids=pos, use_cache=True, **cache).logits
-        probs = torch.softmax(logits[:, -1].float(), dim=-1)  # (N, V)
-        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (N,)
-        nxt = torch.where(done, tokenizer.pad_token_id, nxt)  # finished rows get padding, masked out
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-        new, pos = nxt[:, None], pos[:, -1:] + 1  # (N, 1) the next forward sees only the new token
-        done |= nxt == tokenizer.eos_token_id
-        if done.all():
-            break
-    return ids, mask, mask[:, enc["input_ids"].shape[1]:]
-
-
-def _kv_cache(model) -> dict:
-    # transformers 5.x renamed forward's ``past_key_values`` to ``cache`` (the old name warns)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {key: DynamicCache(config=model.config)}
-
-
-def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, n_completion: int) -> torch.Tensor:
-    """log p(y_t | y_<t) of the last ``n_completion`` tokens of ``ids`` under ``model``: (N, C)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
-    logits = logits[:, -n_completion - 1:-1].float()  # (N, C, V) the positions that predict the completion
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, -n_completion:, None]).squeeze(-1)
-
-
-def group_advantages(rewards: torch.Tensor, generations: int) -> torch.Tensor:
-    """GRPO's advantage (r - group mean) / (group std + 1e-4), unbiased std as in TRL: (N,) -> (N,)."""
-    groups = rewards.view(-1, generations)  # (B, G)
-    adv = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
-    return adv.reshape(-1)
-
-
-def mixed_loss(student, teacher, tokenizer, problems, cfg: RegimeConfig, alpha: float, off_policy: bool,
-               gen: torch.Generator) -> torch.Tensor:
-    """One step's loss: -mean over sampled tokens of [alpha A_OPD + (1 - alpha) A_RLVR] log p_student(y_t)."""
-    prompts = [p.prompt for p in problems for _ in range(cfg.generations)]  # groups are contiguous
-    answers = [p.answer for p in problems for _ in range(cfg.generations)]
-    ids, mask, cmask = sample(teacher if off_policy else student, tokenizer, prompts, MAX_NEW_TOKENS, gen)
-    C = cmask.shape[1]
-    lp_s = token_logprobs(student, ids, mask, C)  # (N, C) with grad
-    with torch.no_grad():
-        lp_t = token_logprobs(teacher, ids, mask, C)  # (N, C)
-    a_opd = -(lp_s.detach() - lp_t)  # (N, C) per-token reverse-KL advantage
-    texts = tokenizer.batch_decode(ids[:, -C:], skip_special_tokens=False)  # pads after EOS: reward cuts there
-    r = torch.tensor([reward(t, a) for t, a in zip(texts, answers, strict=True)])  # (N,)
-    a_rlvr = group_advantages(r, cfg.generations)[:, None]  # (N, 1) broadcast over the sequence's tokens
-    adv = alpha * a_opd + (1.0 - alpha) * a_rlvr  # (N, C)
-    valid = cmask.float()
-    return -(adv * lp_s * valid).sum() / valid.sum().clamp(min=1.0)
-
-
-def train_opd_loop(student: Path, teacher: Path, out: Path, cfg: RegimeConfig, *, name: str,
-                   alpha: float = 1.0, off_policy: bool = False) -> TrainResult:
-    """The paper's controls: OPD with off-policy rollouts, or with its advantage mixed with RLVR's.
-
-    Per step: ``generations`` samples for each of ``batch`` prompts, from the student (on-policy) or the
-    teacher (``off_policy``), temperature 1, at most MAX_NEW_TOKENS, stopping at EOS. For each sampled token
-        A_OPD = -(log p_student(y_t) - log p_teacher(y_t))      (detached; the sampled-token reverse KL)
-        A_RLVR = (r - mean_group r) / (std_group r + 1e-4)       (the sequence's 0/1 reward, GRPO-normalised)
-        loss = -mean over valid tokens of (alpha A_OPD + (1 - alpha) A_RLVR) log p_student(y_t)
-    AdamW (no weight decay, TRL's betas), the same constant lr, clipping at 1.0. Recorded with the
-    framework-free Recorder, with the same RecorderConfig as the TRL runs.
-
-    Why a loop of our own: TRL's DistillationTrainer has no off-policy mode and no way to mix in a reward
-    advantage, and its loss is the full-vocabulary KL rather than this sampled-token policy gradient. So the
-    controls are compared with ``alpha=1`` on-policy run of this same loop (the loop's own OPD reference),
-    not with ``train_opd``; the two OPD runs together show whether the estimator changes the geometry.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise GeometryError(f"train_opd_loop: alpha must be in [0, 1], got {alpha}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _session(cfg):
-        tok, model, teacher_model = load_tokenizer(student), load_model(student), load_model(teacher)
-        held_out = _held_out(cfg)
-        acc_before = accuracy(model, tok, held_out)
-        problems = _train_problems(cfg.steps * cfg.batch, cfg)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)  # TRL's adamw_torch_fused
-        model.train()
-        start = time.perf_counter()
-        with Recorder(model, out, cfg.recorder_config()) as rec:
-            for step in range(1, cfg.steps + 1):
-                batch = problems[(step - 1) * cfg.batch: step * cfg.batch]
-                loss = mixed_loss(model, teacher_model, tok, batch, cfg, alpha, off_policy, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                opt.step()
-                rec.step(step)
-        seconds = time.perf_counter() - start
-        acc_after = accuracy(model, tok, held_out)
-    return TrainResult(name, out, cfg.steps, acc_before, acc_after, seconds)
+    return _train(name, student, out, cfg, lr, build, teacher=teacher)

@@ -1,47 +1,91 @@
-"""The miniature study behind ``geometry demo``: train every run, analyze, report.
+"""The miniature study behind ``geometry demo``: train every run for several seeds, analyze, report.
 
-From one student (data/student) and one teacher (data/teacher):
-- the three regimes, each with TRL's trainer and our callback: SFT, RLVR (GRPO), OPD (distillation);
-- the paper's controls, by a compact loop (regimes.train_opd_loop): on-policy OPD (the loop's own
-  reference), off-policy OPD (teacher rollouts), advantage mixes alpha in {0.5, 0.05};
-- the causal test (SPEC 9): SFT and OPD with gradients projected on the rank-K subspace from 20% on.
+From one student and one teacher (``data_dir``: ``--data``, else $GEOMETRY_DATA, else the repository's
+data/), with TRL trainers and our callback (geometry.lab.regimes):
+- the three regimes: SFT, RLVR (GRPO), OPD (the paper's sampled-token estimator);
+- the paper's controls: off-policy OPD (teacher rollouts) and OPD's advantage mixed with GRPO's (alpha 0.05);
+- the causal test (SPEC 9): SFT and OPD with gradients projected on the rank-K update subspace from 20%;
+- labelled variants, one seed, in no verdict: TRL's full-vocabulary DistillationTrainer, alpha 0.5.
 
-The student is already trained on the task, so it plays the part of the paper's SFT anchor from
-which OPD and RLVR start; all runs here start from it.
+K follows the paper's rule (SPEC 7): just below OPD's measured update stable rank, here measured on the
+attention matrices of OPD's final bf16 checkpoints, before the projected runs (which need K) are trained.
+The student is already trained on the task, so it plays the part of the paper's SFT anchor from which OPD
+and RLVR start; all runs here start from it.
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from geometry.capture.trajectory import tracking_table
+import torch
+
+from geometry.capture.store import check_store, read_snapshot, read_tracking
+from geometry.capture.trajectory import step_values
 from geometry.errors import GeometryError
 from geometry.lab import regimes
-from geometry.lab.regimes import RegimeConfig, TrainResult
+from geometry.lab.config import DATA_ENV, StudyConfig
+from geometry.lab.regimes import TRACK_K, RegimeConfig, TrainResult
 from geometry.offline.analyze import Analysis, Run, analyze
 from geometry.offline.config import AnalysisConfig
-from geometry.table import Table
+from geometry.offline.summary import ATTENTION_MODULES
+from geometry.selection import layer_of, module_of
+from geometry.table import Row, Table
 
-DATA = Path(__file__).resolve().parents[2] / "data"
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+DATA = REPO_DATA  # kept for notebooks that import it; code resolves the directory with data_dir()
 MARKER = ".geometry-demo"  # marks a directory as a demo output, which a new demo may overwrite
 MAIN = ("sft", "rlvr", "opd")
-CONTROLS = ("opd_loop", "opd_offpolicy", "opd_mix0.5", "opd_mix0.05")
+CONTROLS = ("opd_offpolicy", "opd_mix0.05")  # compared with on-policy "opd"
 PROJECTED = {"sft_proj": "sft", "opd_proj": "opd"}  # projected run -> its unconstrained run
+VARIANTS = ("opd_fullkl", "opd_mix0.5")  # one seed, shown, in no verdict
+
+
+class Boundaries(NamedTuple):
+    """How K was picked, and whether the student's spectra have a boundary at k and K at all."""
+
+    lock_k: int  # K: the largest integer below OPD's update stable rank (at most TRACK_K)
+    opd_stable_rank: float  # median over attention matrices of OPD's final bf16 update, mean over seeds
+    update_gap: float  # s_K / s_{K+1} of that update, median over the same matrices and seeds
+    principal_k: int  # the analyzer's k of W0 (round(512 h / 4096))
+    base_gap: float  # s_k / s_{k+1} of W0, median over the attention matrices
 
 
 class StudyResult(NamedTuple):
     """Everything the report needs."""
 
     out: Path
-    runs: dict[str, TrainResult]  # by run name, in training order
-    analysis: Analysis  # snapshots of every run, analyzed side by side
-    tracking: Table  # per-step tracking curves of every run (track_* metrics)
-    config: RegimeConfig
+    runs: dict[str, list[TrainResult]]  # by run name, one per seed, in training order
+    analysis: Analysis  # bf16 snapshots of every run and seed (label "name/sSEED"), side by side
+    tracking: Table  # per-step tracking curves at K (track_* metrics), same labels
+    config: RegimeConfig  # the regimes' size; lock_k = K
+    lrs: dict[str, float]  # learning rate by regime
+    boundaries: Boundaries
     seconds: float
+
+
+def label(name: str, seed: int) -> str:
+    return f"{name}/s{seed}"
+
+
+def data_dir(data: str | Path | None = None) -> Path:
+    """Where the student and teacher live: ``data`` if given, else $GEOMETRY_DATA, else the repository's data/.
+    Either model missing is a GeometryError saying how to rebuild it."""
+    root = Path(data or os.environ.get(DATA_ENV) or REPO_DATA)
+    for kind in ("student", "teacher"):
+        if not (root / kind / "config.json").is_file():
+            raise GeometryError(f"{root / kind}: no model here (looked in --data, ${DATA_ENV}, then {REPO_DATA}); "
+                                f"rebuild with `geometry lab pretrain --out {root}`")
+    return root
 
 
 def prepare_out(out: Path) -> None:
@@ -54,49 +98,129 @@ def prepare_out(out: Path) -> None:
     (out / MARKER).write_text("geometry demo output; `geometry demo` may overwrite this directory\n")
 
 
-def plan(student: Path, teacher: Path, runs_dir: Path, cfg: RegimeConfig) -> dict[str, Callable[[], TrainResult]]:
-    """Every run of the study, by name, as a call that trains and records it."""
-
+def plan(student: Path, teacher: Path, runs_dir: Path, cfg: RegimeConfig, names: tuple[str, ...]
+         ) -> dict[str, Callable[[], TrainResult]]:
+    """The named runs at cfg's seed, each as a call that trains and records it."""
     def store(name: str) -> Path:
-        return runs_dir / name
+        return runs_dir / name / f"s{cfg.seed}"
 
-    return {
+    calls = {
         "sft": lambda: regimes.train_sft(student, store("sft"), cfg, name="sft"),
         "rlvr": lambda: regimes.train_rlvr(student, store("rlvr"), cfg, name="rlvr"),
         "opd": lambda: regimes.train_opd(student, teacher, store("opd"), cfg, name="opd"),
-        "opd_loop": lambda: regimes.train_opd_loop(student, teacher, store("opd_loop"), cfg, name="opd_loop"),
-        "opd_offpolicy": lambda: regimes.train_opd_loop(student, teacher, store("opd_offpolicy"), cfg,
-                                                        name="opd_offpolicy", off_policy=True),
-        "opd_mix0.5": lambda: regimes.train_opd_loop(student, teacher, store("opd_mix0.5"), cfg,
-                                                     name="opd_mix0.5", alpha=0.5),
-        "opd_mix0.05": lambda: regimes.train_opd_loop(student, teacher, store("opd_mix0.05"), cfg,
-                                                      name="opd_mix0.05", alpha=0.05),
+        "opd_offpolicy": lambda: regimes.train_opd(student, teacher, store("opd_offpolicy"), cfg,
+                                                   name="opd_offpolicy", off_policy=True),
+        "opd_mix0.05": lambda: regimes.train_opd(student, teacher, store("opd_mix0.05"), cfg, name="opd_mix0.05",
+                                                 alpha=0.05),
+        "opd_mix0.5": lambda: regimes.train_opd(student, teacher, store("opd_mix0.5"), cfg, name="opd_mix0.5",
+                                                alpha=0.5),
+        "opd_fullkl": lambda: regimes.train_opd_fullkl(student, teacher, store("opd_fullkl"), cfg),
         "sft_proj": lambda: regimes.train_sft(student, store("sft_proj"), cfg, name="sft_proj", projection=True),
         "opd_proj": lambda: regimes.train_opd(student, teacher, store("opd_proj"), cfg, name="opd_proj",
                                               projection=True),
     }
+    return {n: calls[n] for n in names}
 
 
-def run_study(out: str | Path, *, quick: bool = False, student: Path | None = None, teacher: Path | None = None,
+def _train_one(name: str, cfg: RegimeConfig, student: Path, teacher: Path, runs_dir: Path) -> TrainResult:
+    return plan(student, teacher, runs_dir, cfg, (name,))[name]()
+
+
+def _map(fn: Callable[..., TrainResult], jobs: list[tuple], pool: ProcessPoolExecutor | None
+         ) -> Iterator[TrainResult]:
+    """fn over jobs, yielded in order as they finish; in the pool's processes when there is one."""
+    if pool is None or len(jobs) <= 1:
+        return (fn(*job) for job in jobs)
+    return pool.map(fn, *zip(*jobs, strict=True))
+
+
+def _pool(workers: int) -> ProcessPoolExecutor | nullcontext:
+    """``workers`` fresh processes (spawned: no forked torch thread pools), each run single-threaded, so the
+    results are the same as one by one; none for one worker."""
+    if workers <= 1:
+        return nullcontext()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _svals(d: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(d.double())
+
+
+def boundaries(opd: list[TrainResult], hidden: int) -> Boundaries:
+    """K by the paper's rule from OPD's final bf16 updates of the attention matrices, and the spectral gaps
+    at K (of those updates) and at the analyzer's k (of W0)."""
+    srs, gaps_by_seed, base_gaps = [], [], []
+    for res in opd:
+        base, final = read_snapshot(res.store, None), read_snapshot(res.store, res.steps)
+        attn = [n for n in base if module_of(n) in ATTENTION_MODULES]
+        svals = {n: _svals(final[n].float() - base[n].float()) for n in attn}
+        srs.append(float(torch.tensor([float((s ** 2).sum() / s[0] ** 2) for s in svals.values()]).median()))
+        gaps_by_seed.append(svals)
+        if not base_gaps:
+            base_gaps = [_svals(base[n].float()) for n in attn]
+    sr = sum(srs) / len(srs)
+    k_lock = max(1, min(TRACK_K, math.ceil(sr) - 1))
+    upd = [float(s[k_lock - 1] / s[k_lock]) for svals in gaps_by_seed for s in svals.values()]
+    k = max(1, round(512 * hidden / 4096))
+    return Boundaries(k_lock, sr, float(torch.tensor(upd).median()), k,
+                      float(torch.tensor([float(s[k - 1] / s[k]) for s in base_gaps]).median()))
+
+
+def tracking_at(res: TrainResult, k: int) -> Table:
+    """Per-step tracking curves of one run at K = k (the top-k of the recorder's TRACK_K columns)."""
+    steps = check_store(res.store).tracking_steps
+    if not steps:
+        return Table()
+    final = {n: e.top(k) for n, e in read_tracking(res.store, steps[-1]).items()}
+    rows, prev, run = [], None, label(res.name, res.seed)
+    for step in steps:
+        cur = final if step == steps[-1] else {n: e.top(k) for n, e in read_tracking(res.store, step).items()}
+        for n, est in cur.items():
+            values = step_values(est, final[n], prev[n] if prev else None)
+            rows.extend(Row(run, step, n, layer_of(n), module_of(n), m, v) for m, v in values.items())
+        prev = cur
+    return Table(rows)
+
+
+def run_study(out: str | Path, config: StudyConfig | None = None, *,
               log: Callable[[str], None] = print) -> StudyResult:
-    """Train, record, analyze. Seeded: the same size gives the same numbers."""
+    """Train, record, analyze. Seeded: the same config gives the same numbers."""
     t0 = time.perf_counter()
+    sc = config or StudyConfig()
     out = Path(out)
-    student, teacher = student or DATA / "student", teacher or DATA / "teacher"
-    for path in (student, teacher):
-        if not (path / "config.json").is_file():
-            raise GeometryError(f"{path}: no model here; rebuild with `geometry lab pretrain --out {path.parent}`")
+    data = data_dir(sc.data)
+    student, teacher = data / "student", data / "teacher"
     prepare_out(out)
-    cfg = RegimeConfig.quick() if quick else RegimeConfig.default()
-    calls = plan(student, teacher, out / "runs", cfg)
-    results: dict[str, TrainResult] = {}
-    for i, (name, call) in enumerate(calls.items(), 1):
-        log(f"[{i}/{len(calls)}] training {name} ({cfg.steps} steps)")
-        res = call()
-        results[name] = res
-        log(f"      accuracy {100 * res.acc_before:.1f}% -> {100 * res.acc_after:.1f}% in {res.seconds:.0f} s")
-    log("analyzing the snapshots of every run")
-    analysis = analyze([Run(name, res.store / "base", [res.store]) for name, res in results.items()],
-                       config=AnalysisConfig(lock_k=cfg.lock_k, device="cpu"))
-    tracking = Table(row for name, res in results.items() for row in tracking_table(res.store, run=name))
-    return StudyResult(out, results, analysis, tracking, cfg, time.perf_counter() - t0)
+    cfg = RegimeConfig.quick() if sc.quick else RegimeConfig()
+    cfg = cfg if sc.steps is None else replace(cfg, steps=sc.steps)
+    lrs = regimes.learning_rates(cfg, student)
+    log(f"learning rates by the precision rule: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g}")
+    seeds = range(sc.n_seeds)
+    first = [(n, s) for s in seeds for n in (*MAIN, *CONTROLS)]
+    if not (sc.no_variants or sc.quick):
+        first += [(n, 0) for n in VARIANTS]
+    results: dict[str, list[TrainResult]] = {}
+
+    def train(todo: list[tuple[str, int]], rc: RegimeConfig, pool) -> None:
+        jobs = [(name, replace(rc, seed=seed), student, teacher, out / "runs") for name, seed in todo]
+        for res in _map(_train_one, jobs, pool):
+            results.setdefault(res.name, []).append(res)
+            log(f"  {res.name}, seed {res.seed}: accuracy {100 * res.acc_before:.1f}% -> {100 * res.acc_after:.1f}% "
+                f"({rc.steps} steps in {res.seconds:.0f} s)")
+
+    with _pool(sc.jobs) as pool:
+        log(f"training {len(first)} runs, {sc.jobs} at a time")
+        train(first, cfg, pool)
+        hidden = int(regimes.load_model(student).config.hidden_size)
+        bounds = boundaries(results["opd"], hidden)
+        cfg = replace(cfg, lock_k=bounds.lock_k)
+        log(f"K = {bounds.lock_k}: just below OPD's update stable rank {bounds.opd_stable_rank:.2f} "
+            "(attention matrices)")
+        log(f"training {len(PROJECTED) * len(seeds)} projected runs")
+        train([(n, s) for s in seeds for n in PROJECTED], cfg, pool)
+    log("analyzing the bf16 snapshots of every run")
+    stores = [r for rs in results.values() for r in rs]
+    analysis = analyze([Run(label(r.name, r.seed), r.store / "base", [r.store]) for r in stores],
+                       config=AnalysisConfig(lock_k=bounds.lock_k, device="cpu"))
+    tracking = Table(row for r in stores for row in tracking_at(r, bounds.lock_k))
+    return StudyResult(out, results, analysis, tracking, cfg, lrs, bounds, time.perf_counter() - t0)

@@ -1,0 +1,41 @@
+"""What ``geometry demo`` runs: one dataclass, whose fields are also the command's options (geometry.cli).
+
+Kept apart from the study (geometry.lab.study) so that building the command line imports no trainer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from geometry.errors import GeometryError
+
+DATA_ENV = "GEOMETRY_DATA"  # the environment variable naming the directory with student/ and teacher/
+
+
+def option(default, help: str):
+    """A field whose ``help`` metadata geometry.cli turns into the option's help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class StudyConfig:
+    seeds: int = option(3, "training seeds per run of a verdict (95%% intervals need at least 2; 3 by default)")
+    steps: int | None = option(None, "optimizer steps of every run (default: RegimeConfig's 300, --quick 10)")
+    quick: bool = option(False, "a smoke-test size: 10 steps, 2 seeds, small batches, no variants (under two "
+                         "minutes)")
+    jobs: int = option(min(2, os.cpu_count() or 1), "runs trained at once, one process and one thread each "
+                       "(default: 2, or 1 on a one-core machine); results do not depend on it")
+    no_variants: bool = option(False, "skip the one-seed variants (TRL full-KL distillation, alpha 0.5)")
+    data: str | None = option(None, f"directory with student/ and teacher/ (default: ${DATA_ENV}, else the "
+                              "repository's data/)")
+
+    def __post_init__(self):
+        if self.seeds < 1 or self.jobs < 1 or (self.steps is not None and self.steps < 1):
+            raise GeometryError(f"demo: --seeds, --jobs and --steps must be >= 1, got {self.seeds}, {self.jobs}, "
+                                f"{self.steps}")
+
+    @property
+    def n_seeds(self) -> int:
+        """Seeds actually trained: --quick caps them at 2 (enough for an interval, not for a result)."""
+        return min(self.seeds, 2) if self.quick else self.seeds
