@@ -184,7 +184,8 @@ def _edit(**entries) -> bytes:
 
 
 BROKEN_FILES = {
-    "absurd header length": ((1 << 63).to_bytes(8, "little") + GOOD[8:], "exceeds the format's limit"),
+    "absurd header length": ((1 << 63).to_bytes(8, "little") + GOOD[8:], "exceeds the limit"),
+    "17 MiB header": (join(b"{" + b" " * (17 << 20) + b"}", b""), "exceeds the limit"),
     "header length past the end": (len(GOOD).to_bytes(8, "little") + GOOD[8:], "bytes after it"),
     "shorter than 8 bytes": (b"\x05\x00", "shorter than the 8-byte"),
     "empty file": (b"", "shorter than the 8-byte"),

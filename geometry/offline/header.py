@@ -15,8 +15,10 @@ from pathlib import Path
 
 from geometry.errors import GeometryError
 
-# The safetensors library's own cap (MAX_HEADER_SIZE); real headers are well under 1 MB per shard.
-MAX_HEADER_BYTES = 100_000_000
+# Real LLM headers are well under 1 MB per shard (a 100k-tensor file would need ~13 MB). The library allows
+# 100 MB, but parsing that many tiny entries costs ~3 GB and half a minute (measured); 16 MiB, ~0.4 GB and
+# a few seconds, bounds what a hostile header can cost.
+MAX_HEADER_BYTES = 16 << 20
 
 # Bits per element of every dtype code the format defines (F4/F6 pack several elements per byte).
 DTYPE_BITS = {
@@ -27,10 +29,11 @@ DTYPE_BITS = {
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        keys = [k for k, _ in pairs]
         raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
-    return dict(pairs)
+    return d
 
 
 def _is_int(x: object) -> bool:
@@ -107,7 +110,7 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
             n = int.from_bytes(head, "little")
             if n > MAX_HEADER_BYTES:
-                raise ValueError(f"header length {n} exceeds the format's limit of {MAX_HEADER_BYTES} bytes")
+                raise ValueError(f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the {size - 8} bytes after it")
             return parse(size - 8 - n, f.read(n))
