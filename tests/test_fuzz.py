@@ -202,9 +202,8 @@ def _report(what: str, tally: Counter) -> None:
         print(f"  {kind:18s} -> {end}: {n}")
 
 
-CLI_CASES = {  # through the real console process: exit 2 and one line, or exit 0
+CLI_CASES = {  # through the real console process, in parallel (each pays for importing torch)
     "absurd length": (1 << 62).to_bytes(8, "little") + GOOD[8:],
-    "header byte flipped": GOOD[:20] + b"\x00" + GOOD[21:],
     "offsets overlap": join({**HEADER, UP: {**HEADER[UP], "data_offsets": HEADER[DOWN]["data_offsets"]}}, BODY),
     "data byte flipped": GOOD[:-5] + bytes([GOOD[-5] ^ 1]) + GOOD[-4:],
 }
@@ -230,4 +229,4 @@ def test_a_handful_through_the_real_cli(work):
         else:
             assert proc.returncode == 0 and (d / f"cli-out{i}" / "metrics.csv").is_file(), err
         ends[case] = proc.returncode
-    assert ends == {"absurd length": 2, "header byte flipped": 2, "offsets overlap": 2, "data byte flipped": 0}
+    assert ends == {"absurd length": 2, "offsets overlap": 2, "data byte flipped": 0}
