@@ -62,6 +62,7 @@ def test_signal_mid_analysis_leaves_nothing(many, tmp_path, sig, code):
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert proc.returncode == code and last == f"geometry: interrupted by {sig.name}", err[-2000:]
     assert "Traceback" not in err
+    print(f"\n{sig.name}: stopped {took:.2f} s after the signal")
     assert took < 5, f"took {took:.1f} s to stop"  # typically well under a second; the margin is for a loaded CI
     assert not out.exists()
     assert not [q for p in (tmp_path, many) for q in p.rglob(".tmp*")]

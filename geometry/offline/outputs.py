@@ -103,8 +103,10 @@ def check_output(out: str | Path) -> None:
             raise GeometryError(f"output path {out}: {where} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(prefix=".tmp-geometry-", dir=where)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(probe)
     except OSError as e:
         raise GeometryError(f"cannot write the output to {out}: {e.strerror or e}") from None
 
