@@ -20,7 +20,7 @@ from scipy import stats
 
 from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, VARIANTS, StudyResult, label
-from geometry.offline.markdown import fmt, table
+from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
 from geometry.offline.summary import ATTENTION_MODULES, RunSummary, summarize
 from geometry.table import Row, Table
 
@@ -271,18 +271,11 @@ def _trainer(name: str) -> str:
     return t.get(base, "") + (" + projection" if name.endswith("_proj") else "")
 
 
-def metric_rows(study: StudyResult, S: dict[str, RunSummary], columns: list[tuple[str, str]],
-                paper: Callable[[str], list[str]] | None = None) -> list[list[str]]:
-    """One row per run: mean [95% interval] over seeds of each (metric, format) column."""
-    rows = []
-    for name in study.runs:
-        cells = [interval(per_seed(study, S, name, lambda s, m=m: _value(s, m))).show(kind) for m, kind in columns]
-        rows.append([name, *cells, *(paper(name) if paper else [])])
-    return rows
-
-
-def _value(s: RunSummary, metric: str) -> float:
-    return 1.0 - s.final("sparsity_bf16") if metric == "density" else s.final(metric)
+def seed_cells(study: StudyResult, S: dict[str, RunSummary]) -> list[tuple[str, Callable[[str, str], str]]]:
+    """markdown.metric_table rows: each run's final value as mean [95% interval] over its seeds."""
+    def cell(name: str) -> Callable[[str, str], str]:
+        return lambda m, kind: interval(per_seed(study, S, name, lambda s: final_value(s, m))).show(kind)
+    return [(name, cell(name)) for name in study.runs]
 
 
 def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str]) -> str:
@@ -321,23 +314,20 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
           f"{sum(r.seconds for r in rs):.0f}"] for n, rs in study.runs.items()]),
         "", f"Accuracy: greedy exact answer on {cfg.eval_problems} held-out problems (one seed's value has a "
         "binomial 95% half-width of about 3 points at 1000 problems)."]
-    lines += ["", "## Update sparsity (Table 1)", "", table(
-        ["run", "bf16 sparsity (%)", "sparsity, |D| <= 1e-5 (%)", "paper (%)"],
-        metric_rows(study, V.all, [("sparsity_bf16", "%"), ("sparsity_abs", "%")],
-                    lambda r: [fmt(PAPER_SPARSITY.get(r), "%")]))]
+    cells = seed_cells(study, V.all)
+    lines += ["", "## Update sparsity (Table 1)", "",
+              metric_table(SPARSITY, cells, ["paper bf16 sparsity (%)"],
+                           lambda r: [fmt(PAPER_SPARSITY[r], "%") if r in PAPER_SPARSITY else ""])]
     alpha = study.analysis.config.alpha
     lines += ["", "## Localisation of the update mask", "",
               f"Random baseline of either overlap: {100 * alpha:.0f}% (alpha). Paper: density / principal / "
               "low-magnitude.", "",
-              table(["run", "density (%)", "principal-mask overlap (%)", "low-magnitude overlap (%)", "paper"],
-                    metric_rows(study, V.all, [("density", "%"), ("mask_overlap_principal", "%"),
-                                               ("mask_overlap_lowmag", "%")],
-                                lambda r: [" / ".join(fmt(x, "%") for x in PAPER_LOCALISATION[r])
-                                           if r in PAPER_LOCALISATION else ""]))]
-    lines += ["", "## Principal angles and spectral shift", "", table(
-        ["run", "max angle U (deg)", "max angle V (deg)", "NSS", "intruders", "paper angle, NSS"],
-        metric_rows(study, V.all, [("angle_max_u", "deg"), ("angle_max_v", "deg"), ("nss", "e"), ("intruders", "g")],
-                    lambda r: [f"{PAPER_ANGLES[r]} deg, {PAPER_NSS[r]}" if r in PAPER_ANGLES else ""]))]
+              metric_table(LOCALISATION, cells, ["paper"],
+                           lambda r: [" / ".join(fmt(x, "%") for x in PAPER_LOCALISATION[r])
+                                      if r in PAPER_LOCALISATION else ""])]
+    lines += ["", "## Principal angles and spectral shift", "",
+              metric_table(ANGLES, cells, ["paper angle, NSS"],
+                           lambda r: [f"{PAPER_ANGLES[r]} deg, {PAPER_NSS[r]}" if r in PAPER_ANGLES else ""])]
     lines += ["", "## Subspace locking", "",
               f"Sim_K (K = {K}, right singular subspace) of D_t to the final update at the 20% checkpoint, and "
               f"the stable rank of D_t, on the attention matrices (the paper's view) and on all matrices; onset = "

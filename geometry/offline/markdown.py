@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from geometry.offline.reading import reading
 from geometry.offline.summary import RunSummary
@@ -31,6 +31,37 @@ def fmt(v: float | None, kind: str = "g") -> str:
     return f"{v:.4g}"
 
 
+# The paper's tables as column specs (header, metric, fmt kind), shared by summary.md and the demo's report
+# (geometry.lab.report), which fills the same columns with means and intervals over seeds. "density" is
+# 1 - sparsity_bf16.
+Column = tuple[str, str, str]
+SPARSITY: list[Column] = [("bf16 sparsity (%)", "sparsity_bf16", "%"),
+                          ("sparsity, |D| <= 1e-5 (%)", "sparsity_abs", "%"), ("density (%)", "density", "%")]
+LOCALISATION: list[Column] = [("update density (%)", "density", "%"),
+                              ("principal-mask overlap (%)", "mask_overlap_principal", "%"),
+                              ("low-magnitude-mask overlap (%)", "mask_overlap_lowmag", "%")]
+ANGLES: list[Column] = [("max angle U (deg)", "angle_max_u", "deg"), ("mean angle U (deg)", "angle_mean_u", "deg"),
+                        ("max angle V (deg)", "angle_max_v", "deg"), ("mean angle V (deg)", "angle_mean_v", "deg"),
+                        ("NSS", "nss", "e"), ("intruders (of top 10)", "intruders", "g")]
+
+
+def final_value(s: RunSummary, metric: str) -> float:
+    """A run's value at its final step; "density" is 1 - bf16 sparsity."""
+    return 1.0 - s.final("sparsity_bf16") if metric == "density" else s.final(metric)
+
+
+def metric_table(columns: Sequence[Column], rows: Sequence[tuple[str, Callable[[str, str], str]]],
+                 extra: Sequence[str] = (), extra_cells: Callable[[str], Sequence[str]] | None = None) -> str:
+    """One row per (run, cell) pair: cell(metric, kind) renders each column; ``extra`` columns after them."""
+    return table(["run", *(c[0] for c in columns), *extra],
+                 [[run, *(cell(m, k) for _, m, k in columns), *(extra_cells(run) if extra_cells else ())]
+                  for run, cell in rows])
+
+
+def _finals(S: Sequence[RunSummary]) -> list[tuple[str, Callable[[str, str], str]]]:
+    return [(s.run, lambda m, k, s=s: fmt(final_value(s, m), k)) for s in S]
+
+
 def render_summary(summaries: list[RunSummary], notes: list[str], tau: float, alpha: float = 0.3,
                    lock_k: int = 16) -> str:
     """The whole summary.md: sparsity (the paper's Table 1), localisation, angles and spectrum, overlap,
@@ -43,22 +74,14 @@ def render_summary(summaries: list[RunSummary], notes: list[str], tau: float, al
              table(["run", "steps measured", "final step", "matrices"],
                    [[s.run, len(s.steps), s.steps[-1], s.matrices] for s in S]), "",
              "## Update sparsity (Table 1 layout)", "",
-             table(["run", "bf16 sparsity (%)", "sparsity, |D| <= 1e-5 (%)", "density (%)"],
-                   [[s.run, fmt(s.final("sparsity_bf16"), "%"), fmt(s.final("sparsity_abs"), "%"),
-                     fmt(1 - s.final("sparsity_bf16"), "%")] for s in S]), "",
+             metric_table(SPARSITY, _finals(S)), "",
              "## Localisation of the update mask", "",
              f"Share of changed entries inside the principal mask (top {alpha:.0%} of |rank-r reconstruction of W0|, "
              f"r in the notes) and the low-magnitude mask (bottom {alpha:.0%} of |W0|); a random mask gives "
              f"{alpha:.0%}.", "",
-             table(["run", "update density (%)", "principal-mask overlap (%)", "low-magnitude-mask overlap (%)"],
-                   [[s.run, fmt(1 - s.final("sparsity_bf16"), "%"), fmt(s.final("mask_overlap_principal"), "%"),
-                     fmt(s.final("mask_overlap_lowmag"), "%")] for s in S]), "",
+             metric_table(LOCALISATION, _finals(S)), "",
              "## Principal angles, spectral shift, intruders", "",
-             table(["run", "max angle U (deg)", "mean angle U (deg)", "max angle V (deg)", "mean angle V (deg)",
-                    "NSS", "intruders (of top 10)"],
-                   [[s.run, fmt(s.final("angle_max_u"), "deg"), fmt(s.final("angle_mean_u"), "deg"),
-                     fmt(s.final("angle_max_v"), "deg"), fmt(s.final("angle_mean_v"), "deg"),
-                     fmt(s.final("nss"), "e"), fmt(s.final("intruders"))] for s in S]), "",
+             metric_table(ANGLES, _finals(S)), "",
              "## Overlap of the update with W0's principal subspace", "",
              table(["run", "two-sided", "/ random baseline", "left", "right"],
                    [[s.run, fmt(s.final("overlap_2s"), "e"), fmt(s.final("overlap_2s_ratio")),
