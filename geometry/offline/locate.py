@@ -1,10 +1,12 @@
-"""Where a model named on the command line lives, what to call it, and which step it is.
+"""Where a model named on the command line lives, which files hold its weights, what to call it, which step.
 
 A name is a local path (a model folder, a weights file, a Trainer run, a Hugging Face cache snapshot whose
 files are symlinks into ``blobs/``) or, when no such path exists, a hub name ``org/model`` looked up in
 huggingface_hub's local cache (HF_HUB_CACHE / HF_HOME), downloaded (safetensors and JSON files only) when
 the hub is online. A step is read only where training wrote one: a Trainer ``checkpoint-N`` name or
-``trainer_state.json``'s ``global_step``; ``phi-2`` or ``step_300`` are names, not steps.
+``trainer_state.json``'s ``global_step``; ``phi-2`` or ``step_300`` are names, not steps. A folder's weights
+are its safetensors (one file, or shards listed by an index that may not point outside the folder), else,
+opted in, its pickles; a symlink among them that loops or leads nowhere is an error, not a skip.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 HUB_FILES = ["*.safetensors", "*.json"]  # never the pickles a repo may also hold
 MAX_JSON_BYTES = 100_000_000  # config.json, trainer_state.json, index files: real ones are far smaller
 _WEIGHT_NAMES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?")  # file names that say nothing of the model
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_REFUSED = ("pickle checkpoints are refused (unpickling can run code); convert to safetensors "
+                  "or opt in with --allow-pickle (allow_pickle=True)")
 
 
 def stat_problem(p: Path) -> str | None:
@@ -126,3 +131,61 @@ def step_of(p: Path) -> int | None:
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
         raise GeometryError(f"{d / 'trainer_state.json'}: global_step is {str(step)[:40]!r}, not a step number")
     return step
+
+
+def _plain_files(d: Path, kind: str) -> list[Path]:
+    """The *.kind weight files of a folder; a link among them that leads nowhere is an error, not a skip."""
+    files = []
+    # training_args.bin is a pickled TrainingArguments that Trainer leaves in every checkpoint.
+    for f in sorted(d.glob(f"*.{kind}")):
+        problem = stat_problem(f)
+        if problem:
+            raise GeometryError(f"{f}: {problem}")
+        if f.is_file() and f.name != "training_args.bin":
+            files.append(f)
+    return files
+
+
+def _shards(index: Path, kind: str) -> dict[str, list[str]]:
+    """shard file name -> the tensor names the index puts in it. Shards must be plain file names of the
+    index's own kind: an index must not lead outside its folder, nor a safetensors index to a pickle."""
+    weight_map = (read_json(index) or {}).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise GeometryError(f"{index}: no weight_map")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard.endswith(f".{kind}") and Path(shard).name == shard):
+            raise GeometryError(f"{index}: tensor {name!r} is mapped to {str(shard)[:80]!r}, not a .{kind} file "
+                                "in the same folder")
+        shards.setdefault(shard, []).append(name)
+    return shards
+
+
+def weight_files(d: Path, allow_pickle: bool) -> list[tuple[Path, list[str] | None]] | None:
+    """The weight files of a model dir, each with the tensor names its index assigns it (None: all
+    it holds); None when the dir holds no weights. safetensors wins, so a dir with both is never unpickled.
+    """
+    for kind, single in (("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")):
+        index = d / f"{single}.index.json"
+        files = _plain_files(d, kind)
+        if not (index.is_file() or files):
+            continue
+        if kind == "bin" and not allow_pickle:
+            raise GeometryError(f"{d}: only pickle weights (*.bin) found; {PICKLE_REFUSED}")
+        if not index.is_file():
+            return [(d / single, None)] if (d / single).is_file() else [(f, None) for f in files]
+        shards = _shards(index, kind)
+        for shard in sorted(shards):
+            problem = stat_problem(d / shard)
+            if problem or not (d / shard).is_file():
+                raise GeometryError(f"{index}: names shard {shard}, which is {problem or 'not a file'} in {d}")
+        return [(d / shard, names) for shard, names in sorted(shards.items())]
+    return None
+
+
+def ignored_pickles(d: Path, found: list[tuple[Path, list[str] | None]]) -> list[str]:
+    """A note when a folder holds safetensors and pickle weights both: the safetensors were read."""
+    if not d.is_dir() or any(p.suffix != ".safetensors" for p, _ in found):
+        return []
+    pickles = sorted(f.name for f in d.glob("*.bin") if f.name != "training_args.bin")
+    return [f"{d}: read its safetensors weights, ignored {', '.join(pickles)}"] if pickles else []

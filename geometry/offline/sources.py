@@ -2,9 +2,9 @@
 
 A model is never loaded whole. Each safetensors file is opened once (its header is checked at open time by
 geometry.offline.header, so a truncated, corrupt or hostile file fails early with its path) and every read
-pulls one tensor, or only the rows of one part of a fused tensor. Where a model lives, its name and its step
-come from geometry.offline.locate. Pickle checkpoints (``*.bin``) can run code when loaded, so they are
-refused unless the caller opts in, and are then read with ``weights_only=True``.
+pulls one tensor, or only the rows of one part of a fused tensor. Where a model lives, which files hold it,
+its name and its step come from geometry.offline.locate. Pickle checkpoints (``*.bin``) can run code when
+loaded, so they are refused unless the caller opts in, and are then read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ from safetensors import safe_open
 
 from geometry.errors import GeometryError
 from geometry.offline.header import read_header
-from geometry.offline.locate import CHECKPOINT, label_of, locate, read_json, stat_problem, step_of
+from geometry.offline.locate import (
+    CHECKPOINT,
+    PICKLE_REFUSED,
+    PICKLE_SUFFIXES,
+    ignored_pickles,
+    label_of,
+    locate,
+    read_json,
+    step_of,
+    weight_files,
+)
 from geometry.selection import as_patterns, choose, layer_of, matches, module_of, natural_order
 
 # safetensors dtype codes -> torch dtype names (getattr: older torch builds lack the newest ones).
@@ -31,9 +41,6 @@ _ST_DTYPES = {
 # What the metrics can use: bf16 equality and SVDs of real floating-point weights. Integer, bool and
 # float8/float4 weights (quantized checkpoints) are refused for a selected matrix rather than misread.
 MEASURABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_PICKLE_REFUSED = ("pickle checkpoints are refused (unpickling can run code); convert to safetensors "
-                   "or opt in with --allow-pickle (allow_pickle=True)")
 
 
 def _one_line(err: BaseException) -> str:
@@ -128,56 +135,6 @@ class TensorSource:
             raise GeometryError(f"checkpoint {self.label}: cannot read {name} ({_one_line(e)})") from None
 
 
-def _plain_files(d: Path, kind: str) -> list[Path]:
-    """The *.kind weight files of a folder; a link among them that leads nowhere is an error, not a skip."""
-    files = []
-    # training_args.bin is a pickled TrainingArguments that Trainer leaves in every checkpoint.
-    for f in sorted(d.glob(f"*.{kind}")):
-        problem = stat_problem(f)
-        if problem:
-            raise GeometryError(f"{f}: {problem}")
-        if f.is_file() and f.name != "training_args.bin":
-            files.append(f)
-    return files
-
-
-def _shards(index: Path, kind: str) -> dict[str, list[str]]:
-    """shard file name -> the tensor names the index puts in it. Shards must be plain file names of the
-    index's own kind: an index must not lead outside its folder, nor a safetensors index to a pickle."""
-    weight_map = (read_json(index) or {}).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise GeometryError(f"{index}: no weight_map")
-    shards: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-        if not (isinstance(shard, str) and shard.endswith(f".{kind}") and Path(shard).name == shard):
-            raise GeometryError(f"{index}: tensor {name!r} is mapped to {str(shard)[:80]!r}, not a .{kind} file "
-                                "in the same folder")
-        shards.setdefault(shard, []).append(name)
-    return shards
-
-
-def _weight_files(d: Path, allow_pickle: bool) -> list[tuple[Path, list[str] | None]] | None:
-    """The weight files of a model dir, each with the tensor names its index assigns it (None: all
-    it holds); None when the dir holds no weights. safetensors wins, so a dir with both is never unpickled.
-    """
-    for kind, single in (("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")):
-        index = d / f"{single}.index.json"
-        files = _plain_files(d, kind)
-        if not (index.is_file() or files):
-            continue
-        if kind == "bin" and not allow_pickle:
-            raise GeometryError(f"{d}: only pickle weights (*.bin) found; {_PICKLE_REFUSED}")
-        if not index.is_file():
-            return [(d / single, None)] if (d / single).is_file() else [(f, None) for f in files]
-        shards = _shards(index, kind)
-        for shard in sorted(shards):
-            problem = stat_problem(d / shard)
-            if problem or not (d / shard).is_file():
-                raise GeometryError(f"{index}: names shard {shard}, which is {problem or 'not a file'} in {d}")
-        return [(d / shard, names) for shard, names in sorted(shards.items())]
-    return None
-
-
 def _build(label: str, found: list[tuple[Path, list[str] | None]]) -> dict:
     files: dict[str, _SafetensorsFile | _PickleFile] = {}
     for p, names in found:
@@ -191,14 +148,6 @@ def _build(label: str, found: list[tuple[Path, list[str] | None]]) -> dict:
     return files
 
 
-def _ignored_pickles(d: Path, found: list[tuple[Path, list[str] | None]]) -> list[str]:
-    """A note when a folder holds safetensors and pickle weights both: the safetensors were read."""
-    if not d.is_dir() or any(p.suffix != ".safetensors" for p, _ in found):
-        return []
-    pickles = sorted(f.name for f in d.glob("*.bin") if f.name != "training_args.bin")
-    return [f"{d}: read its safetensors weights, ignored {', '.join(pickles)}"] if pickles else []
-
-
 def open_source(path: str | Path, *, allow_pickle: bool = False) -> TensorSource:
     """Open an HF model dir (single or sharded safetensors), a bare .safetensors file, a hub name in the
     local cache, or, with `allow_pickle`, a pytorch_model.bin / *.bin. Only headers are read here."""
@@ -208,13 +157,13 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> TensorSource
 
 def _open(p: Path, hub: str | None, allow_pickle: bool) -> TensorSource:
     if p.is_file():
-        if p.suffix in _PICKLE_SUFFIXES and not allow_pickle:
-            raise GeometryError(f"{p}: {_PICKLE_REFUSED}")
-        if p.suffix != ".safetensors" and p.suffix not in _PICKLE_SUFFIXES:
+        if p.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise GeometryError(f"{p}: {PICKLE_REFUSED}")
+        if p.suffix != ".safetensors" and p.suffix not in PICKLE_SUFFIXES:
             raise GeometryError(f"{p}: not a weights file (expected .safetensors or, opted in, .bin)")
         found: list[tuple[Path, list[str] | None]] | None = [(p, None)]
     elif p.is_dir():
-        found = _weight_files(p, allow_pickle)
+        found = weight_files(p, allow_pickle)
     else:
         raise GeometryError(f"{p}: neither a file nor a folder")
     if found is None:
@@ -224,7 +173,7 @@ def _open(p: Path, hub: str | None, allow_pickle: bool) -> TensorSource:
     if not files:
         raise GeometryError(f"{p}: the weights hold no tensors")
     config = read_json((p if p.is_dir() else p.parent) / "config.json")
-    return TensorSource(label, files, config, _ignored_pickles(p, found))
+    return TensorSource(label, files, config, ignored_pickles(p, found))
 
 
 class Checkpoint(NamedTuple):
@@ -265,7 +214,7 @@ def open_run(path: str | Path, *, allow_pickle: bool = False) -> list[Checkpoint
         steps = _checkpoint_dirs(p)
         if steps:
             return [Checkpoint(n, _open(d, None, allow_pickle), d.name) for n, d in steps]
-        if _weight_files(p, allow_pickle) is None:
+        if weight_files(p, allow_pickle) is None:
             raise GeometryError(f"{p}: no checkpoint-N folders and no model weights")
     return [Checkpoint(step_of(p), _open(p, hub, allow_pickle), label_of(p, hub))]
 
