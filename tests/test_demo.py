@@ -1,5 +1,6 @@
 """`geometry demo --quick` end to end: every run and seed trained and recorded, report and figures written."""
 
+import math
 import re
 
 import pytest
@@ -76,3 +77,29 @@ def test_intervals_and_verdicts():
     assert below(a, b) is True and below(b, a) is False and below(a, c) is None
     assert below(a, Interval(2, float("nan"), float("nan"), 1)) is None  # one seed decides nothing
     assert all_of([True, True]) is True and all_of([True, None]) is None and all_of([None, False]) is False
+
+
+def test_tracking_at_k_matches_the_capture_reader(demo):
+    """The study's batched per-step curves at K = 16 (all the recorder tracks) equal geometry.capture's
+    per-matrix reader on the same store; at a smaller K they are computed from the top-K columns."""
+    from pathlib import Path
+
+    from geometry.capture.trajectory import tracking_table
+    from geometry.lab.regimes import TrainResult
+    from geometry.lab.study import tracking_at
+
+    store = demo / "runs" / "opd" / "s0"
+    res = TrainResult("opd", 0, Path(store), 10, 1e-6, 0.0, 0.0, 0, 0.0)
+    got = {(r.step, r.matrix, r.metric): r.value for r in tracking_at(res, 16)}
+    want = {(r.step, r.matrix, r.metric): r.value for r in tracking_table(store, run="opd/s0")}
+    assert set(got) == set(want)
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-9, abs_tol=1e-12)
+               or (math.isnan(got[k]) and math.isnan(want[k])) for k in got)
+    small = {(r.step, r.matrix, r.metric): r.value for r in tracking_at(res, 4)}
+    assert any(abs(small[k] - got[k]) > 1e-3 for k in got if k[2] == "track_sim_final_v" and k[0] < 10)
+
+
+def test_k_is_just_below_opds_stable_rank(demo):
+    text = (demo / "report.md").read_text()
+    k, rank = re.search(r"(\d+), just below OPD's update stable rank ([\d.]+)", text).groups()
+    assert int(k) == max(1, min(16, math.ceil(float(rank)) - 1))

@@ -26,7 +26,7 @@ class StudyConfig:
                          "minutes)")
     jobs: int = option(min(2, os.cpu_count() or 1), "runs trained at once, one process and one thread each "
                        "(default: 2, or 1 on a one-core machine); results do not depend on it")
-    no_variants: bool = option(False, "skip the one-seed variants (TRL full-KL distillation, alpha 0.5)")
+    no_variants: bool = option(False, "skip the one-seed variant (TRL full-vocabulary KL distillation)")
     data: str | None = option(None, f"directory with student/ and teacher/ (default: ${DATA_ENV}, else the "
                               "repository's data/)")
 

@@ -5,7 +5,7 @@ data/), with TRL trainers and our callback (geometry.lab.regimes):
 - the three regimes: SFT, RLVR (GRPO), OPD (the paper's sampled-token estimator);
 - the paper's controls: off-policy OPD (teacher rollouts) and OPD's advantage mixed with GRPO's (alpha 0.05);
 - the causal test (SPEC 9): SFT and OPD with gradients projected on the rank-K update subspace from 20%;
-- labelled variants, one seed, in no verdict: TRL's full-vocabulary DistillationTrainer, alpha 0.5.
+- a labelled variant, one seed, in no verdict: TRL's full-vocabulary DistillationTrainer.
 
 K follows the paper's rule (SPEC 7): just below OPD's measured update stable rank, here measured on the
 attention matrices of OPD's final bf16 checkpoints, before the projected runs (which need K) are trained.
@@ -30,11 +30,11 @@ from typing import NamedTuple
 import torch
 
 from geometry.capture.store import check_store, read_snapshot, read_tracking
-from geometry.capture.trajectory import step_values
 from geometry.errors import GeometryError
 from geometry.lab import regimes
 from geometry.lab.config import DATA_ENV, StudyConfig
 from geometry.lab.regimes import TRACK_K, RegimeConfig, TrainResult
+from geometry.locking import step_sims
 from geometry.offline.analyze import Analysis, Run, analyze
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.summary import ATTENTION_MODULES
@@ -47,7 +47,7 @@ MARKER = ".geometry-demo"  # marks a directory as a demo output, which a new dem
 MAIN = ("sft", "rlvr", "opd")
 CONTROLS = ("opd_offpolicy", "opd_mix0.05")  # compared with on-policy "opd"
 PROJECTED = {"sft_proj": "sft", "opd_proj": "opd"}  # projected run -> its unconstrained run
-VARIANTS = ("opd_fullkl", "opd_mix0.5")  # one seed, shown, in no verdict
+VARIANTS = ("opd_fullkl",)  # one seed, shown, in no verdict (plan() also has "opd_mix0.5", in no default list)
 
 
 class Boundaries(NamedTuple):
@@ -167,18 +167,43 @@ def boundaries(opd: list[TrainResult], hidden: int) -> Boundaries:
 
 
 def tracking_at(res: TrainResult, k: int) -> Table:
-    """Per-step tracking curves of one run at K = k (the top-k of the recorder's TRACK_K columns)."""
+    """Per-step tracking curves of one run at K = k, from the top k of the recorder's TRACK_K columns: the
+    metrics of geometry.capture.trajectory (Sim_K to the final and previous step, stable rank, ||D||_F, s_1),
+    computed per step for all matrices of a shape at once (geometry.locking.step_sims, batched)."""
     steps = check_store(res.store).tracking_steps
     if not steps:
         return Table()
-    final = {n: e.top(k) for n, e in read_tracking(res.store, steps[-1]).items()}
+    final = read_tracking(res.store, steps[-1])
+    names = sorted(final)
+    shape = {n: (tuple(final[n].u.shape), tuple(final[n].v.shape)) for n in names}
+    groups = [[n for n in names if shape[n] == sh] for sh in dict.fromkeys(shape.values())]
+
+    def stack(est: dict, group: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        u = torch.stack([est[n].u[:, :k] for n in group])  # (B, m, k)
+        v = torch.stack([est[n].v[:, :k] for n in group])  # (B, n, k)
+        fro = torch.tensor([est[n].fro for n in group], dtype=torch.float64)  # (B,)
+        s1 = torch.stack([est[n].s[0] for n in group]).double()  # (B,)
+        return u, v, fro, s1
+
+    fin = [stack(final, g) for g in groups]
     rows, prev, run = [], None, label(res.name, res.seed)
     for step in steps:
-        cur = final if step == steps[-1] else {n: e.top(k) for n, e in read_tracking(res.store, step).items()}
-        for n, est in cur.items():
-            values = step_values(est, final[n], prev[n] if prev else None)
-            rows.extend(Row(run, step, n, layer_of(n), module_of(n), m, v) for m, v in values.items())
-        prev = cur
+        cur = final if step == steps[-1] else read_tracking(res.store, step)
+        now = [stack(cur, g) for g in groups]
+        for gi, group in enumerate(groups):
+            u, v, fro, s1 = now[gi]
+            fu, fv, ffro, _ = fin[gi]
+            pu, pv, pfro = (None, None, None) if prev is None else prev[gi][:3]
+            su = step_sims(u, fu, pu, fro > 0, ffro > 0, None if pfro is None else pfro > 0)
+            sv = step_sims(v, fv, pv, fro > 0, ffro > 0, None if pfro is None else pfro > 0)
+            values = {"track_sim_final_u": su.final, "track_sim_final_v": sv.final, "track_sim_prev_u": su.prev,
+                      "track_sim_prev_v": sv.prev,
+                      "track_stable_rank": torch.where(s1 > 0, fro**2 / s1.clamp(min=1e-300) ** 2, math.nan),
+                      "track_fro_norm": fro, "track_s1": s1}
+            cols = {m: x.tolist() for m, x in values.items()}
+            for i, n in enumerate(group):
+                rows.extend(Row(run, step, n, layer_of(n), module_of(n), m, col[i]) for m, col in cols.items())
+        prev = now
     return Table(rows)
 
 
@@ -220,7 +245,12 @@ def run_study(out: str | Path, config: StudyConfig | None = None, *,
         train([(n, s) for s in seeds for n in PROJECTED], cfg, pool)
     log("analyzing the bf16 snapshots of every run")
     stores = [r for rs in results.values() for r in rs]
-    analysis = analyze([Run(label(r.name, r.seed), r.store / "base", [r.store]) for r in stores],
-                       config=AnalysisConfig(lock_k=bounds.lock_k, device="cpu"))
-    tracking = Table(row for r in stores for row in tracking_at(r, bounds.lock_k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small decompositions: one thread avoids OpenMP waits on a busy machine
+    try:
+        analysis = analyze([Run(label(r.name, r.seed), r.store / "base", [r.store]) for r in stores],
+                           config=AnalysisConfig(lock_k=bounds.lock_k, device="cpu"))
+        tracking = Table(row for r in stores for row in tracking_at(r, bounds.lock_k))
+    finally:
+        torch.set_num_threads(threads)
     return StudyResult(out, results, analysis, tracking, cfg, lrs, bounds, time.perf_counter() - t0)
