@@ -4,23 +4,33 @@ Both use only the Trainer's callback events, so they work unchanged with ``trans
 and the TRL trainers built on it (SFTTrainer, GRPOTrainer, DistillationTrainer, ...):
 
     trainer = SFTTrainer(..., callbacks=[GeometryCallback("runs/sft/geometry")])
+
+GeometryCallback also puts its run-level values into the Trainer's logs, so they reach every tracker of
+``report_to`` (TensorBoard, W&B, trackio, MLflow, ...) at each ``logging_steps``, as ``geometry/<metric>``
+(TensorBoard and W&B show them under ``train/geometry/``: their integrations prefix ``train/`` to the logs).
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from geometry.capture.distributed import is_sharded, is_writer
 from geometry.capture.layout import check_writable
-from geometry.capture.recorder import Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
+from geometry.capture.recorder import Live, Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
 from geometry.errors import GeometryError
 
 
 def _is_main_process(args, state) -> bool:
     return bool(getattr(state, "is_world_process_zero", True)) and getattr(args, "process_index", 0) == 0
+
+
+PREFIX = "geometry/"  # of the keys added to the Trainer's logs
 
 
 def _work_dtype(p: torch.Tensor) -> torch.dtype:
@@ -33,16 +43,31 @@ class GeometryCallback(TrainerCallback):
     Creating it checks that ``out_dir`` is writable (GeometryError, before any training); on_train_begin:
     a Recorder on the trainer's model (at ``state.global_step``: a resumed run continues its store; a full
     disk is refused here); on_step_end: ``rec.step(global_step)`` after each optimizer step, and a flush
-    before the Trainer saves a checkpoint (a run resumed from it then misses no step); on_train_end: the
-    final snapshot and close. The main process records; under FSDP / ZeRO-3 the other ranks take part in
-    the gathers of the sharded weights (geometry.capture.distributed), under DDP they do nothing.
+    before the Trainer saves a checkpoint (a run resumed from it then misses no step); at the last step
+    (``state.max_steps``, or on_train_end for a run stopped early): the final snapshot and close. The main
+    process records; under FSDP / ZeRO-3 the other ranks take part in the gathers of the sharded weights
+    (geometry.capture.distributed), under DDP they do nothing.
+
+    log (default True): every time the Trainer logs, add the recorder's run-level values (Recorder.live) to
+    its ``logs`` as ``geometry/<metric>``, each value once: at the latest tracked step, ``track_fro_norm``,
+    ``track_stable_rank``, ``track_sim_prev_u``, ``track_sim_prev_v`` (means over the tracked matrices, as
+    geometry.capture.trajectory.run_values); at the latest snapshot, ``sparsity_bf16`` (pooled). The Trainer
+    calls its callbacks in list order and puts the report_to integrations before the user's callbacks, so a
+    value added in this callback's own on_log would come after they wrote the logs. TrainerCallback events
+    get no handle on the list, so at on_train_begin this callback takes its CallbackHandler from the calling
+    frame and puts a one-event helper (on_log only) first; every other event keeps its order.
     """
 
-    def __init__(self, out_dir: str | Path, config: RecorderConfig | None = None):
+    def __init__(self, out_dir: str | Path, config: RecorderConfig | None = None, *, log: bool = True):
         self.out_dir = Path(out_dir)
         self.config = config or RecorderConfig()
+        self.log = log
         self.recorder: Recorder | None = None
         self.stats: RecorderStats | None = None  # the recorder's work, kept after training ends
+        self._live = Live(None, {}, None, {})  # the values of a closed recorder (logged after its last step)
+        self._logged: tuple[int | None, int | None] = (None, None)  # the tracked and snapshot steps logged
+        self._merger = _LogMerger(self)
+        self._handler: CallbackHandler | None = None
         if is_writer():
             check_writable(self.out_dir)
 
@@ -56,18 +81,71 @@ class GeometryCallback(TrainerCallback):
         if not _is_main_process(args, state) and not is_sharded(unwrap(model)):
             return  # unsharded weights are the same on every rank: the main process records them
         self.recorder = Recorder(model, self.out_dir, self.config, step=state.global_step)
+        self._live, self._logged = Live(None, {}, None, {}), (None, None)
+        if self.log and self.recorder.writes:
+            self._put_merger_first()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
             self.recorder.step(state.global_step)
-            if control.should_save:  # the Trainer saves its checkpoint right after this event
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                self._finish()  # before the Trainer's last logs, so that they carry the final snapshot
+            elif control.should_save:  # the Trainer saves its checkpoint right after this event
                 self.recorder.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._finish()
+        if self._handler is not None:
+            self._handler.callbacks = [c for c in self._handler.callbacks if c is not self._merger]
+            self._handler = None
+
+    def _finish(self) -> None:
         if self.recorder is not None:
             rec, self.recorder = self.recorder, None
             rec.close()
-            self.stats = rec.stats
+            self.stats, self._live = rec.stats, rec.live()
+
+    def _merge(self, state, logs: dict | None) -> None:
+        """Add the values not logged yet to ``logs`` (and to the Trainer's log_history entry of it)."""
+        if logs is None:
+            return
+        live = self.recorder.live() if self.recorder is not None else self._live
+        new = {}
+        if live.track_step is not None and live.track_step != self._logged[0]:
+            new.update(live.tracked)
+        if live.snapshot_step is not None and live.snapshot_step != self._logged[1]:
+            new.update(live.snapshot)
+        self._logged = (live.track_step, live.snapshot_step)
+        new = {PREFIX + k: v for k, v in new.items()}
+        logs.update(new)
+        history = getattr(state, "log_history", None)
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(new)  # Trainer.log appended a copy of logs before calling on_log
+
+    def _put_merger_first(self) -> None:
+        frame, handler = sys._getframe(1), None
+        while frame is not None and handler is None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, CallbackHandler) and any(c is self for c in obj.callbacks):
+                handler = obj
+            frame = frame.f_back
+        if handler is None:
+            warnings.warn("GeometryCallback: not called by a transformers CallbackHandler; its values are not "
+                          "added to the trainer's logs", stacklevel=3)
+            return
+        # a new list: the handler is iterating over the old one (call_event) and must not see the change
+        handler.callbacks = [self._merger, *(c for c in handler.callbacks if c is not self._merger)]
+        self._handler = handler
+
+
+class _LogMerger(TrainerCallback):
+    """GeometryCallback's on_log, run first of all callbacks (GeometryCallback's docstring)."""
+
+    def __init__(self, owner: GeometryCallback):
+        self.owner = owner
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.owner._merge(state, logs)
 
 
 class GradientProjectionCallback(TrainerCallback):

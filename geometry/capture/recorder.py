@@ -21,6 +21,11 @@ rank 0's errors are raised on every rank, so that none is left waiting in a gath
 
 Before saving a training checkpoint of its own, a loop calls ``rec.flush()``: the store then holds every
 step up to it, and a run resumed from that checkpoint misses none.
+
+``rec.live()``: run-level values of the latest tracked step and snapshot, for a training loop's logs
+(geometry.capture.callbacks sends them to the Trainer's experiment trackers). Computed when asked, from
+the estimates the recorder keeps of its last two tracked steps; the snapshot's bf16 sparsity is counted
+while the snapshot is taken (one comparison per entry, on the weights' device).
 """
 
 
@@ -31,6 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -41,10 +47,12 @@ from geometry.capture.config import RecorderConfig
 from geometry.capture.distributed import FullParameters, broadcast, is_writer
 from geometry.capture.store import Store, read_manifest, read_tracking
 from geometry.capture.tracking import Estimate, SubspaceTracker
+from geometry.capture.trajectory import run_values
 from geometry.errors import GeometryError
+from geometry.metrics import changed_mask
 from geometry.selection import choose
 
-__all__ = ["Recorder", "RecorderConfig", "RecorderStats", "select_parameters", "unwrap"]
+__all__ = ["Live", "Recorder", "RecorderConfig", "RecorderStats", "select_parameters", "unwrap"]
 
 
 @dataclass
@@ -57,6 +65,15 @@ class RecorderStats:
     snapshot_seconds: float = 0.0  # copies to the CPU, including any wait for a full queue
     iterations: int = 0  # subspace iterations, all matrices and steps
     fallbacks: int = 0  # matrix-steps that needed the exact SVD
+
+
+class Live(NamedTuple):
+    """Run-level values of the latest recorded steps (``Recorder.live``); steps are None before the first."""
+
+    track_step: int | None  # the latest tracked step
+    tracked: dict[str, float]  # geometry.capture.trajectory.LIVE_METRICS there: means over the tracked matrices
+    snapshot_step: int | None  # the latest snapshot step
+    snapshot: dict[str, float]  # sparsity_bf16 there (SPEC item 1), pooled over the tracked matrices' entries
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -114,6 +131,11 @@ class Recorder:
         self._last: int | None = None  # last step seen
         self._snapped: int | None = None  # last step snapshotted
         self._batches = UpdateBatches(self.shapes, cfg.track_batch_mb)
+        self._tracked: tuple[int, dict[str, Estimate]] | None = None  # the last tracked step's estimates (rank 0)
+        self._previous: dict[str, Estimate] | None = None  # those of the tracked step before it
+        self._live_tracked: tuple[int, dict[str, float]] | None = None  # run_values of _tracked, once asked
+        self._unchanged: list[torch.Tensor] = []  # per matrix, entries unchanged at bf16 (a snapshot being taken)
+        self._snapshot: tuple[int, dict[str, float]] | None = None
         if not (self.writes or self.collective):
             return  # another rank of an unsharded (DDP) run: rank 0 records the same weights
         base = {n: w.to("cpu", copy=True) for n, w in self.full.gather(self.params)} if step == 0 else None
@@ -136,6 +158,16 @@ class Recorder:
         track = cfg.track_every > 0 and (snap or step % cfg.track_every == 0)
         if self.writes or self.collective:
             self._record(step, snap, track)
+
+    def live(self) -> Live:
+        """Run-level values of the latest tracked step and snapshot (module docstring); empty on other ranks."""
+        tracked = self._tracked
+        if tracked is not None and (self._live_tracked is None or self._live_tracked[0] != tracked[0]):
+            with torch.no_grad():
+                self._live_tracked = (tracked[0], run_values(tracked[1], self._previous))
+        t_step, t_values = self._live_tracked if tracked is not None else (None, {})
+        s_step, s_values = self._snapshot if self._snapshot is not None else (None, {})
+        return Live(t_step, dict(t_values), s_step, dict(s_values))
 
     def flush(self) -> None:
         """Wait until every queued write has landed (rank 0; a no-op elsewhere). Call it before saving a
@@ -222,6 +254,7 @@ class Recorder:
         copies: dict[str, torch.Tensor] = {}
         records: dict[str, Estimate] = {}
         self._batches.start()
+        self._unchanged = []
         with torch.no_grad():
             err = self._visit(snap, track, copies, records)
             if err is None and track and self.writes:
@@ -234,6 +267,8 @@ class Recorder:
                     err = e
             if err is None and self.writes:
                 err = self._put(step, copies if snap else None, records if track else None)
+            if err is None and self.writes:
+                self._keep_live(step, snap, track, records)
         if snap:
             self._snapped = step
         self._agree(err)
@@ -247,11 +282,13 @@ class Recorder:
                 continue  # keep taking part in the gathers: the other ranks wait in them
             try:
                 t0 = time.perf_counter()
+                w0 = self._w0[name].to(w.device, non_blocking=True) if snap or track else None
                 if snap:
                     copies[name] = self._snapshot_copy(w)
+                    self._unchanged.append((~changed_mask(w0, w)).sum())  # no sync: read in _keep_live
                 t1 = time.perf_counter()
                 if track:
-                    batch = self._batches.add(name, w, self._w0[name].to(w.device, non_blocking=True))
+                    batch = self._batches.add(name, w, w0)
                     if batch is not None:
                         records.update(self._track(batch, refine=snap))
                 self.stats.snapshot_seconds += t1 - t0
@@ -283,6 +320,17 @@ class Recorder:
         except GeometryError as e:
             return e
         return None
+
+    def _keep_live(self, step: int, snap: bool, track: bool, records: dict[str, Estimate]) -> None:
+        """Keep what ``live`` needs: the estimates of the last two tracked steps, the snapshot's sparsity."""
+        if track:
+            self._previous = self._tracked[1] if self._tracked is not None else None
+            self._tracked = (step, records)
+        if snap:
+            total = sum(math.prod(s) for s in self.shapes.values())
+            unchanged = sum(int(u) for u in self._unchanged)
+            self._snapshot = (step, {"sparsity_bf16": unchanged / total})
+        self._unchanged = []
 
     def _agree(self, err: BaseException | None) -> None:
         """Raise err; under a collective recorder other ranks raise rank 0's error too, so none waits forever."""

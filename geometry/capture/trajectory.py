@@ -15,6 +15,8 @@ from geometry.table import Row, Table
 
 TRACK_METRICS = ("track_sim_final_u", "track_sim_final_v", "track_sim_prev_u", "track_sim_prev_v",
                  "track_stable_rank", "track_fro_norm", "track_s1")
+# What a run reports while it trains (run_values): the metrics that need no final step.
+LIVE_METRICS = ("track_fro_norm", "track_stable_rank", "track_sim_prev_u", "track_sim_prev_v")
 
 
 def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
@@ -58,3 +60,17 @@ def step_values(est: Estimate, final: Estimate, prev: Estimate | None) -> dict[s
         "track_fro_norm": est.fro,
         "track_s1": s1,
     }
+
+
+def run_values(cur: dict[str, Estimate], prev: dict[str, Estimate] | None) -> dict[str, float]:
+    """LIVE_METRICS of one tracked step as run-level values: unweighted means over the matrices, each as
+    ``step_values`` has it (Sim_K to the previous tracked step ``prev``). NaNs (a zero update, the first step)
+    are left out of a mean; a metric NaN for every matrix is left out of the result."""
+    sums, counts = dict.fromkeys(LIVE_METRICS, 0.0), dict.fromkeys(LIVE_METRICS, 0)
+    for name, est in cur.items():
+        values = step_values(est, est, prev.get(name) if prev is not None else None)
+        for m in LIVE_METRICS:
+            if not math.isnan(values[m]):
+                sums[m] += values[m]
+                counts[m] += 1
+    return {m: sums[m] / counts[m] for m in LIVE_METRICS if counts[m]}
