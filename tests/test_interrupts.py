@@ -66,3 +66,16 @@ def test_signal_mid_analysis_leaves_nothing(many, tmp_path, sig, code):
     assert took < 5, f"took {took:.1f} s to stop"  # typically well under a second; the margin is for a loaded CI
     assert not out.exists()
     assert not [q for p in (tmp_path, many) for q in p.rglob(".tmp*")]
+
+
+def test_ctrl_c_waits_while_files_are_renamed_into_an_existing_output():
+    """Into an existing directory the files land one rename at a time; a Ctrl-C then is held until all have."""
+    from geometry.offline.outputs import _signals_held
+
+    done = False
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a pending SIGINT would have been raised by now
+            done = True
+    assert done

@@ -165,15 +165,25 @@ def _replace_files(blobs: dict[str, bytes], out: Path) -> None:
 
 @contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait (are delivered on exit) so that a set of renames completes."""
-    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+    """SIGINT and SIGTERM wait (are delivered on exit) so that a set of renames completes.
+
+    The handlers are swapped rather than the signals blocked: a process-directed signal goes to any thread
+    that does not block it (torch's worker threads among them), and Python then raises in the main thread.
+    """
+    pending: list[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread, where Python runs no signal handler anyway
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:  # now to whatever handled it before: KeyboardInterrupt, the CLI's SIGTERM, the default
+            signal.raise_signal(pending[0])
 
 
 def load(out: str | Path) -> Analysis:
