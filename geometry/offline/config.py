@@ -7,11 +7,13 @@ class (geometry.cli), so a default and its explanation live here only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from geometry.errors import GeometryError
 from geometry.selection import as_patterns
+
+if TYPE_CHECKING:
+    import torch
 
 PAPER_HIDDEN = 4096  # Qwen3-8B's hidden size: the width the paper's k = 512 and r = 64 were chosen for
 PAPER_K, PAPER_MASK_RANK = 512, 64
@@ -88,6 +90,8 @@ class AnalysisConfig:
         return min(self.mask_rank or scaled(PAPER_MASK_RANK, hidden or min(shape)), *shape)
 
     def torch_device(self) -> torch.device:
+        import torch  # here, not at the top: `geometry --help` builds its options from this class
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
