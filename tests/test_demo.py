@@ -100,6 +100,23 @@ def test_tracking_at_k_matches_the_capture_reader(demo):
 
 
 def test_k_is_just_below_opds_stable_rank(demo):
-    text = (demo / "report.md").read_text()
-    k, rank = re.search(r"(\d+), just below OPD's update stable rank ([\d.]+)", text).groups()
-    assert int(k) == max(1, min(16, math.ceil(float(rank)) - 1))
+    from geometry.lab.study import load_study
+
+    bd = load_study(demo).boundaries
+    assert bd.lock_k == max(1, min(16, math.ceil(bd.opd_stable_rank) - 1))
+    assert f"K = {bd.lock_k}" in (demo / "report.md").read_text()
+
+
+def test_a_finished_demo_reads_back_and_rerenders_the_same_report(demo, tmp_path):
+    import shutil
+
+    from geometry.lab.report import write_report
+    from geometry.lab.study import load_study
+
+    copy = tmp_path / "copy"
+    shutil.copytree(demo, copy)
+    (copy / "report.md").unlink()
+    study = load_study(copy)
+    assert {r.seed for r in study.runs["opd"]} == {0, 1} and study.config.lock_k == study.boundaries.lock_k
+    write_report(study, rerender=True)
+    assert (copy / "report.md").read_text() == (demo / "report.md").read_text()

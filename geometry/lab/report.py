@@ -19,7 +19,7 @@ import numpy as np
 from scipy import stats
 
 from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
-from geometry.lab.study import CONTROLS, MAIN, PROJECTED, VARIANTS, StudyResult, label
+from geometry.lab.study import CONTROLS, MAIN, PROJECTED, VARIANTS, StudyResult, label, save_study
 from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
 from geometry.offline.summary import ATTENTION_MODULES, RunSummary, summarize
 from geometry.table import Row, Table
@@ -247,8 +247,7 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
          "(lab/trainers.py)", "-"],
         ["precision", "bf16 checkpoints", "float32 master weights from a bf16 student; bf16 snapshots analysed; "
          "per-step tracking on float32 weights", "as mixed-precision training saves checkpoints"],
-        ["K (locking)", "16, just below OPD's update stable rank", f"{cfg.lock_k}, just below OPD's update stable "
-         f"rank {bd.opd_stable_rank:.2f}", "the paper's rule on this model"],
+        ["K (locking)", "16, just below OPD's update stable rank", _k_words(bd), "the paper's rule on this model"],
         ["k, r, alpha", "512, 64 of 4096; 30%", f"k = {bd.principal_k}, r = round(64 h / 4096), alpha "
          f"{study.analysis.config.alpha:g}", "SPEC 2, 5: scaled with the hidden size"],
         ["matrices", "trajectories on attention q/k/v/o", "the same for Sim_K, stable rank and onset; sparsity, "
@@ -256,6 +255,13 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
         ["seeds", "one run each", f"{max(len(v) for v in study.runs.values())} seeds per run of a verdict "
          f"(variants {', '.join(VARIANTS)}: seed 0 only)", "95% intervals decide the verdicts"],
     ]
+
+
+def _k_words(bd) -> str:
+    if bd.lock_k < math.ceil(bd.opd_stable_rank) - 1:
+        return (f"{bd.lock_k}, capped (the recorder tracks {bd.lock_k} directions; the paper's value): OPD's update "
+                f"stable rank is {bd.opd_stable_rank:.2f}")
+    return f"{bd.lock_k}, just below OPD's update stable rank {bd.opd_stable_rank:.2f}"
 
 
 def _params(study: StudyResult) -> int:
@@ -329,17 +335,22 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               metric_table(ANGLES, cells, ["paper angle, NSS"],
                            lambda r: [f"{PAPER_ANGLES[r]} deg, {PAPER_NSS[r]}" if r in PAPER_ANGLES else ""])]
     lines += ["", "## Subspace locking", "",
-              f"Sim_K (K = {K}, right singular subspace) of D_t to the final update at the 20% checkpoint, and "
-              f"the stable rank of D_t, on the attention matrices (the paper's view) and on all matrices; onset = "
-              f"earliest checkpoint from which Sim_K stays >= {tau} (median over matrices; 'none' if never), "
-              "seed 0.", "",
-              table(["run", "Sim_K at 20%, attention", "all matrices", "paper", "stable rank final, attention",
-                     "final / 20%", "band from 20%", "onset (frac), attention", "all matrices"],
+              f"Sim_K (K = {K}, right singular subspace) of D_t to the final update at the 20% checkpoint (bf16, "
+              "as the paper), beside the same from the per-step tracking of the float32 master weights, and the "
+              "stable rank of D_t (bf16 checkpoints), on the attention matrices (the paper's view) and on all "
+              f"matrices. Onset = earliest checkpoint from which Sim_K stays >= {tau} (median over matrices; "
+              "'none' if never), seed 0.", "",
+              table(["run", "Sim_K at 20%, attention", "all matrices", "per step, float32, attention", "paper",
+                     "stable rank final, attention", "final / 20%", "band from 20%", "onset (frac), attention",
+                     "all matrices"],
                     _locking_rows(study, V))]
     lines += ["", "## Are there boundaries at k and K?", "",
               f"A K-dimensional subspace is only well defined when the spectrum has a gap at K. OPD's final "
-              f"update (attention matrices): stable rank {bd.opd_stable_rank:.2f}, so K = {K}; "
-              f"s_K / s_K+1 = {bd.update_gap:.3g} (median over matrices and seeds). The student's W0 at the "
+              f"update (attention matrices, bf16 checkpoints): stable rank {bd.opd_stable_rank:.2f}, so K = {K}; "
+              f"s_K / s_K+1 = {bd.update_gap:.3g} (median over matrices and seeds). The same update on the float32 "
+              f"master weights (per-step tracking, final step) has stable rank {_tracked_rank(study):.2f}: the bf16 "
+              "rounding of the checkpoints adds spread-out quantisation noise (entries move by whole bf16 "
+              "spacings or not at all), which raises the stable rank the rule reads. The student's W0 at the "
               f"analyzer's k = {bd.principal_k}: s_k / s_k+1 = {bd.base_gap:.3g}. "
               + _gap_words(bd.update_gap, bd.base_gap)]
     dr = {base: interval(drops(study, base, proj)) for proj, base in PROJECTED.items()}
@@ -357,6 +368,16 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
     return "\n".join(lines) + "\n"
 
 
+def _tracked_rank(study: StudyResult) -> float:
+    """OPD's final per-step-tracked stable rank (float32 weights), median over attention matrices, mean over seeds."""
+    vals = []
+    for r in study.runs.get("opd", []):
+        rows = study.tracking.where(run=label("opd", r.seed), metric="track_stable_rank", step=r.steps,
+                                    module=sorted(ATTENTION_MODULES))
+        vals.append(float(np.median(rows.values())) if len(rows) else math.nan)
+    return float(np.mean(vals)) if vals else math.nan
+
+
 def _gap_words(update_gap: float, base_gap: float) -> str:
     flat = [w for w, g in (("OPD's update at K", update_gap), ("W0 at k", base_gap)) if g < 1.1]
     if not flat:
@@ -371,11 +392,23 @@ def _locking_rows(study: StudyResult, V: Views) -> list[list[str]]:
         def iv(S, f, name=name):
             return interval(per_seed(study, S, name, f))
         a0, s0 = V.attn.get(label(name, 0)), V.all.get(label(name, 0))
-        rows.append([name, iv(V.attn, sim_early).show(), iv(V.all, sim_early).show(), PAPER_SIM20.get(name, ""),
+        tracked = interval([_tracked_sim_early(study, name, r) for r in study.runs[name]])
+        rows.append([name, iv(V.attn, sim_early).show(), iv(V.all, sim_early).show(), tracked.show(),
+                     PAPER_SIM20.get(name, ""),
                      iv(V.attn, lambda s: s.final("stable_rank")).show(), iv(V.attn, growth).show(),
                      iv(V.attn, band).show(), _onset(a0.attention_onset_step if a0 else None, a0),
                      _onset(s0.locking_onset_step if s0 else None, s0)])
     return rows
+
+
+def _tracked_sim_early(study: StudyResult, name: str, res) -> float:
+    """Per-step Sim_K (V) to the final update at the tracked step nearest 20%, mean over attention matrices."""
+    rows = study.tracking.where(run=label(name, res.seed), metric="track_sim_final_v", module=sorted(ATTENTION_MODULES))
+    steps = sorted(rows.unique("step"))
+    if not steps:
+        return math.nan
+    step = min(steps, key=lambda s: abs(s - EARLY * steps[-1]))
+    return float(np.nanmean(rows.where(step=step).values()))
 
 
 def _onset(step: int | None, s: RunSummary | None) -> str:
@@ -419,11 +452,15 @@ def figures(study: StudyResult, fig_dir: Path) -> list[str]:
         saved.append(name)
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
-    seed0 = [label(n, 0) for n in main]
-    plots.angle_curves(curves_by(a, "angles_u"), ax[0], runs=seed0)
+    def seed0(kind: str) -> dict:  # seed 0's curves under the bare run names (colours as in the other figures)
+        return {(run.rpartition("/")[0], step, m): v for (run, step, m), v in curves_by(a, kind).items()
+                if run in {label(n, 0) for n in main}}
+
+    plots.angle_curves(seed0("angles_u"), ax[0], runs=main)
     ax[0].set_title("principal angles, top-k U of W0 vs W_T (seed 0, mean over matrices)", fontsize=9)
     matrix = next(m for m in a.unique("matrix") if "mlp.up_proj" in m)
-    plots.spectra(curves_by(a, "spectrum"), matrix, ax[1], runs=seed0)
+    plots.spectra(seed0("spectrum"), matrix, ax[1], runs=main)
+    ax[1].set_title(f"relative spectral change, {matrix} (seed 0)", fontsize=9)
     save(fig, "angles_spectra.png")
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
@@ -463,13 +500,16 @@ def figures(study: StudyResult, fig_dir: Path) -> list[str]:
     return saved
 
 
-def write_report(study: StudyResult) -> Path:
-    """report.md, figures/*.png and analysis/ (the analyzer's outputs plus tracking.csv) under study.out."""
+def write_report(study: StudyResult, *, rerender: bool = False) -> Path:
+    """report.md, figures/*.png, study.json and analysis/ (the analyzer's outputs plus tracking.csv) under
+    study.out; ``rerender``: only report.md and the figures, from a study read back by load_study."""
     from geometry.offline.outputs import write_analysis
 
     out = study.out
-    write_analysis(study.analysis, out / "analysis")
-    study.tracking.to_csv(out / "analysis" / "tracking.csv")
+    if not rerender:
+        write_analysis(study.analysis, out / "analysis")
+        study.tracking.to_csv(out / "analysis" / "tracking.csv")
+        save_study(study)
     V = views(study)
     cl = claims(study, V)
     figs = figures(study, out / "figures")

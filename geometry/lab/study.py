@@ -15,15 +15,17 @@ and RLVR start; all runs here start from it.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
 import shutil
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +44,7 @@ from geometry.selection import layer_of, module_of
 from geometry.table import Row, Table
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+INSTALLED_DATA = Path(sysconfig.get_path("data")) / "share" / "geometry" / "data"  # where a wheel puts data/
 DATA = REPO_DATA  # kept for notebooks that import it; code resolves the directory with data_dir()
 MARKER = ".geometry-demo"  # marks a directory as a demo output, which a new demo may overwrite
 MAIN = ("sft", "rlvr", "opd")
@@ -78,13 +81,15 @@ def label(name: str, seed: int) -> str:
 
 
 def data_dir(data: str | Path | None = None) -> Path:
-    """Where the student and teacher live: ``data`` if given, else $GEOMETRY_DATA, else the repository's data/.
-    Either model missing is a GeometryError saying how to rebuild it."""
-    root = Path(data or os.environ.get(DATA_ENV) or REPO_DATA)
+    """Where the student and teacher live: ``data`` if given, else $GEOMETRY_DATA, else the repository's data/,
+    else the copy a wheel installs (<prefix>/share/geometry/data, pyproject's data-files). Either model
+    missing is a GeometryError saying how to rebuild it."""
+    given = data or os.environ.get(DATA_ENV)
+    root = Path(given) if given else next((d for d in (REPO_DATA, INSTALLED_DATA) if d.is_dir()), REPO_DATA)
     for kind in ("student", "teacher"):
         if not (root / kind / "config.json").is_file():
-            raise GeometryError(f"{root / kind}: no model here (looked in --data, ${DATA_ENV}, then {REPO_DATA}); "
-                                f"rebuild with `geometry lab pretrain --out {root}`")
+            raise GeometryError(f"{root / kind}: no model here (looked in --data, ${DATA_ENV}, {REPO_DATA}, "
+                                f"{INSTALLED_DATA}); rebuild with `geometry lab pretrain --out {root}`")
     return root
 
 
@@ -134,12 +139,24 @@ def _map(fn: Callable[..., TrainResult], jobs: list[tuple], pool: ProcessPoolExe
     return pool.map(fn, *zip(*jobs, strict=True))
 
 
-def _pool(workers: int) -> ProcessPoolExecutor | nullcontext:
+@contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """``workers`` fresh processes (spawned: no forked torch thread pools), each run single-threaded, so the
-    results are the same as one by one; none for one worker."""
+    results are the same as one by one; None for one worker. On an error or Ctrl-C the workers are stopped
+    at once rather than left to finish their runs."""
     if workers <= 1:
-        return nullcontext()
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        yield None
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    except BaseException:
+        procs = list((pool._processes or {}).values())  # no public handle on the workers
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.terminate()
+        raise
+    pool.shutdown()
 
 
 def _svals(d: torch.Tensor) -> torch.Tensor:
@@ -207,6 +224,33 @@ def tracking_at(res: TrainResult, k: int) -> Table:
     return Table(rows)
 
 
+STUDY_JSON = "study.json"  # the runs' results and the study's choices, so a report can be re-rendered
+
+
+def save_study(study: StudyResult) -> Path:
+    """study.json beside the analysis: everything of a StudyResult that analysis/ does not hold."""
+    doc = {"runs": {n: [{**r._asdict(), "store": str(r.store.relative_to(study.out))} for r in rs]
+                    for n, rs in study.runs.items()},
+           "config": asdict(study.config), "lrs": study.lrs, "boundaries": study.boundaries._asdict(),
+           "seconds": study.seconds}
+    path = study.out / STUDY_JSON
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def load_study(out: str | Path) -> StudyResult:
+    """A finished demo output read back (study.json, analysis/, analysis/tracking.csv), e.g. to re-render it."""
+    from geometry.offline.outputs import load
+
+    out = Path(out)
+    if not (out / STUDY_JSON).is_file():
+        raise GeometryError(f"{out}: no {STUDY_JSON}; not a finished geometry demo output")
+    doc = json.loads((out / STUDY_JSON).read_text())
+    runs = {n: [TrainResult(**{**r, "store": out / r["store"]}) for r in rs] for n, rs in doc["runs"].items()}
+    return StudyResult(out, runs, load(out / "analysis"), Table.from_csv(out / "analysis" / "tracking.csv"),
+                       RegimeConfig(**doc["config"]), doc["lrs"], Boundaries(**doc["boundaries"]), doc["seconds"])
+
+
 def run_study(out: str | Path, config: StudyConfig | None = None, *,
               log: Callable[[str], None] = print) -> StudyResult:
     """Train, record, analyze. Seeded: the same config gives the same numbers."""
@@ -239,8 +283,8 @@ def run_study(out: str | Path, config: StudyConfig | None = None, *,
         hidden = int(regimes.load_model(student).config.hidden_size)
         bounds = boundaries(results["opd"], hidden)
         cfg = replace(cfg, lock_k=bounds.lock_k)
-        log(f"K = {bounds.lock_k}: just below OPD's update stable rank {bounds.opd_stable_rank:.2f} "
-            "(attention matrices)")
+        log(f"K = {bounds.lock_k} (OPD's update stable rank {bounds.opd_stable_rank:.2f}, attention matrices, bf16 "
+            f"checkpoints; K is the largest integer below it, at most {TRACK_K})")
         log(f"training {len(PROJECTED) * len(seeds)} projected runs")
         train([(n, s) for s in seeds for n in PROJECTED], cfg, pool)
     log("analyzing the bf16 snapshots of every run")
