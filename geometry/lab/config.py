@@ -28,7 +28,7 @@ class StudyConfig:
                        "(default: 2, or 1 on a one-core machine); results do not depend on it")
     no_variants: bool = option(False, "skip the one-seed variant (TRL full-vocabulary KL distillation)")
     data: str | None = option(None, f"directory with student/ and teacher/ (default: ${DATA_ENV}, else the "
-                              "repository's data/)")
+                              "repository's data/, else an installed wheel's share/geometry/data)")
 
     def __post_init__(self):
         if self.seeds < 1 or self.jobs < 1 or (self.steps is not None and self.steps < 1):

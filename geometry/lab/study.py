@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from geometry.table import Row, Table
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 INSTALLED_DATA = Path(sysconfig.get_path("data")) / "share" / "geometry" / "data"  # where a wheel puts data/
+INSTALLED_DATA = Path(sys.prefix) / "share" / "geometry" / "data"  # where a wheel puts data/ (pyproject data-files)
 DATA = REPO_DATA  # kept for notebooks that import it; code resolves the directory with data_dir()
 MARKER = ".geometry-demo"  # marks a directory as a demo output, which a new demo may overwrite
 MAIN = ("sft", "rlvr", "opd")
@@ -82,15 +84,17 @@ def label(name: str, seed: int) -> str:
 
 def data_dir(data: str | Path | None = None) -> Path:
     """Where the student and teacher live: ``data`` if given, else $GEOMETRY_DATA, else the repository's data/,
-    else the copy a wheel installs (<prefix>/share/geometry/data, pyproject's data-files). Either model
-    missing is a GeometryError saying how to rebuild it."""
+    else an installed wheel's <prefix>/share/geometry/data. A directory without both models is a GeometryError
+    saying how to rebuild them (a given one is never passed over for another)."""
     given = data or os.environ.get(DATA_ENV)
-    root = Path(given) if given else next((d for d in (REPO_DATA, INSTALLED_DATA) if d.is_dir()), REPO_DATA)
-    for kind in ("student", "teacher"):
-        if not (root / kind / "config.json").is_file():
-            raise GeometryError(f"{root / kind}: no model here (looked in --data, ${DATA_ENV}, {REPO_DATA}, "
-                                f"{INSTALLED_DATA}); rebuild with `geometry lab pretrain --out {root}`")
-    return root
+    candidates = [Path(given)] if given else [REPO_DATA, INSTALLED_DATA]
+    for root in candidates:
+        if all((root / kind / "config.json").is_file() for kind in ("student", "teacher")):
+            return root
+    root = candidates[0]
+    kind = next(k for k in ("student", "teacher") if not (root / k / "config.json").is_file())
+    raise GeometryError(f"{root / kind}: no model here (looked in --data, ${DATA_ENV}, {REPO_DATA}, "
+                        f"{INSTALLED_DATA}); rebuild with `geometry lab pretrain --out {root}`")
 
 
 def prepare_out(out: Path) -> None:
