@@ -8,7 +8,7 @@ from matplotlib.image import imread
 
 from geometry.cli import main
 from geometry.errors import GeometryError
-from geometry.lab.report import Interval, all_of, below, interval
+from geometry.lab.report import Interval, all_of, below, interval, no_harm
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, data_dir
 from geometry.table import Table
 
@@ -77,6 +77,8 @@ def test_intervals_and_verdicts():
     assert below(a, b) is True and below(b, a) is False and below(a, c) is None
     assert below(a, Interval(2, float("nan"), float("nan"), 1)) is None  # one seed decides nothing
     assert all_of([True, True]) is True and all_of([True, None]) is None and all_of([None, False]) is False
+    assert no_harm(Interval(1, -1, 3, 3)) is True and no_harm(Interval(2, 0.5, 3.5, 3)) is False
+    assert no_harm(Interval(-2, -3, -1, 3)) is True and no_harm(Interval(1, 1, 1, 1)) is None
 
 
 def test_tracking_at_k_matches_the_capture_reader(demo):

@@ -13,6 +13,7 @@ _WHERE = {
     "Problem": "task", "TaskConfig": "task", "accuracy": "task", "greedy_completions": "task",
     "make_problems": "task", "records": "task", "reward": "task",
     "build_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "OPDTrainer": "trainers", "RLVRTrainer": "trainers", "StudyConfig": "config", "rule_lr": "precision",
 }
 __all__ = list(_WHERE)
 

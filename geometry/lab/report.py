@@ -189,9 +189,10 @@ def claims(study: StudyResult, V: Views) -> list[Claim]:
     dr = {base: interval(drops(study, base, proj)) for proj, base in PROJECTED.items()}
     out.append(Claim(
         "projecting gradients on the rank-K update subspace from 20% does not hurt OPD but hurts SFT",
-        all_of([threshold(dr["sft"], 0.0), _flip(threshold(dr["opd"], 0.0))]),
+        all_of([threshold(dr["sft"], 0.0), no_harm(dr["opd"])]),
         f"accuracy drop (points), unconstrained minus projected, paired by seed: "
-        f"sft {_points(dr['sft'])}; opd {_points(dr['opd'])} (hurts: the interval lies above 0)"))
+        f"sft {_points(dr['sft'])}; opd {_points(dr['opd'])} (hurts: the interval lies above 0; does not hurt: "
+        "it reaches 0 or below)"))
 
     def dist(run: str) -> list[float]:  # distance of a control's rank dynamics from on-policy OPD, paired by seed
         out = []
@@ -207,6 +208,13 @@ def claims(study: StudyResult, V: Views) -> list[Claim]:
                      f"distance to on-policy OPD (|dSim_{K} at 20%| + |log ratio of stable-rank growth|, "
                      f"attention matrices, paired by seed): {show(d)}"))
     return out
+
+
+def no_harm(drop: Interval) -> bool | None:
+    """"Does not hurt": no drop beyond the seed spread (the interval reaches 0 or below): True; a drop beyond it:
+    False; fewer than 2 seeds: None. Absence of harm cannot be shown more strongly than this."""
+    t = threshold(drop, 0.0)
+    return None if drop.n < 2 else t is not True
 
 
 def _flip(t: bool | None) -> bool | None:
