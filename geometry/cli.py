@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One option per field of a config dataclass (geometry.offline.config.option): ``--field-name``, its
+    """One option per field of a config dataclass (geometry.options.option): ``--field-name``, its
     help and default from the field, so that no default is restated here. Unset options stay None and
     leave the dataclass default in place."""
     hints = typing.get_type_hints(cls)

@@ -6,16 +6,12 @@ Kept apart from the study (geometry.lab.study) so that building the command line
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from geometry.errors import GeometryError
+from geometry.options import option
 
 DATA_ENV = "GEOMETRY_DATA"  # the environment variable naming the directory with student/ and teacher/
-
-
-def option(default, help: str):
-    """A field whose ``help`` metadata geometry.cli turns into the option's help text."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -6,10 +6,11 @@ class (geometry.cli), so a default and its explanation live here only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from geometry.errors import GeometryError
+from geometry.options import option
 from geometry.selection import as_patterns
 
 if TYPE_CHECKING:
@@ -22,11 +23,6 @@ PAPER_K, PAPER_MASK_RANK = 512, 64
 def scaled(at_paper_width: int, hidden: int) -> int:
     """A size the paper set for hidden 4096, scaled to a model of hidden size ``hidden`` (SPEC items 2, 5)."""
     return max(1, round(at_paper_width * hidden / PAPER_HIDDEN))
-
-
-def option(default, help: str, *, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = ()):
-    """A dataclass field whose metadata the CLI turns into an option (help text, choices, old flag names)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
 
 
 @dataclass
