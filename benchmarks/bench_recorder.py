@@ -153,7 +153,8 @@ def main() -> None:
             print(f"{label:34} {med:11.4f}s {med / base_med:6.3f}x {mean:9.4f}s {mean / base_mean:6.3f}x "
                   f"{per:>14} {its:>13}")
 
-        track_bytes = (store / "tracking" / f"{man.tracking_steps[-1]}.safetensors").stat().st_size
+        # all tracking files over the steps they hold (step files and chunks of merged steps alike)
+        track_bytes = sum(p.stat().st_size for p in (store / "tracking").iterdir()) / len(man.tracking_steps)
         snap_bytes = (store / f"checkpoint-{man.steps[-1]}" / "model.safetensors").stat().st_size
         print(f"\nbytes written per tracked step: {track_bytes / 2**10:9.1f} KiB   (u, v in float16, K={a.k})")
         print(f"bytes written per snapshot:     {snap_bytes / 2**10:9.1f} KiB   ({len(man.tensors)} matrices, "

@@ -62,7 +62,8 @@ LOOP = textwrap.dedent("""
             shutil.rmtree(run, ignore_errors=True)
         if on_ready:
             on_ready()
-        cfg = RecorderConfig(snapshot_every=snapshot_every, lock_k=4, oversample=4)
+        # tracking merged 8 steps a chunk (store version 3): the kills land in merges too
+        cfg = RecorderConfig(snapshot_every=snapshot_every, lock_k=4, oversample=4, tracking_chunk=8)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*stay missing")  # a resumed run must miss no step
             rec = Recorder(model, run, cfg, step=start)
@@ -175,6 +176,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, reference):
     assert done.returncode == 0, done.stderr[-3000:]
     man = check_intact(run, ref)
     assert man.tracking_steps == list(range(1, N + 1))
+    assert len(man.tracking_chunks) >= N // 8 - 2 and man.tracking_chunks[-1][1] >= N - 8  # merged as it went
     assert man.steps == list(range(SNAP, N + 1, SNAP)) and man.final_step == N
     final, want = read_tracking(run, N), read_tracking(ref, N)
     assert all(float(subspace_sim(final[n].v, want[n].v)) > 0.99 for n in final)

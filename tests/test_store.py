@@ -25,6 +25,7 @@ from geometry.capture.store import (
     Store,
     base_hash,
     check_store,
+    iter_tracking,
     read_manifest,
     read_snapshot,
     read_tracking,
@@ -159,6 +160,79 @@ def test_data_without_manifest_entry_is_removed_on_reopen(tmp_path):
     write_steps(store, [6, 7], snapshot_every=7)  # rewriting those steps works
     store.close()
     assert read_manifest(run).steps == [5, 7]
+
+
+def _estimates_equal(a, b):
+    return sorted(a) == sorted(b) and all(
+        a[n].fro == b[n].fro and torch.equal(a[n].s, b[n].s) and torch.equal(a[n].u, b[n].u)
+        and torch.equal(a[n].v, b[n].v) for n in a)
+
+
+def test_chunks_hold_the_same_estimates_as_step_files(tmp_path):
+    """Version 3: 23 steps in chunks of 5 (steps 1-20 in four chunk files, 21-23 in their own) read back
+    exactly as the same steps written a file per step; every reader finds them (read_tracking without and
+    with the chunk, iter_tracking, the tracking table); a resumed store goes on merging after its last chunk."""
+    from geometry.capture.trajectory import tracking_table
+
+    chunked, plain = tmp_path / "chunked", tmp_path / "plain"
+    for run, chunk in ((chunked, 5), (plain, 0)):
+        store = Store.open(run, base_tensors(), settings=SETTINGS, chunk_steps=chunk)
+        write_steps(store, range(1, 24))
+        store.close()
+    man = read_manifest(chunked)
+    assert man.version == 3 and man.tracking_chunks == [(1, 5), (6, 10), (11, 15), (16, 20)]
+    assert man.loose_steps() == [21, 22, 23] and man.chunk_of(7) == (6, 10) and man.chunk_of(22) is None
+    assert len(list((chunked / "tracking").iterdir())) == 7 and check_store(chunked) == man
+    assert read_manifest(plain).tracking_chunks == [] and len(list((plain / "tracking").iterdir())) == 23
+    for t in range(1, 24):
+        want = read_tracking(plain, t)
+        assert _estimates_equal(read_tracking(chunked, t), want)
+        assert _estimates_equal(read_tracking(chunked, t, man.chunk_of(t)), want)
+    assert [t for t, _ in iter_tracking(chunked, man)] == list(range(1, 24))
+    a, b = tracking_table(chunked, run="x").rows, tracking_table(plain, run="x").rows
+    assert len(a) == len(b) == 23 * 2 * 7 and all(
+        x[:6] == y[:6] and (x[6] == y[6] or (x[6] != x[6] and y[6] != y[6])) for x, y in zip(a, b, strict=True))
+    store = Store.open(chunked, base_tensors(), settings=SETTINGS, chunk_steps=5)
+    write_steps(store, range(24, 28))
+    store.close()
+    assert read_manifest(chunked).tracking_chunks[-1] == (21, 25)
+
+
+def test_chunk_crash_states_are_repaired_on_reopen(tmp_path):
+    """A kill between a chunk's rename and the manifest listing it leaves an unlisted chunk (its step files are
+    still there): deleted. A kill after the manifest, before the step files go, leaves step files inside a
+    listed chunk: deleted. Either way every step is read back once, unchanged."""
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS, chunk_steps=4)
+    write_steps(store, range(1, 11))  # chunks 1-4, 5-8; steps 9 and 10 in their own files
+    store.close()
+    want = {t: read_tracking(run, t) for t in range(1, 11)}
+    tracking = run / "tracking"
+    shutil.copy(tracking / "chunk-5-8.safetensors", tracking / "chunk-9-10.safetensors")  # landed, never listed
+    save_file({"x": torch.zeros(1)}, tracking / "6.safetensors")  # merged into 5-8, not yet deleted
+    store = Store.open(run, base_tensors(), settings=SETTINGS, chunk_steps=4)
+    assert store.last_step == 10
+    store.close()
+    assert sorted(p.name for p in tracking.iterdir()) == ["10.safetensors", "9.safetensors",
+                                                          "chunk-1-4.safetensors", "chunk-5-8.safetensors"]
+    assert all(_estimates_equal(read_tracking(run, t), want[t]) for t in want)
+
+
+def test_a_version_2_store_resumed_stays_one_file_per_step(tmp_path):
+    run = tmp_path / "run"
+    store = Store.open(run, base_tensors(), settings=SETTINGS, chunk_steps=0)
+    write_steps(store, range(1, 4))
+    store.close()
+    manifest = json.loads((run / MANIFEST).read_text())
+    manifest["version"] = 2
+    del manifest["tracking_chunks"]
+    (run / MANIFEST).write_text(json.dumps(manifest))
+    store = Store.open(run, base_tensors(), settings=SETTINGS, chunk_steps=2)
+    write_steps(store, range(4, 9))
+    store.close()
+    man = read_manifest(run)
+    assert man.version == 2 and not man.tracking_chunks and len(list((run / "tracking").iterdir())) == 8
+    assert "tracking_chunks" not in json.loads((run / MANIFEST).read_text())
 
 
 LANDED = textwrap.dedent("""
@@ -315,7 +389,7 @@ CHILD = textwrap.dedent("""
     from geometry.capture.store import Store
     sys.path.insert(0, {tests!r})
     from test_store import base_tensors, records, SETTINGS
-    store = Store.open({run!r}, base_tensors(), settings=SETTINGS, queue_size=2)
+    store = Store.open({run!r}, base_tensors(), settings=SETTINGS, queue_size=2, chunk_steps={chunk})
     t = 0
     while True:
         t += 1
@@ -327,9 +401,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path, chunk):
+    """chunk 0: a file per step; 7: step files merged into chunks of 7 while the child writes (version 3)."""
     run = tmp_path / "run"
-    code = CHILD.format(tests=str(Path(__file__).parent), run=str(run))
+    code = CHILD.format(tests=str(Path(__file__).parent), run=str(run), chunk=chunk)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              cwd=Path(__file__).parent.parent)
     assert child.stdout.readline().strip() == "started"
@@ -342,7 +418,8 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
         assert read_tracking(run, t)["layers.0.q_proj.weight"].fro == float(t)
     for t in man.steps:
         assert torch.all(read_snapshot(run, t)["layers.0.up_proj.weight"] == t)
-    landed = sorted(int(p.stem) for p in (run / "tracking").glob("[0-9]*.safetensors"))
+    assert bool(man.tracking_chunks) == bool(chunk)
+    landed = sorted({int(p.stem) for p in (run / "tracking").glob("[0-9]*.safetensors")} | set(man.tracking_steps))
     store = Store.open(run, base_tensors(), settings=SETTINGS)
     # reopening takes in the tracking files that landed after the manifest's last rewrite: none is lost
     # (SETTINGS has no track_every, so a landed snapshot counts as a step too)
@@ -350,6 +427,10 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
     store.close()
     again = read_manifest(run)
     assert again.tracking_steps == list(range(1, landed[-1] + 1))  # no hole
+    assert again.tracking_chunks == man.tracking_chunks  # an unlisted chunk was dropped, its step files kept
+    files = sorted(p.name for p in (run / "tracking").iterdir())
+    assert files == sorted([f"chunk-{a}-{b}.safetensors" for a, b in again.tracking_chunks]
+                           + [f"{t}.safetensors" for t in again.loose_steps()])
     for t in again.tracking_steps[len(man.tracking_steps):]:
         assert read_tracking(run, t)["layers.0.q_proj.weight"].fro == float(t)
     assert again.steps == man.steps
@@ -403,17 +484,26 @@ HOSTILE = {  # case: (edit of the manifest's JSON, what the one line says)
     "base missing": (_drop("base"), r"invalid manifest: base is missing"),
     "label missing": (_drop("base", "label"), r"base\.label is missing"),
     "tensor dtype missing": (_drop("tensors", 0, "dtype"), r"tensors\[0\]\.dtype is missing"),
-    "version 3": (_set("version", 3), r"not a geometry-store manifest of version 1, 2"),
+    "version 4": (_set("version", 4), r"not a geometry-store manifest of version 1, 2, 3"),
+    "listed chunk missing": (_set("tracking_chunks", [[1, 4], [5, 8], [9, 9]]),
+                             r"lists tracking/chunk-9-9\.safetensors, which is missing"),
+    "chunks overlap": (_set("tracking_chunks", [[1, 5], [5, 8]]),
+                       r"tracking_chunks\[1\] \[5, 8\] is empty, overlaps or is out of order"),
+    "chunk not a pair": (_set("tracking_chunks", [[1, 4, 5]]), r"tracking_chunks\[0\] is \[1, 4, 5\], not \[first"),
+    "chunks missing": (_drop("tracking_chunks"), r"invalid manifest: tracking_chunks is missing"),
     "not an object": (lambda d: d.clear(), r"not a geometry-store manifest"),
 }
 
 
 @pytest.fixture(scope="module")
 def good_store(tmp_path_factory):
+    """Ten steps, tracking merged four steps a chunk: chunks 1-4 and 5-8, step files 9 and 10."""
     run = tmp_path_factory.mktemp("good") / "run"
-    store = Store.open(run, base_tensors(), settings=SETTINGS, config={"model_type": "llama"})
+    store = Store.open(run, base_tensors(), settings=SETTINGS, config={"model_type": "llama"}, chunk_steps=4)
     write_steps(store, range(1, 11))
     store.close(final_step=10)
+    assert sorted(p.name for p in (run / "tracking").iterdir()) == [
+        "10.safetensors", "9.safetensors", "chunk-1-4.safetensors", "chunk-5-8.safetensors"]
     return run
 
 

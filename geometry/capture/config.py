@@ -6,12 +6,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from geometry.capture.store import CHUNK_STEPS
 from geometry.capture.tracking import DEFAULT_EPS, DEFAULT_TOL
 from geometry.errors import GeometryError
 from geometry.selection import as_patterns
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IO_KNOBS = ("queue_size", "track_batch_mb", "on_error", "base_device", "label")  # not part of what is measured
+IO_KNOBS = ("queue_size", "track_batch_mb", "on_error", "base_device", "label", "tracking_chunk")  # not measured
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RecorderConfig:
     queue_size: int = 2  # snapshots waiting for the disk; more = less blocking, more host memory
     track_batch_mb: float = 64  # same-shape updates D_t (float32) tracked together, per shape; 0: one at a time
     on_error: str = "raise"  # a failed write: "raise" at the next step / close, or "warn" and go on
+    tracking_chunk: int = CHUNK_STEPS  # tracked steps merged into one file (long runs: few files); 0: a file per step
     label: str = "base"  # the base's label in the manifest
 
     def __post_init__(self):
@@ -42,9 +44,9 @@ class RecorderConfig:
         if self.snapshot_every < 0 or self.track_every < 0:
             raise GeometryError("RecorderConfig: snapshot_every and track_every must be >= 0")
         if (self.lock_k < 1 or self.oversample < 0 or self.max_iters < 1 or self.queue_size < 1
-                or self.track_batch_mb < 0):
+                or self.track_batch_mb < 0 or self.tracking_chunk < 0):
             raise GeometryError("RecorderConfig: need lock_k >= 1, oversample >= 0, max_iters >= 1, queue_size >= 1, "
-                                "track_batch_mb >= 0")
+                                "track_batch_mb >= 0, tracking_chunk >= 0")
         if self.tracking_dtype not in DTYPES or self.snapshot_dtype not in (*DTYPES, "stored"):
             raise GeometryError(f"RecorderConfig: dtypes are one of {', '.join(DTYPES)} (or 'stored' for snapshots)")
         if self.base_device not in ("cpu", "device") or self.on_error not in ("raise", "warn"):

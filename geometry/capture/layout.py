@@ -4,6 +4,7 @@
     base/model.safetensors             the tracked tensors at step 0 [+ config.json]: the store is self-contained
     checkpoint-<N>/model.safetensors   the tracked tensors at step N, stored dtype (bf16 stays bf16) [+ config.json]
     tracking/<N>.safetensors           every tracked matrix's Estimate at step N (geometry.capture.trackfile)
+    tracking/chunk-<A>-<B>.safetensors the same for each tracking step from A to B (version 3: merged step files)
 
 ``geometry analyze RUN/base RUN`` reads it as a Trainer run. Every file is written under a ``.tmp-`` name in
 its final folder, fsynced, renamed, and the folder fsynced (geometry.atomic); a model folder is
@@ -25,12 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from geometry.atomic import TMP, fsync_path
 from geometry.capture.manifest import MANIFEST, Manifest
-from geometry.capture.trackfile import tracking_path
+from geometry.capture.trackfile import chunk_path, tracking_path
 from geometry.errors import GeometryError
 
 CREATING = ".geometry-store-creating"  # present from the first byte of a new store until its manifest lands
 _STEP_FILE = re.compile(r"(\d+)\.safetensors")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_CHUNK_FILE = re.compile(r"chunk-(\d+)-(\d+)\.safetensors")
 
 
 def snapshot_path(run_dir: str | Path, step: int | None) -> Path:
@@ -69,7 +71,8 @@ def read_snapshot(run_dir: str | Path, step: int | None) -> dict[str, torch.Tens
 def missing_files(run_dir: str | Path, man: Manifest) -> list[Path]:
     """The files the manifest lists that are not there (it lists only landed files: none, unless edited)."""
     listed = [snapshot_path(run_dir, None), *(snapshot_path(run_dir, s) for s in man.steps),
-              *(tracking_path(run_dir, s) for s in man.tracking_steps)]
+              *(chunk_path(run_dir, c) for c in man.tracking_chunks),
+              *(tracking_path(run_dir, s) for s in man.loose_steps())]
     return [p for p in listed if not p.is_file()]
 
 
@@ -102,14 +105,16 @@ def foreign_entries(root: Path) -> list[str]:
     return [p.name for p in root.iterdir() if not p.name.startswith(".tmp") and p.name not in ours]
 
 
-def landed_tracking(root: Path, listed: list[int]) -> list[int]:
-    """Steps of the whole tracking files that landed after the manifest's last rewrite (geometry.capture.store)."""
-    folder, listed, steps = root / "tracking", set(listed), []
+def landed_tracking(root: Path, man: Manifest) -> list[int]:
+    """Steps of the whole tracking files that landed after the manifest's last rewrite (geometry.capture.store).
+    Only after its last chunk: a chunk is listed only after every step file merged into it was."""
+    folder, listed, steps = root / "tracking", set(man.loose_steps()), []
+    after = man.tracking_chunks[-1][1] if man.tracking_chunks else -1
     if not folder.is_dir():
         return steps
     for p in folder.iterdir():
         m = _STEP_FILE.fullmatch(p.name)
-        if m and int(m.group(1)) not in listed:
+        if m and int(m.group(1)) not in listed and int(m.group(1)) > after:
             try:
                 with safe_open(p, "pt") as f:  # checks the header against the file's size
                     f.metadata()
@@ -119,16 +124,24 @@ def landed_tracking(root: Path, listed: list[int]) -> list[int]:
     return steps
 
 
-def clean(root: Path, steps: list[int], tracking_steps: list[int]) -> None:
-    """Delete unfinished writes (.tmp*) and data the manifest does not list."""
-    for folder, keep, pattern in ((root, set(steps), _CHECKPOINT),
-                                  (root / "tracking", set(tracking_steps), _STEP_FILE)):
+def clean(root: Path, man: Manifest | None) -> None:
+    """Delete unfinished writes (.tmp*) and data the manifest does not list: snapshots, step files (also those
+    already merged into a listed chunk: a crash before their deletion) and chunks (a crash before the manifest
+    listed one: its step files are still there). man None: a store being created, which lists nothing."""
+    listed = {_CHECKPOINT: {(s,) for s in man.steps} if man else set(),
+              _STEP_FILE: {(s,) for s in man.loose_steps()} if man else set(),
+              _CHUNK_FILE: set(man.tracking_chunks) if man else set()}
+    for folder, patterns in ((root, (_CHECKPOINT,)), (root / "tracking", (_STEP_FILE, _CHUNK_FILE))):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            m = pattern.fullmatch(p.name)
-            if p.name.startswith(".tmp") or (m and int(m.group(1)) not in keep):
+            if p.name.startswith(".tmp") or any(_unlisted(p.name, pattern, listed[pattern]) for pattern in patterns):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _unlisted(name: str, pattern: re.Pattern, listed: set[tuple[int, ...]]) -> bool:
+    m = pattern.fullmatch(name)
+    return m is not None and tuple(int(g) for g in m.groups()) not in listed
 
 
 def is_store(run_dir: str | Path) -> bool:

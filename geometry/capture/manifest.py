@@ -1,12 +1,17 @@
 """A store's manifest, ``geometry-store.json``: one typed record, parsed, checked and written here only.
 
-    {"format": "geometry-store", "version": 2,
+    {"format": "geometry-store", "version": 3,
      "base": {"label": str, "sha256": hex},           the tracked tensors at step 0 (base/)
      "tensors": [{"name", "shape", "dtype"}, ...],      in name order
      "settings": {...},                                 the recorder's settings (a resumed run must repeat them)
      "steps": [int, ...],                               complete snapshots (checkpoint-N/), ascending
-     "tracking_steps": [int, ...],                      tracking files (tracking/N.safetensors), ascending
+     "tracking_steps": [int, ...],                      steps with tracking state, ascending
+     "tracking_chunks": [[first, last], ...],           version 3: chunk files, ascending, disjoint
      "final_step": int | null}                          set by a clean close
+
+A tracking step lies in tracking/chunk-<first>-<last>.safetensors when a listed chunk's range holds it,
+else in its own file tracking/<N>.safetensors (geometry.capture.trackfile). Versions 1 and 2 have no
+chunks (one file per step); a resumed one keeps its version and its layout.
 
 A manifest edited by hand (a field missing or of another type, steps out of order or repeated) is
 refused with one GeometryError line naming the field, before anything else of the store is read.
@@ -14,8 +19,10 @@ refused with one GeometryError line naming the field, before anything else of th
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +32,10 @@ import torch
 
 from geometry.errors import GeometryError
 
-FORMAT, VERSION = "geometry-store", 2
-READS = (1, 2)  # version 1 kept one set of tensors per matrix in a tracking file; its manifest is the same
+FORMAT, VERSION = "geometry-store", 3
+# version 1 kept one set of tensors per matrix in a tracking file; its manifest is version 2's. Version 3 adds
+# chunk files holding many steps each: a long run's folder lists hundreds of files, not one per step.
+READS = (1, 2, 3)
 MANIFEST = "geometry-store.json"
 
 
@@ -51,6 +60,17 @@ class Manifest:
     tracking_steps: list[int] = field(default_factory=list)  # steps with tracking state, ascending
     final_step: int | None = None  # last step of a cleanly closed run; None while running or after a crash
     version: int = VERSION  # kept as read: a resumed version-1 store stays version 1 (readers check each file)
+    tracking_chunks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of each chunk file
+
+    def chunk_of(self, step: int) -> tuple[int, int] | None:
+        """The listed chunk whose range holds step, or None (the step has a file of its own)."""
+        i = bisect.bisect_right(self.tracking_chunks, (step, math.inf)) - 1
+        return self.tracking_chunks[i] if i >= 0 and self.tracking_chunks[i][1] >= step else None
+
+    def loose_steps(self) -> list[int]:
+        """Tracking steps in files of their own (those after the last chunk: chunks are made in step order)."""
+        last = self.tracking_chunks[-1][1] if self.tracking_chunks else -1
+        return self.tracking_steps[bisect.bisect_right(self.tracking_steps, last):]
 
     def last_complete(self) -> int | None:
         """The last step whose every write landed: with tracking on, every recorded step has tracking,
@@ -68,6 +88,11 @@ class Manifest:
     def add_tracking(self, step: int) -> None:
         _insert(self.tracking_steps, step)
 
+    def add_chunk(self, chunk: tuple[int, int]) -> None:
+        if self.version < 3 or (self.tracking_chunks and chunk[0] <= self.tracking_chunks[-1][1]):
+            raise ValueError(f"chunk {chunk} cannot follow {self.tracking_chunks[-1:]} (store version {self.version})")
+        self.tracking_chunks.append(tuple(chunk))
+
     def to_json(self, indent: int | None = None) -> bytes:
         """The file's bytes. No indent for the frequent rewrites: json's C encoder only runs without one, and
         the writer thread holds the GIL while it encodes."""
@@ -76,6 +101,8 @@ class Manifest:
              "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors],
              "settings": self.settings, "steps": self.steps, "tracking_steps": self.tracking_steps,
              "final_step": self.final_step}
+        if self.version >= 3:
+            d["tracking_chunks"] = [list(c) for c in self.tracking_chunks]
         return json.dumps(d, indent=indent).encode()
 
     @classmethod
@@ -148,7 +175,21 @@ def _parse(d: dict) -> Manifest:
     if final is not None and (not isinstance(final, int) or isinstance(final, bool) or final < 0):
         raise _Bad(f"final_step is {json.dumps(final)[:40]}, not a step or null")
     return Manifest(_get(base, "label", str, "base.label"), sha, tensors, _get(d, "settings", dict),
-                    _step_list(d, "steps"), _step_list(d, "tracking_steps"), final, d["version"])
+                    _step_list(d, "steps"), _step_list(d, "tracking_steps"), final, d["version"],
+                    _chunks(d) if d["version"] >= 3 else [])
+
+
+def _chunks(d: dict) -> list[tuple[int, int]]:
+    chunks, last = [], -1
+    for i, c in enumerate(_get(d, "tracking_chunks", list)):
+        if (not isinstance(c, list) or len(c) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in c)):
+            raise _Bad(f"tracking_chunks[{i}] is {json.dumps(c)[:40]}, not [first, last]")
+        if not last < c[0] <= c[1]:
+            raise _Bad(f"tracking_chunks[{i}] {c} is empty, overlaps or is out of order")
+        chunks.append((c[0], c[1]))
+        last = c[1]
+    return chunks
 
 
 def read_manifest(run_dir: str | Path) -> Manifest:

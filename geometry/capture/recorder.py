@@ -203,7 +203,8 @@ class Recorder:
             self.store = Store.open(out_dir, base, settings=cfg.settings(), label=cfg.label,
                                     config=hf_config.to_dict() if hasattr(hf_config, "to_dict") else None,
                                     snapshot_bytes=sum(self._snapshot_nbytes(n) for n in self.params),
-                                    queue_size=cfg.queue_size, on_error=cfg.on_error)
+                                    queue_size=cfg.queue_size, on_error=cfg.on_error,
+                                    chunk_steps=cfg.tracking_chunk)
         except (OSError, SafetensorError) as e:  # e.g. the disk filled up while the base was written
             raise GeometryError(f"cannot write the geometry store {out_dir}: {e}") from None
         try:

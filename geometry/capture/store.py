@@ -12,17 +12,25 @@ step), at a snapshot, and at ``flush`` and ``close``. ``Store.open`` deletes unf
 snapshots that landed without their manifest entry (a crash between the two), and takes in the tracking
 files that landed after the manifest's last rewrite (each is whole: it was renamed into place after an
 fsync), so that a crash loses no landed step.
+
+Long runs (store version 3): once ``chunk_steps`` step files (or CHUNK_BYTES of them) have landed, the
+writer merges them into one chunk file, renamed into place whole, then lists the chunk in the manifest
+(written at once), and only then deletes the step files. A crash before the manifest lands leaves an
+unlisted chunk, which ``Store.open`` deletes (its step files are all still there); a crash after it
+leaves step files inside a listed chunk, which it deletes too. 100k tracked steps are then a few hundred
+files, quick to open and list (benchmarks/bench_store.py).
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
 import json
 import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -40,16 +48,19 @@ from geometry.capture.layout import (
     save_folder,
 )
 from geometry.capture.manifest import MANIFEST, Manifest, base_hash, read_manifest, tensor_infos
-from geometry.capture.trackfile import encode, read_tracking, tracking_path
+from geometry.capture.trackfile import chunk_path, encode, merge, read_chunk, read_tracking, tracking_path
 from geometry.capture.tracking import Estimate
 from geometry.capture.writer import Writer
 from geometry.errors import GeometryError
 
 # The store's readers, in one import: a store is read with these, and checked with check_store.
-__all__ = ["Store", "check_store", "read_manifest", "read_snapshot", "read_tracking", "base_hash", "Manifest",
-           "COMMIT_SECONDS"]
+__all__ = ["Store", "check_store", "read_manifest", "read_snapshot", "read_tracking", "read_chunk", "iter_tracking",
+           "base_hash",
+           "Manifest", "COMMIT_SECONDS", "CHUNK_STEPS"]
 
 COMMIT_SECONDS = 1.0  # the longest a landed tracking file waits for the manifest to list it (module docstring)
+CHUNK_STEPS = 256  # step files merged into one chunk: 100k steps make ~400 files
+CHUNK_BYTES = 64 * 2**20  # ... or fewer, once they hold this much; a step file of over CHUNK_BYTES / 8 stays alone
 
 
 class Store:
@@ -57,8 +68,10 @@ class Store:
     finishes its queued writes at interpreter exit)."""
 
     def __init__(self, root: Path, manifest: Manifest, config: dict | None, queue_size: int, on_error: str,
-                 commit_seconds: float):
-        self.root, self.on_error = root, on_error
+                 commit_seconds: float, chunk_steps: int):
+        self.root, self.on_error, self._chunk_steps = root, on_error, chunk_steps
+        # step files not yet merged into a chunk, with their sizes (writer thread)
+        self._loose = [(s, tracking_path(root, s).stat().st_size) for s in manifest.loose_steps()]
         self._man, self._config, self._commit_seconds = manifest, config, commit_seconds
         self._lock = threading.Lock()  # guards _man and _dirty, shared with the writer thread
         self._dirty = False  # the manifest in memory differs from the one on disk
@@ -70,7 +83,8 @@ class Store:
     @classmethod
     def open(cls, path: str | Path, base_tensors: Mapping[str, torch.Tensor] | None, *, settings: dict,
              label: str = "base", config: dict | None = None, snapshot_bytes: int | None = None,
-             queue_size: int = 2, on_error: str = "raise", commit_seconds: float = COMMIT_SECONDS) -> Store:
+             queue_size: int = 2, on_error: str = "raise", commit_seconds: float = COMMIT_SECONDS,
+             chunk_steps: int = CHUNK_STEPS) -> Store:
         """Create a store, or reopen one to resume.
 
         base_tensors: the tracked tensors at step 0. Given for an existing store, their hash must match
@@ -79,6 +93,8 @@ class Store:
         config: the model's config, copied into base/ and every snapshot so readers can split fused matrices.
         on_error: a failed write is raised ("raise": at the next call, after which the store is closed) or
         warned about ("warn") on the training thread.
+        chunk_steps: step files merged into one chunk file (module docstring); 0 or 1: none (a version 1-2
+        store resumed never gets chunks).
         """
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', not {on_error!r}")
@@ -88,7 +104,7 @@ class Store:
             man = _reopen(root, base_tensors, settings)
         else:
             man = _create(root, base_tensors, settings, label, config, snapshot_bytes)
-        return cls(root, man, config, queue_size, on_error, commit_seconds)
+        return cls(root, man, config, queue_size, on_error, commit_seconds, chunk_steps)
 
     @property
     def last_step(self) -> int | None:
@@ -115,8 +131,11 @@ class Store:
         tensors, metadata = encode(records, dtype)
 
         def job():
-            save_atomic(tracking_path(self.root, step), tensors, metadata)
+            path = tracking_path(self.root, step)
+            save_atomic(path, tensors, metadata)
             self._commit(self._man.add_tracking, step, now=False)
+            self._loose.append((step, path.stat().st_size))
+            self._merge_if_due()
 
         self._submit(f"tracking of step {step}", job)
 
@@ -165,6 +184,21 @@ class Store:
         if now or time.monotonic() - self._written >= self._commit_seconds:
             self._commit_pending()
 
+    def _merge_if_due(self) -> None:
+        """Merge the step files into a chunk when enough have landed (module docstring). Writer thread only."""
+        n, nbytes = len(self._loose), sum(size for _, size in self._loose)
+        if (self._man.version < 3 or self._chunk_steps < 2 or n < 2 or self._loose[-1][1] > CHUNK_BYTES // 8
+                or (n < self._chunk_steps and nbytes < CHUNK_BYTES)):
+            return
+        steps = [s for s, _ in self._loose]
+        chunk = (steps[0], steps[-1])
+        tensors, metadata = merge({s: tracking_path(self.root, s) for s in steps})
+        save_atomic(chunk_path(self.root, chunk), tensors, metadata)
+        self._commit(self._man.add_chunk, chunk)  # the manifest lists the chunk now ...
+        for s in steps:  # ... and only then do its step files go
+            tracking_path(self.root, s).unlink()
+        self._loose = []
+
     def _commit_pending(self) -> None:
         """Write the manifest if it changed since its last write. Writer thread only."""
         with self._lock:
@@ -197,6 +231,20 @@ class Store:
         self._writer.close()
         for what, err in self._writer.errors():
             warnings.warn(f"geometry store {self.root}: {what} failed: {err}", stacklevel=1)
+
+
+def iter_tracking(run_dir: str | Path, man: Manifest) -> Iterator[tuple[int, dict[str, Estimate]]]:
+    """(step, Estimates) of every tracking step the manifest lists, in step order; each chunk file opened once."""
+    steps, i = man.tracking_steps, 0
+    while i < len(steps):
+        chunk = man.chunk_of(steps[i])
+        if chunk is None:
+            yield steps[i], read_tracking(run_dir, steps[i])
+            i += 1
+            continue
+        j = bisect.bisect_right(steps, chunk[1])
+        yield from sorted(read_chunk(run_dir, chunk, steps[i:j]).items())
+        i = j
 
 
 def check_store(run_dir: str | Path) -> Manifest:
@@ -237,7 +285,7 @@ def _create(root: Path, base_tensors: Mapping[str, torch.Tensor] | None, setting
     base = {n: base_tensors[n].detach().cpu().contiguous() for n in sorted(base_tensors)}
     nbytes = sum(t.numel() * t.element_size() for t in base.values())
     check_free_space(root, nbytes + (snapshot_bytes if snapshot_bytes is not None else nbytes))
-    clean(root, [], [])
+    clean(root, None)
     for name in ("base", "tracking"):
         if unfinished:
             shutil.rmtree(root / name, ignore_errors=True)
@@ -258,7 +306,7 @@ def _reopen(root: Path, base_tensors: Mapping[str, torch.Tensor] | None, setting
     changed = sorted(k for k in set(norm) | set(man.settings) if norm.get(k) != man.settings.get(k))
     if changed:
         raise GeometryError(f"store {root} was made with other settings ({', '.join(changed)}); use a new folder")
-    adopted = landed_tracking(root, man.tracking_steps)
+    adopted = landed_tracking(root, man)
     for step in sorted(adopted):
         man.add_tracking(step)
     # A step's snapshot is queued before its tracking: a kill between the two leaves a snapshot whose step
@@ -267,6 +315,6 @@ def _reopen(root: Path, base_tensors: Mapping[str, torch.Tensor] | None, setting
     if adopted or (done is not None and any(s > done for s in man.steps)):
         man.steps = [s for s in man.steps if done is None or s <= done]
         write_atomic(root / MANIFEST, man.to_json(indent=1))
-    clean(root, man.steps, man.tracking_steps)
+    clean(root, man)
     (root / "tracking").mkdir(exist_ok=True)
     return man

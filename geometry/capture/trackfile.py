@@ -1,10 +1,14 @@
-"""A tracking file, ``tracking/<N>.safetensors``: every tracked matrix's Estimate at step N, encoded and read back.
+"""Tracking files: every tracked matrix's Estimate at a step, encoded and read back.
 
-Version 2 (written now) stacks the matrices of one shape into group g:
+``tracking/<N>.safetensors`` holds step N. Version 2 (and 3) stacks the matrices of one shape into group g:
     "<g>:stats" (B, 4) float64 rows (fro, iters, residual, exact),   "<g>:s" (B, K) float32,
     "<g>:u" (B, m, K), "<g>:v" (B, n, K) in the tracking dtype (float16 by default),
 with the metadata "groups" a JSON list of each group's matrix names. Version 1 kept the same four
 tensors per matrix, "<name>:stats", "<name>:s", ...; it is still read.
+
+``tracking/chunk-<first>-<last>.safetensors`` (store version 3) holds the steps of one chunk: each step N's
+tensors under "<N>/<g>:<part>", its groups in the metadata "<N>/groups", the steps in "steps". A store
+writes a step's own file first and merges the files into a chunk later (geometry.capture.store).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ PARTS = ("stats", "s", "u", "v")
 
 def tracking_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "tracking" / f"{step}.safetensors"
+
+
+def chunk_path(run_dir: str | Path, chunk: tuple[int, int]) -> Path:
+    return Path(run_dir) / "tracking" / f"chunk-{chunk[0]}-{chunk[1]}.safetensors"
 
 
 def encode(records: Mapping[str, Estimate], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -62,16 +70,65 @@ def decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> 
     return out
 
 
-def read_tracking(run_dir: str | Path, step: int) -> dict[str, Estimate]:
+def merge(files: Mapping[int, Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Step files (step -> path, version 2) -> the (tensors, metadata) of one chunk file holding them all."""
+    steps = {}
+    for step, path in files.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            steps[step] = ({key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {})  # noqa: SIM118
+    return join(steps)
+
+
+def join(steps: Mapping[int, tuple[dict[str, torch.Tensor], Mapping[str, str]]]) -> tuple[dict, dict[str, str]]:
+    """Encoded steps (step -> ``encode``'s (tensors, metadata)) -> one chunk file's (tensors, metadata)."""
+    tensors, metadata = {}, {"steps": json.dumps(sorted(steps))}
+    for step, (ts, md) in sorted(steps.items()):
+        metadata[f"{step}/groups"] = md["groups"]
+        tensors.update({f"{step}/{key}": t for key, t in ts.items()})
+    return tensors, metadata
+
+
+def read_tracking(run_dir: str | Path, step: int, chunk: tuple[int, int] | None = None) -> dict[str, Estimate]:
     """Every tracked matrix's Estimate at a tracking step; GeometryError (one line) if its file is missing or
-    unreadable."""
-    path = tracking_path(run_dir, step)
+    unreadable. chunk: the chunk file holding the step (Manifest.chunk_of); None: its own file, or, where that
+    is gone (merged into a chunk meanwhile), the chunk the store's manifest names."""
+    if chunk is None:
+        try:
+            return _read(tracking_path(run_dir, step), [step], chunked=False)[step]
+        except FileNotFoundError:
+            from geometry.capture.manifest import read_manifest  # the manifest module imports none of this one
+
+            chunk = read_manifest(run_dir).chunk_of(step)
+            if chunk is None:
+                raise GeometryError(f"{tracking_path(run_dir, step)}: no tracking file for step {step}") from None
+    return read_chunk(run_dir, chunk, [step])[step]
+
+
+def read_chunk(run_dir: str | Path, chunk: tuple[int, int], steps: list[int]) -> dict[int, dict[str, Estimate]]:
+    """The Estimates of the given steps of one chunk file, read with one open."""
+    try:
+        return _read(chunk_path(run_dir, chunk), steps, chunked=True)
+    except FileNotFoundError:
+        raise GeometryError(f"{chunk_path(run_dir, chunk)}: missing (tracking of steps {chunk[0]}..{chunk[1]})") \
+            from None
+
+
+def _read(path: Path, steps: list[int], chunked: bool) -> dict[int, dict[str, Estimate]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - a safetensors handle
-        return decode(tensors, metadata)
-    except FileNotFoundError:
-        raise GeometryError(f"{path}: no tracking file for step {step}") from None
+            metadata, out, keys = f.metadata() or {}, {}, {}
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle
+                step, _, part = key.partition("/") if chunked else ("", "", key)
+                keys.setdefault(step, []).append((key, part))
+            for step in steps:
+                prefix = f"{step}/" if chunked else ""
+                if chunked and f"{prefix}groups" not in metadata:
+                    raise GeometryError(f"{path}: holds no tracking of step {step}")
+                tensors = {part: f.get_tensor(key) for key, part in keys.get(str(step) if chunked else "", [])}
+                groups = metadata.get(f"{prefix}groups")
+                out[step] = decode(tensors, {"groups": groups} if groups is not None else {})
+            return out
+    except (FileNotFoundError, GeometryError):
+        raise
     except Exception as e:  # noqa: BLE001 - SafetensorError, a bad "groups" list, a missing tensor: one cause
         raise GeometryError(f"{path}: unreadable tracking file ({' '.join(str(e).split())})") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from geometry.capture.store import check_store, read_tracking
+from geometry.capture.store import check_store, iter_tracking, read_tracking
 from geometry.capture.tracking import Estimate
 from geometry.locking import step_sims
 from geometry.selection import layer_of, module_of
@@ -27,15 +27,15 @@ def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
     first, and where either update is zero), stable rank ||D_t||_F^2 / s_1^2, ||D_t||_F and s_1.
     The store is checked first (geometry.capture.store.check_store): a damaged one is refused, not half-read.
     """
-    steps = check_store(run_dir).tracking_steps
+    man = check_store(run_dir)
+    steps = man.tracking_steps
     label = run if run is not None else Path(run_dir).name
     if not steps:
         return Table()
-    final = read_tracking(run_dir, steps[-1])
+    final = read_tracking(run_dir, steps[-1], man.chunk_of(steps[-1]))
     rows: list[Row] = []
     prev: dict[str, Estimate] | None = None
-    for step in steps:
-        cur = final if step == steps[-1] else read_tracking(run_dir, step)
+    for step, cur in iter_tracking(run_dir, man):
         for name, est in cur.items():
             layer, module = layer_of(name), module_of(name)
             values = step_values(est, final[name], prev[name] if prev else None)
