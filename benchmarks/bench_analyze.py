@@ -1,15 +1,22 @@
-"""Offline analyzer: ours vs a naive research-script pipeline, side by side in one run.
+"""Offline analyzer: the floor, ours, a naive research script and the peers, side by side in one run.
 
-Builds a synthetic checkpoint series shaped like a small LLM (safetensors, HF names), then prints:
-- time of our full suite (geometry.analyze, all SPEC metrics);
-- time of a naive pipeline: per matrix, float64 scipy full SVDs of W0 (again for every checkpoint),
-  W_t and D, whole files loaded with load_file, as research scripts do;
-- time merely to read every checkpoint's matrices;
-- the largest disagreement between the two on shared metrics;
-- peak RSS of our analysis with 2 and with 10 checkpoints (fresh subprocesses).
+Builds a synthetic checkpoint series shaped like a small LLM (safetensors, HF names), then runs each
+contender in a fresh process (OMP_WAIT_POLICY=PASSIVE for all) and prints one table: wall time, CPU time
+(user + system: robust on a shared machine), peak RSS, and the ratio to the floor.
+
+- floor: read each matrix once, plus the three spectra the full suite cannot do without (W_t, D_t, d_t:
+  float64 Gram eigenvalues, batched by shape), nothing else (issue 12's definition);
+- ours: ``geometry analyze`` (every SPEC metric, tables only), the whole process;
+- naive: per matrix, float64 scipy full SVDs of W0 (again for every checkpoint), W_t, D and D_T, whole
+  files loaded with load_file, as research scripts do; also the largest disagreement with ours;
+- peers (optional, `pip install modeldelta weightwatcher afterburn`): each on base + final checkpoint,
+  skipped with a line when not installed. What each computes is printed beside it.
 
     python benchmarks/bench_analyze.py                    # 8 layers, hidden 512, intermediate 1408, 5 ckpts
-    python benchmarks/bench_analyze.py --size 8b-layer    # one layer of an 8B model (GPU recommended)
+    python benchmarks/bench_analyze.py --size 90m --checkpoints 1     # the 90M Llama pair of issue 12
+    python benchmarks/bench_analyze.py --size 8b-layer --checkpoints 1 --memory-mb 8192 --skip-naive
+        # one Qwen3-8B-shaped layer (4096x4096, 1024x4096, 12288x4096, 4096x12288), extrapolated to a
+        # 36-layer, 252-matrix checkpoint
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +36,8 @@ import scipy.linalg as sl
 import torch
 from safetensors.torch import load_file, save_file
 
-SIZES = {"small": (8, 512, 1408), "8b-layer": (1, 4096, 12288), "tiny": (2, 128, 352)}
+SIZES = {"small": (8, 512, 1408), "90m": (8, 1024, 2816), "8b-layer": (1, 4096, 12288), "tiny": (2, 128, 352)}
+LAYERS_8B = 36  # Qwen3-8B: 36 layers x 7 matrices = 252
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,12 +65,22 @@ def build_series(root: Path, layers: int, hidden: int, inter: int, n_ckpt: int, 
             finals[name(layer, module)] = (low, torch.randn(m, n, generator=g) * 3e-4)
     (root / "base").mkdir(parents=True)
     save_file(base, str(root / "base" / "model.safetensors"))
+    (root / "base" / "config.json").write_text(json.dumps(llama_config(layers, hidden, inter)))
     for i in range(1, n_ckpt + 1):
         f = i / n_ckpt
         ckpt = {k: (W + f * finals[k][0] + math.sqrt(f) * finals[k][1]).contiguous() for k, W in base.items()}
         d = root / "run" / f"checkpoint-{100 * i}"
         d.mkdir(parents=True)
         save_file(ckpt, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(llama_config(layers, hidden, inter)))
+
+
+def llama_config(layers: int, hidden: int, inter: int) -> dict:
+    """A Llama config.json for the series (peers read the architecture from it; ours reads hidden_size)."""
+    heads = max(1, hidden // 64)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 4), "vocab_size": 32000, "torch_dtype": "float32"}
 
 
 def naive(root: Path, ckpts: list[Path], k_of) -> dict:
@@ -87,99 +106,224 @@ def naive(root: Path, ckpts: list[Path], k_of) -> dict:
     return out
 
 
-def read_only(root: Path, ckpts: list[Path]) -> None:
+def floor(root: Path, ckpts: list[Path], memory_mb: float) -> None:
+    """Issue 12's floor: each matrix read once (by groups of one shape, as ours reads), and the three spectra
+    of the full suite (W_t, D_t, d_t) as float64 Gram eigenvalues, batched by shape. Nothing else."""
+    from geometry.offline.engine import group_size
     from geometry.offline.sources import open_source
 
-    for ck in [root / "base"] + ckpts:
-        src = open_source(ck)
-        for n in src.names():
-            src.read(n).sum()  # touch the data: a lazy read is not a read
+    base = open_source(root / "base")
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for key in base.names():
+        by_shape.setdefault(tuple(base.shape(key)), []).append(key)
+    sources = [open_source(c) for c in ckpts]
+    for shape, keys in by_shape.items():
+        size = group_size(shape, memory_mb)
+        for i in range(0, len(keys), size):
+            group = keys[i:i + size]
+            W0 = torch.stack([base.read(k) for k in group]).double()
+            prev = W0
+            for src in sources:
+                Wt = torch.stack([src.read(k) for k in group]).double()
+                for x in (Wt, Wt - W0, Wt - prev):
+                    torch.linalg.eigvalsh(x.mT @ x if x.shape[-2] >= x.shape[-1] else x @ x.mT)
+                prev = Wt
 
 
-def ours(root: Path, ckpts: list[Path], device: str):
-    from geometry import AnalysisConfig, analyze
+def ours(root: Path, ckpts: list[Path], device: str, memory_mb: float, out: Path) -> None:
+    """The whole `geometry analyze` process, tables only (figures are a separate cost, off here)."""
+    from geometry.cli import main as cli
 
-    return analyze(str(root / "base"), [str(c) for c in ckpts], label="bench", config=AnalysisConfig(device=device))
-
-
-def peak_rss_mb(root: Path, n: int, device: str) -> float:
-    """Peak RSS of a fresh process that analyzes the first n checkpoints."""
-    code = (
-        "import sys, resource, pathlib; from geometry import analyze, AnalysisConfig; "
-        f"r = pathlib.Path({str(root)!r}); cks = sorted((r / 'run').glob('checkpoint-*'), "
-        "key=lambda p: int(p.name.split('-')[1]))"
-        f"[:{n}]; analyze(str(r / 'base'), [str(c) for c in cks], config=AnalysisConfig(device={device!r})); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
+    argv = ["analyze", str(root / "base"), *map(str, ckpts), "-o", str(out), "--no-figures", "--no-progress",
+            "--device", device, "--memory-mb", str(memory_mb)]
+    if cli(argv) != 0:
+        raise SystemExit("geometry analyze failed")
 
 
-def timed(fn, *args):
+# What each peer computes, as its documentation and output say (printed with the table).
+PEERS = {
+    "modeldelta": "per-tensor delta norms and relative change; SVD of the delta (top singular values, effective "
+                  "rank); no angles, sparsity, masks or locking",
+    "weightwatcher": "per-layer ESD of W_t (or of the delta, base_model mode): power-law alpha, spectral norm, "
+                     "stable rank, MP soft rank; no angles, overlaps, masks or locking",
+    "afterburn": "weight-diff: per-layer relative L2 change, cosine of W0 and W_t, top singular values of the "
+                 "delta; no angles, masks or locking",
+}
+
+
+def peer(name: str, root: Path, ckpts: list[Path]) -> None:
+    """One peer on base + final checkpoint, through its own Python API."""
+    base, final = root / "base", ckpts[-1]
+    if name == "modeldelta":
+        _peer_modeldelta(base, final)
+    elif name == "weightwatcher":
+        _peer_weightwatcher(base, final)
+    elif name == "afterburn":
+        _peer_afterburn(base, final)
+
+
+def _peer_modeldelta(base: Path, final: Path) -> None:
+    from modeldelta.core.weight_diff import compare_models
+    from modeldelta.utils.model_loader import get_tensor_map
+
+    compare_models(get_tensor_map(str(base)), get_tensor_map(str(final)), top_k=20)
+
+
+def _peer_weightwatcher(base: Path, final: Path) -> None:
+    import weightwatcher as ww
+
+    def module(path: Path) -> torch.nn.Module:  # the Linear layers of the checkpoint, as WeightWatcher walks them
+        mods = torch.nn.ModuleDict()
+        for key, W in load_file(str(path / "model.safetensors")).items():
+            lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+            lin.weight.data = W
+            mods[key.removesuffix(".weight").replace(".", "_")] = lin
+        return mods
+
+    ww.WeightWatcher(model=module(final), base_model=module(base)).analyze()
+
+
+def _peer_afterburn(base: Path, final: Path) -> None:
+    from afterburn.device import auto_detect_device
+    from afterburn.types import ModelPair
+    from afterburn.weight_diff.engine import WeightDiffEngine
+
+    pair = ModelPair(base_model=str(base), trained_model=str(final))
+    WeightDiffEngine(pair, auto_detect_device(force_device="cpu")).run()
+
+
+def worker(args) -> None:
+    """One contender, in this (fresh) process; the parent measures it."""
+    root = Path(args.root)
+    ckpts = [Path(c) for c in json.loads(args.ckpts)]
+    if args.worker == "floor":
+        floor(root, ckpts, args.memory_mb)
+    elif args.worker == "ours":
+        ours(root, ckpts, args.device, args.memory_mb, Path(args.out))
+    elif args.worker == "naive":
+        from geometry.offline.config import AnalysisConfig
+
+        def k_of(m: int, n: int) -> int:
+            return AnalysisConfig().principal_size((m, n), hidden)  # k from config.json's hidden size, as ours
+
+        config = root / "base" / "config.json"
+        hidden = json.loads(config.read_text())["hidden_size"] if config.exists() else None
+
+        ref = naive(root, ckpts, k_of)
+        Path(args.out).write_text(json.dumps([[*key, value] for key, value in ref.items()]))
+    else:
+        peer(args.worker, root, ckpts)
+
+
+def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = None, *, label: str | None = None,
+            pythonpath: str | None = None, python: str = sys.executable) -> dict:
+    """Run one contender in a fresh process: wall, CPU (user + system) and peak RSS, from wait4."""
+    cmd = [python, __file__, "--worker", name, "--root", str(root),
+           "--ckpts", json.dumps(list(map(str, ckpts))),
+           "--device", args.device, "--memory-mb", str(args.memory_mb), "--out", str(out or "")]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    if pythonpath:  # another checkout's geometry package, e.g. the commit before a change
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     t = time.perf_counter()
-    res = fn(*args)
-    return res, time.perf_counter() - t
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    fig = {"name": label or name, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "sys_s": usage.ru_stime,
+           "rss_mb": usage.ru_maxrss / 1024, "ok": proc.returncode == 0}
+    if not fig["ok"]:
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        fig["why"] = lines[-1] if lines else f"exit {proc.returncode}"
+    return fig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, default="small")
     ap.add_argument("--checkpoints", type=int, default=5)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--memory-mb", type=float, default=2048.0, help="ours' --memory-mb (and the floor's grouping)")
     ap.add_argument("--skip-naive", action="store_true", help="for sizes where the naive pipeline takes hours")
+    ap.add_argument("--peers", default="modeldelta,weightwatcher,afterburn", help="comma list; '' for none")
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="the interpreter that has the peers installed (e.g. a venv's bin/python)")
+    ap.add_argument("--compare-with", metavar="DIR", help="also time ours with the geometry package under DIR "
+                    "(e.g. `git archive HEAD geometry | tar -x -C DIR`), side by side")
+    ap.add_argument("--root", help="an existing series (from an earlier --keep) instead of building one")
+    ap.add_argument("--keep", help="build the series here and keep it")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpts", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
     layers, hidden, inter = SIZES[args.size]
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        n_series = max(args.checkpoints, 10)
-        build_series(root, layers, hidden, inter, n_series)
-        all_ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        # an evenly spaced subset of `checkpoints` of them, ending at the final one
-        ckpts = [all_ckpts[round((i + 1) * n_series / args.checkpoints) - 1] for i in range(args.checkpoints)]
+        root = Path(args.root or args.keep or tmp)
+        if not args.root:
+            build_series(root, layers, hidden, inter, args.checkpoints)
+        ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         fig = {"size": args.size, "layers": layers, "hidden": hidden, "intermediate": inter,
-               "checkpoints": len(ckpts), "device": args.device, "torch_threads": torch.get_num_threads()}
-        _, fig["read_s"] = timed(read_only, root, ckpts)
-        table, fig["ours_s"] = timed(ours, root, ckpts, args.device)
+               "checkpoints": len(ckpts), "device": args.device, "memory_mb": args.memory_mb,
+               "load_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": []}
+        fig["rows"].append(measure("floor", root, ckpts, args))
+        fig["rows"].append(measure("ours", root, ckpts, args, Path(tmp) / "ours-out"))
+        if args.compare_with:
+            fig["rows"].append(measure("ours", root, ckpts, args, Path(tmp) / "before-out", label="ours-before",
+                                       pythonpath=args.compare_with))
         if not args.skip_naive:
-            from geometry.offline.config import AnalysisConfig
-
-            def k_of(m: int, n: int) -> int:
-                return AnalysisConfig().principal_size((m, n), None)  # the series has no config.json, as ours sees
-
-            ref, fig["naive_s"] = timed(naive, root, ckpts, k_of)
-            fig["speedup"] = fig["naive_s"] / fig["ours_s"]
-            fig["max_rel_err"] = max_disagreement(table, ref)
-        fig["rss_2_mb"] = peak_rss_mb(root, 2, args.device)
-        fig["rss_10_mb"] = peak_rss_mb(root, 10, args.device)
-        fig["rss_growth"] = fig["rss_10_mb"] / fig["rss_2_mb"] - 1
+            fig["rows"].append(measure("naive", root, ckpts, args, Path(tmp) / "naive.json"))
+            if fig["rows"][-1]["ok"] and fig["rows"][1]["ok"]:
+                fig["max_rel_err"] = max_disagreement(Path(tmp) / "ours-out" / "metrics.csv", Path(tmp) / "naive.json")
+        for name in filter(None, args.peers.split(",")):
+            fig["rows"].append(measure(name, root, ckpts[-1:], args, python=args.peer_python))
+        fig["load_after"] = os.getloadavg()
     report(fig)
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2))
 
 
-def max_disagreement(table, ref: dict) -> dict:
+def max_disagreement(ours_csv: Path, naive_json: Path) -> dict:
     """Largest relative difference, per metric, between ours and the naive pipeline."""
+    from geometry.table import Table
+
+    mine = {(f"checkpoint-{r.step}", r.matrix, r.metric): r.value for r in Table.from_csv(ours_csv)}
     errs: dict[str, float] = {}
-    mine = {(f"checkpoint-{r.step}", r.matrix, r.metric): r.value for r in table}
-    for key, want in ref.items():
-        got = mine[key]
-        rel = abs(got - want) / max(abs(want), 1e-300)
-        errs[key[2]] = max(errs.get(key[2], 0.0), rel)
+    for ck, matrix, metric, want in json.loads(naive_json.read_text()):
+        rel = abs(mine[(ck, matrix, metric)] - want) / max(abs(want), 1e-300)
+        errs[metric] = max(errs.get(metric, 0.0), rel)
     return errs
 
 
 def report(fig: dict) -> None:
     print(f"series: {fig['layers']} layers x 7 matrices, hidden {fig['hidden']}, intermediate {fig['intermediate']}, "
-          f"{fig['checkpoints']} checkpoints, device {fig['device']}, {fig['torch_threads']} threads")
-    print(f"  read checkpoints only : {fig['read_s']:8.2f} s")
-    print(f"  geometry (full suite) : {fig['ours_s']:8.2f} s")
-    if "naive_s" in fig:
-        print(f"  naive scipy pipeline  : {fig['naive_s']:8.2f} s   -> ours is {fig['speedup']:.1f}x faster")
-        print("  max relative disagreement: " + ", ".join(f"{k} {v:.1e}" for k, v in fig["max_rel_err"].items()))
-    print(f"  peak RSS: 2 checkpoints {fig['rss_2_mb']:.0f} MB, 10 checkpoints {fig['rss_10_mb']:.0f} MB "
-          f"({100 * fig['rss_growth']:+.1f}%)")
+          f"{fig['checkpoints']} checkpoints, device {fig['device']}, --memory-mb {fig['memory_mb']:.0f}; "
+          f"{fig['cpus']} CPUs, load average {fig['load_before'][0]:.1f} before, {fig['load_after'][0]:.1f} after")
+    rows = {r["name"]: r for r in fig["rows"]}
+    fl = rows["floor"]
+    print(f"  {'contender':<14} {'wall s':>8} {'CPU s':>8} {'sys s':>7} {'peak RSS MB':>12} {'CPU/floor':>10}"
+          "  computes")
+    what = {"floor": "read once + 3 float64 Gram spectra per matrix and checkpoint",
+            "ours": "every SPEC metric (1-8), all checkpoints", "ours-before": "the same, --compare-with's code",
+            "naive": "5 metrics by scipy full SVDs, all checkpoints",
+            **{k: f"{v} (base + final checkpoint only)" for k, v in PEERS.items()}}
+    for r in fig["rows"]:
+        if not r["ok"]:
+            print(f"  {r['name']:<14} skipped: {r['why']}")
+            continue
+        print(f"  {r['name']:<14} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['sys_s']:7.1f} {r['rss_mb']:12.0f} "
+              f"{r['cpu_s'] / fl['cpu_s']:10.2f}  {what.get(r['name'], '')}")
+    if "max_rel_err" in fig:
+        print("  ours vs naive, max relative disagreement: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in fig["max_rel_err"].items()))
+    if fig["size"] == "8b-layer" and rows["ours"]["ok"]:
+        per = rows["ours"]["cpu_s"], rows["ours"]["wall_s"]
+        print(f"  extrapolation to a whole 8B checkpoint ({LAYERS_8B} layers, {7 * LAYERS_8B} matrices), base "
+              f"decomposition included, {fig['checkpoints']} checkpoint(s): ~{LAYERS_8B * per[0] / 60:.0f} CPU min, "
+              f"~{LAYERS_8B * per[1] / 60:.0f} min wall at this load; peak RSS stays one group's "
+              f"({rows['ours']['rss_mb']:.0f} MB), not the checkpoint's")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from geometry.linalg import degrees, principal_angles, subspace_sim
 
 __all__ = [
-    "changed_mask", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap", "overlap",
+    "bf16_bits", "changed_mask", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap", "overlap",
     "principal_mask", "lowmag_mask", "mask_overlap", "RankStats", "rank_stats", "intruders",
     "subspace_sim", "HILL_K",
 ]
@@ -25,9 +25,14 @@ HILL_FLOOR = 1e-6  # s_{k_h} / s_1 below this is numerical noise (float64 Gram s
 
 # --- 1. bf16 update sparsity -------------------------------------------------------------------
 
+def bf16_bits(w: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns (int16, same shape) of w, rounded to nearest even."""
+    return w.to(torch.bfloat16).view(torch.int16)
+
+
 def changed_mask(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """Entries whose bf16 bit pattern changed (SPEC item 1; Mukherjee et al. 2025). Bool (..., m, n)."""
-    return w0.to(torch.bfloat16).view(torch.int16) != wt.to(torch.bfloat16).view(torch.int16)
+    return bf16_bits(w0) != bf16_bits(wt)
 
 
 def sparsity_bf16(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
@@ -83,14 +88,32 @@ def overlap(d: torch.Tensor, Uk: torch.Tensor, Vk: torch.Tensor) -> Overlap:
 # --- 5. mask localisation ----------------------------------------------------------------------
 
 def _top_fraction(score: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Bool mask of the ceil(alpha * mn) largest entries of score (..., m, n), ties broken by position."""
+    """Bool mask of the ceil(alpha * mn) largest entries of score (..., m, n), ties broken by position
+    (the earlier entry wins): exactly the first ``count`` of a stable descending sort.
+
+    A selection, not a sort: the count-th largest value by ``kthvalue`` (O(mn)), every entry above it,
+    and of the entries equal to it the first ones in position order (bf16 weights tie often). NaN scores
+    have no order a selection can share with a sort: they take the sort (``_top_fraction_sorted``).
+    """
     flat = score.flatten(-2)  # (..., mn)
+    total = flat.shape[-1]
     # relative slack: alpha * mn that should be an integer (0.07 * 200) must not round up past it
-    count = math.ceil(alpha * flat.shape[-1] * (1 - 1e-12))
-    # a stable sort breaks ties (bf16 weights tie often) by position, the same on every device and version
-    idx = flat.argsort(dim=-1, descending=True, stable=True)[..., :count]
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+    count = math.ceil(alpha * total * (1 - 1e-12))
+    if count <= 0 or flat.isnan().any():
+        return _top_fraction_sorted(score, count)
+    thr = flat.kthvalue(total - count + 1, dim=-1, keepdim=True).values  # (..., 1) the count-th largest
+    above = flat > thr
+    ties = flat == thr
+    need = count - above.sum(-1, keepdim=True)  # (..., 1) how many tied entries still fit, by position
+    mask = above | (ties & (ties.cumsum(-1) <= need))
     return mask.view(score.shape)
+
+
+def _top_fraction_sorted(score: torch.Tensor, count: int) -> torch.Tensor:
+    """The reference for ``_top_fraction``: a stable descending sort, the same on every device and version."""
+    flat = score.flatten(-2)
+    idx = flat.argsort(dim=-1, descending=True, stable=True)[..., :count]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True).view(score.shape)
 
 
 def principal_mask(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int, alpha: float = 0.5) -> torch.Tensor:

@@ -13,6 +13,7 @@ from geometry.linalg import (
     degrees,
     exact_svd,
     gram_svd,
+    gram_top,
     principal_angles,
     randomized_svd,
     spectrum,
@@ -183,6 +184,34 @@ def test_randomized_svd_is_seeded():
     c = randomized_svd(x, 6, seed=4)
     assert not torch.equal(a.U, c.U)
     assert (subspace_sim(a.U, c.U) >= 0.99).all()  # another seed, the same answer
+
+
+# --- gram_top (certified subspace iteration) --------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(90, 60), (60, 90)])
+def test_gram_top_matches_exact_to_its_certificate(shape):
+    x = _decaying_batch(13, 3, *shape)
+    K = 6
+    res, ref = gram_top(x, K, tol=1e-9), exact_svd(x, K)
+    assert res.method == "subspace"
+    np.testing.assert_allclose(res.S[:, :K].numpy(), ref.S[:, :K].numpy(), rtol=1e-10)
+    assert ((res.S - ref.S).abs() <= 1e-7 * ref.S[:, :1]).all()  # the small values: to ~sqrt(eps) of s1
+    for got, want in ((res.U, ref.U), (res.V, ref.V)):
+        # Davis-Kahan: ||sin Theta||_F <= 1e-9, so Sim_K = 1 - ||sin Theta||_F^2 / K to ~1e-18
+        assert (1 - subspace_sim(got, want) < 1e-12).all()
+        assert max(_max_angle(got[i], want[i]) for i in range(3)) < 1e-8
+    warm = gram_top(x, K, warm=ref.V if shape[0] >= shape[1] else ref.U, tol=1e-9)
+    assert warm.method == "subspace" and (1 - subspace_sim(warm.V, ref.V) < 1e-12).all()
+
+
+def test_gram_top_falls_back_without_a_gap():
+    # a repeated singular value at the K / K+1 boundary: no top-K subspace to certify, so eigh decides
+    rng = np.random.default_rng(14)
+    s = np.r_[np.linspace(3, 2, 5), [1.0, 1.0], 0.5 ** np.arange(33)]
+    x = torch.tensor(_planted(rng, 60, 40, s))[None]
+    res = gram_top(x, 6)
+    assert res.method == "subspace->gram"
+    torch.testing.assert_close(res.S, gram_svd(x, 6, small_values=False).S)
 
 
 # --- principal angles --------------------------------------------------------------------------

@@ -195,6 +195,24 @@ def test_lowmag_mask_matches_reference(alpha):
         np.testing.assert_array_equal(got[i].numpy(), _top_fraction_ref(-np.abs(W0[i]), alpha))
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.3, 0.07, 0.999])
+def test_mask_selection_equals_stable_sort_on_ties(alpha):
+    # bf16 weights tie often: few distinct values, zeros of both signs; the selection (kthvalue plus
+    # position order among the ties) must give the stable sort's mask bit for bit, and NaN takes the sort
+    rng = np.random.default_rng(10)
+    W0 = torch.tensor(rng.integers(-6, 7, size=(4, 30, 17)) * 0.125, dtype=torch.bfloat16).float()
+    W0[0, 0, :5] = -0.0
+    for score in (W0.abs(), -W0.abs(), W0):
+        count = math.ceil(alpha * 510 * (1 - 1e-12))
+        got = M._top_fraction(score, alpha)
+        np.testing.assert_array_equal(got.numpy(), M._top_fraction_sorted(score, count).numpy())
+        assert (got.sum((-2, -1)) == count).all()
+        for i in range(4):
+            np.testing.assert_array_equal(got[i].numpy(), _top_fraction_ref(score[i].numpy(), alpha))
+    W0[1, 2, 3] = math.nan
+    np.testing.assert_array_equal(M._top_fraction(W0, alpha).numpy(), M._top_fraction_sorted(W0, count).numpy())
+
+
 def test_principal_mask_of_rank_one_base_is_its_support():
     # W0 = a b^T with a nonzero on the first half of the rows only: exactly half the entries are nonzero,
     # so the top-half principal mask is those rows, whatever the reconstruction rank.

@@ -198,7 +198,9 @@ def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: lis
     results, prev = [], factors.W0
     for ckpt in ckpts:
         Wt = _read_group(ckpt.source, group, device)
-        results.append(measure_step(factors, Wt, prev, cfg))
+        m, n = factors.W0.shape[-2:]
+        warm = None if not results else (results[-1].VK if m >= n else results[-1].UK)
+        results.append(measure_step(factors, Wt, prev, cfg, warm))
         prev = Wt
         bar.update(1)
     return results

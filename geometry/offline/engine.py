@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from geometry import metrics as M
-from geometry.linalg import SVD, exact_svd, gram_svd, randomized_svd, spectrum
+from geometry.linalg import SVD, exact_svd, gram_svd, gram_top, randomized_svd, spectrum
 from geometry.locking import step_sims
 from geometry.offline.config import AnalysisConfig
 
@@ -24,7 +24,8 @@ class BaseFactors(NamedTuple):
     """What every checkpoint of a group is measured against, computed once."""
 
     W0: torch.Tensor  # (L, m, n) float64
-    svd: SVD  # exact, all r = min(m, n) vectors: U (L, m, r), S (L, r), V (L, n, r)
+    bits: torch.Tensor  # (L, m, n) int16: W0's bf16 bit patterns, for the update mask (SPEC 1)
+    svd: SVD  # all r = min(m, n) vectors: U (L, m, r), S (L, r), V (L, n, r); Gram eigh, checked, or exact
     k: int  # principal subspace size (SPEC 2, 4)
     r: int  # rank of the reconstruction behind the principal mask (SPEC 5)
     principal: torch.Tensor  # (L, m, n) bool, SPEC 5
@@ -47,13 +48,20 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
     """The base's SVD and masks; ``hidden``: the model's hidden size, which sets the default k and r."""
     W0 = W0.double()
     shape = tuple(W0.shape[-2:])
-    svd = exact_svd(W0)
+    # eigh of the Gram matrix, about 3x cheaper than an SVD; an ill-conditioned base takes the exact SVD
+    svd = gram_svd(W0) if cfg.update_svd != "exact" else exact_svd(W0)
     k, r = cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)
-    return BaseFactors(W0, svd, k, r, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha))
+    return BaseFactors(W0, M.bf16_bits(W0), svd, k, r, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha),
+                       M.lowmag_mask(W0, cfg.alpha))
 
 
-def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig) -> StepResult:
-    """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7."""
+def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
+                 warm: torch.Tensor | None = None) -> StepResult:
+    """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7.
+
+    ``warm``: the previous checkpoint's update subspace (StepResult.VK or UK, the smaller side), a start
+    for this one's (subspaces of consecutive updates are close; the result is certified either way).
+    """
     Wt = Wt.double()
     W0, k = base.W0, base.k
     m, n = W0.shape[-2:]
@@ -62,9 +70,9 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out: dict[str, torch.Tensor] = {}
 
     out["n_params"] = torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device)
-    changed = M.changed_mask(W0, Wt)
+    changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
     out["sparsity_bf16"] = 1.0 - changed.double().mean((-2, -1))
-    out["sparsity_abs"] = M.sparsity_abs(W0, Wt, cfg.abs_tol)
+    out["sparsity_abs"] = (D.abs() <= cfg.abs_tol).double().mean((-2, -1))  # M.sparsity_abs, D already float64
 
     top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
     out["angle_max_u"], out["angle_mean_u"], angles_u = M.angle_stats(Uk, top.U[..., :k])
@@ -85,7 +93,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["mask_overlap_lowmag_ratio"] = out["mask_overlap_lowmag"] / cfg.alpha
 
     K = min(cfg.lock_k, m, n)
-    upd = _update_factors(D, K, cfg)  # full spectrum and top-K subspaces of D_t
+    upd = _update_factors(D, K, cfg, warm)  # full spectrum and top-K subspaces of D_t
     for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
         out[name] = value
     interval = M.rank_stats(spectrum(d, small_values=False))
@@ -97,14 +105,14 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
 
 
-def _update_factors(D: torch.Tensor, K: int, cfg: AnalysisConfig) -> SVD:
+def _update_factors(D: torch.Tensor, K: int, cfg: AnalysisConfig, warm: torch.Tensor | None = None) -> SVD:
     """Spectrum and top-K subspaces of an update by the configured path (AnalysisConfig.update_svd)."""
     if cfg.update_svd == "exact":
         return exact_svd(D, K)
     if cfg.update_svd == "randomized":
         sD = spectrum(D, small_values=False)
         return randomized_svd(D, K, oversample=cfg.oversample, n_iter=cfg.n_iter, seed=cfg.seed, check=sD)
-    return gram_svd(D, K, small_values=False)
+    return gram_top(D, K, warm=warm, seed=cfg.seed)
 
 
 def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:
