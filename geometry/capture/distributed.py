@@ -131,6 +131,10 @@ class FullParameters:
         """Whether reading these parameters needs every rank (a collective)."""
         return any(self._layout[n] != "local" for n in names)
 
+    def base_weights(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights at step 0 (W0): those of the model now, read as ``gather`` reads them."""
+        return self.gather(names)
+
     def gather(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for each name, on rank 0; other ranks take part in the gathers and get nothing.
 

@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from geometry.capture.adapters import AdapterParameters, is_peft
 from geometry.capture.batches import Batch, UpdateBatches
 from geometry.capture.config import RecorderConfig
 from geometry.capture.distributed import FullParameters, broadcast, is_writer
@@ -87,13 +88,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def select_parameters(model: nn.Module | FullParameters, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
+def select_parameters(model: nn.Module | FullParameters | AdapterParameters,
+                      cfg: RecorderConfig) -> dict[str, nn.Parameter]:
     """The tracked parameters by name (geometry.selection: Linear weights, embeddings only when asked).
 
     Names and shapes are those of the full model: wrapper prefixes (FSDP1, torch.compile) are dropped and a
     shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices.
     """
-    full = model if isinstance(model, FullParameters) else FullParameters(model)
+    full = model if isinstance(model, (FullParameters, AdapterParameters)) else FullParameters(model)
     shapes = full.shapes
     names = sorted(choose(shapes, include=cfg.include, exclude=cfg.exclude, embeddings=cfg.embeddings,
                           linear=full.linear_weights()))
@@ -117,7 +119,8 @@ class Recorder:
                  step: int = 0):
         self.config = cfg = config or RecorderConfig()
         self.model = unwrap(model)
-        self.full = FullParameters(self.model)  # a collective under FSDP1: every rank gets here
+        # a peft LoRA model: its adapted matrices, W0 + s B A (geometry.capture.adapters)
+        self.full = AdapterParameters(self.model) if is_peft(self.model) else FullParameters(self.model)
         self.params = select_parameters(self.full, cfg)
         self.shapes = {n: tuple(self.full.shapes[n]) for n in self.params}  # full shapes, also of shards
         self.writes = is_writer()  # this process writes the store (rank 0)
@@ -138,7 +141,7 @@ class Recorder:
         self._snapshot: tuple[int, dict[str, float]] | None = None
         if not (self.writes or self.collective):
             return  # another rank of an unsharded (DDP) run: rank 0 records the same weights
-        base = {n: w.to("cpu", copy=True) for n, w in self.full.gather(self.params)} if step == 0 else None
+        base = {n: w.to("cpu", copy=True) for n, w in self.full.base_weights(self.params)} if step == 0 else None
         err = None
         if self.writes:
             try:
@@ -285,7 +288,7 @@ class Recorder:
                 t0 = time.perf_counter()
                 w0 = self._w0[name].to(w.device, non_blocking=True) if snap or track else None
                 if snap:
-                    copies[name] = self._snapshot_copy(w)
+                    copies[name] = self._snapshot_copy(name, w)
                     self._unchanged.append((~changed_mask(w0, w)).sum())  # no sync: read in _keep_live
                 t1 = time.perf_counter()
                 if track:
@@ -341,8 +344,9 @@ class Recorder:
         if msg is not None:
             raise GeometryError(f"Recorder on rank 0: {msg}")
 
-    def _snapshot_copy(self, w: torch.Tensor) -> torch.Tensor:
-        return w.to("cpu", self.config.snapshot_torch_dtype(w.dtype), copy=True).contiguous()
+    def _snapshot_copy(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """In the dtype of the parameter as stored (an adapter's float32 merged weight: its base weight's)."""
+        return w.to("cpu", self.config.snapshot_torch_dtype(self.params[name].dtype), copy=True).contiguous()
 
     def _snapshot_nbytes(self, name: str) -> int:
         dtype = self.config.snapshot_torch_dtype(self.params[name].dtype)
