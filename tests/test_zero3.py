@@ -87,6 +87,47 @@ WORKER = COMMON + textwrap.dedent("""
             oracle(t)
     cb.on_train_end(args, state, control)
     dist.barrier()
+
+    # Then the same recording through transformers.Trainer(deepspeed=...) itself, in the same processes:
+    # accelerate builds the ZeRO-3 engine, the Trainer calls the callbacks. Oracle, listed after
+    # GeometryCallback, gathers every weight at the start and at every step end (the states the recorder read).
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    out = out / "hf"
+    out.mkdir(exist_ok=True)
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randint(0, 64, (64, 12), generator=torch.Generator().manual_seed(0))
+        def __len__(self):
+            return len(self.x)
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i], "labels": self.x[i]}
+
+    class Oracle(TrainerCallback):
+        def save(self, model, step):
+            params = dict(model.named_parameters())
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                full = {n: p.detach().clone() for n, p in params.items()}
+            if dist.get_rank() == 0:
+                torch.save(full, out / f"oracle-{step}.pt")
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            q = model.model.layers[0].self_attn.q_proj.weight
+            print(f"rank {dist.get_rank()}: Trainer: layout {layout(q)} local {q.numel()}", flush=True)
+            self.save(model, 0)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.save(model, state.global_step)
+
+    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+                 "optimizer": {"type": "SGD", "params": {"lr": "auto"}}}
+    args = TrainingArguments(output_dir=str(out / "output"), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=0.5, report_to=[], save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True, seed=0, deepspeed=ds_config, ddp_backend="gloo")
+    cb = GeometryCallback(out / f"store-rank{rank}", RecorderConfig(**config))
+    Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[cb, Oracle()]).train()
+    dist.barrier()
     print(f"rank {rank}: done", flush=True)
     sys.stdout.flush()
     os._exit(0)
@@ -99,11 +140,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3")
+def launch(out: Path, worker: str) -> list[str]:
+    """Two worker processes running ``worker``; their logs."""
     script = out / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "LOCAL_WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "HF_HUB_OFFLINE": "1"}
@@ -121,7 +161,13 @@ def launched(tmp_path_factory):
             pytest.fail("ZeRO-3 workers timed out (a deadlock in the gathers?)")
     for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0 and f"rank {r}: done" in log, f"rank {r} failed:\n{log[-4000:]}"
-    return out, logs
+    return logs
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    return out, launch(out, WORKER)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +216,31 @@ def test_zero3_shards_are_gathered_and_rank0_records_the_step_end_states(launche
         for name, st in got.items():
             assert st.fro == pytest.approx(want[name].fro, rel=1e-3), (t, name)
             assert float(subspace_sim(st.v, want[name].v)) > 0.99, (t, name)
+
+
+def test_zero3_under_the_trainer_records_the_step_end_states(launched):
+    """transformers.Trainer(deepspeed=ZeRO-3 config) on two CPU processes, GeometryCallback among its callbacks:
+    the base is the weights before training, each snapshot the weights at that step's end, and each tracked
+    step's ||D_t||_F and top singular subspace those of (step-end weights) - (initial weights), all against
+    the same states gathered independently."""
+    out, logs = launched
+    out = out / "hf"
+    for r in (0, 1):
+        assert f"rank {r}: Trainer: layout zero3 local 0" in logs[r]
+    store = out / "store-rank0"
+    man = read_manifest(store)
+    assert not (out / "store-rank1").exists()
+    assert man.steps == [2, 4] and man.tracking_steps == [1, 2, 3, 4] and man.final_step == STEPS
+    oracle = {t: torch.load(out / f"oracle-{t}.pt") for t in range(STEPS + 1)}
+    base = read_snapshot(store, None)
+    assert len(base) == 7 and all(torch.equal(w, oracle[0][n]) for n, w in base.items())
+    for t in man.steps:
+        assert all(torch.equal(w, oracle[t][n]) for n, w in read_snapshot(store, t).items()), t
+    for t in man.tracking_steps:
+        for name, st in read_tracking(store, t).items():
+            d = (oracle[t][name] - oracle[0][name]).double()
+            assert float(d.norm()) > 0
+            _, S, Vh = torch.linalg.svd(d, full_matrices=False)
+            assert st.fro == pytest.approx(float(d.norm()), rel=1e-4), (t, name)
+            assert float(st.s[0]) == pytest.approx(float(S[0]), rel=1e-2), (t, name)
+            assert float(subspace_sim(st.v, Vh[:4].mT)) > 0.98, (t, name)

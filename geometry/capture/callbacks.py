@@ -83,7 +83,7 @@ class GeometryCallback(TrainerCallback):
         self.recorder = Recorder(model, self.out_dir, self.config, step=state.global_step)
         self._live, self._logged = Live(None, {}, None, {}), (None, None)
         if self.log and self.recorder.writes:
-            self._put_merger_first()
+            self._put_merger_first(args)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
@@ -122,7 +122,7 @@ class GeometryCallback(TrainerCallback):
         if history and history[-1].get("step") == state.global_step:
             history[-1].update(new)  # Trainer.log appended a copy of logs before calling on_log
 
-    def _put_merger_first(self) -> None:
+    def _put_merger_first(self, args) -> None:
         frame, handler = sys._getframe(1), None
         while frame is not None and handler is None:
             obj = frame.f_locals.get("self")
@@ -130,8 +130,9 @@ class GeometryCallback(TrainerCallback):
                 handler = obj
             frame = frame.f_back
         if handler is None:
-            warnings.warn("GeometryCallback: not called by a transformers CallbackHandler; its values are not "
-                          "added to the trainer's logs", stacklevel=3)
+            if getattr(args, "report_to", None):  # a tracker would miss the values: say so
+                    warnings.warn("GeometryCallback: not called by a transformers CallbackHandler; its values are not "
+                              "added to the trainer's logs", stacklevel=3)
             return
         # a new list: the handler is iterating over the old one (call_event) and must not see the change
         handler.callbacks = [self._merger, *(c for c in handler.callbacks if c is not self._merger)]
