@@ -119,7 +119,8 @@ def test_measure_step_matches_scipy_reference(m, n):
         ref_theta = np.sort(np.degrees(sl.subspace_angles(
             sl.svd(W0[i].double().numpy())[0][:, :6], sl.svd(Wt[i].double().numpy())[0][:, :6])))
         np.testing.assert_allclose(res.angles_u[i].numpy(), ref_theta, rtol=1e-7, atol=1e-10)
-    assert res.methods == ["gram", "subspace"]  # both fast paths passed their checks
+    # both fast paths taken and passed their checks (the update's: subspace iteration, or eigh where cheaper)
+    assert res.methods[0] == "gram" and res.methods[1] in ("subspace", "gram")
 
 
 def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():
