@@ -109,6 +109,11 @@ def cmd_analyze(args) -> int:
     runs = _runs(args)
     check_output(args.out)  # before the analysis, not after hours of it
     analysis = analyze(runs, config=cfg, progress=not args.no_progress)
+    if analysis.rank != 0:  # torchrun: rank 0 gathered every rank's rows and writes the outputs
+        return 0
+    if len(analysis.work) > 1:
+        print(f"geometry: {len(analysis.work)} ranks; groups and measuring CPU s per rank: "
+              + ", ".join(f"{g} {s:.2f}" for g, s in analysis.work), file=sys.stderr)
     paths = write_analysis(analysis, args.out, figures=not args.no_figures, html=args.html)
     for note in analysis.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except GeometryError as e:
-        print(f"geometry: error: {error_line(e)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it, once
+            print(f"geometry: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         sig = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT

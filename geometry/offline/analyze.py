@@ -8,6 +8,7 @@ whatever the number of checkpoints.
 from __future__ import annotations
 
 import ctypes
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import groupby
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from geometry.errors import GeometryError
+from geometry.offline import distributed as dist
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.engine import BaseFactors, StepResult, decompose_base, group_size, locking_sims, measure_step
 from geometry.offline.sources import (
@@ -59,14 +61,17 @@ class Analysis(Table):
 
     curves: per-matrix angle curves and spectra; notes: fallbacks taken and matrices skipped, in words;
     runs: the runs analysed, in order; labels: run -> step -> the name of the checkpoint measured at that
-    step (step 0: the base), for the outputs.
+    step (step 0: the base), for the outputs; rank: this process's torchrun rank (only rank 0 holds the
+    rows and curves of a distributed analysis; the others' are empty and write nothing).
     """
 
     def __init__(self, rows: Iterable[Row], curves: list[Curve], notes: list[str], runs: list[Run],
-                 config: AnalysisConfig, labels: dict[str, dict[int, str]] | None = None):
+                 config: AnalysisConfig, labels: dict[str, dict[int, str]] | None = None, rank: int = 0):
         super().__init__(rows)
         self.curves, self.notes, self.runs, self.config = curves, notes, runs, config
         self.labels = labels or {}
+        self.rank = rank
+        self.work: list[tuple[int, float]] = []
 
 
 def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | Path] | None = None, *,
@@ -74,7 +79,8 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     """Measure every SPEC metric for every run, checkpoint and matrix.
 
     ``analyze(base, [ckpt_dir])`` for one run, or ``analyze([Run("sft", base, [dir]), Run("opd", ...)])``
-    for several side by side, each with its own base.
+    for several side by side, each with its own base. Under torchrun the groups of matrices are split across
+    the ranks by cost (geometry.offline.distributed); rank 0 returns the whole table, the same as one process's.
     """
     cfg = config or AnalysisConfig()
     if isinstance(runs, (str, Path)):
@@ -88,10 +94,17 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     if len(set(labels)) != len(labels):
         raise GeometryError(f"run labels must be unique, got {labels}")
     _return_freed_memory()
+    w = dist.world()
     rows, curves, notes, step_labels = [], [], [], {}
-    for run in runs:
-        step_labels[run.label] = _analyze_run(run, cfg, rows, curves, notes, progress)
-    return Analysis(rows, curves, notes, runs, cfg, step_labels)
+    work = [(0, 0.0)] * w.size
+    try:
+        for run in runs:
+            step_labels[run.label] = _analyze_run(run, cfg, rows, curves, notes, progress, w, work)
+    finally:
+        dist.close(w)
+    analysis = Analysis(rows, curves, notes, runs, cfg, step_labels, rank=w.rank)
+    analysis.work = work
+    return analysis
 
 
 def _return_freed_memory() -> None:
@@ -154,9 +167,19 @@ def _read_group(source: TensorSource, group: list[MatrixSpec], device: torch.dev
     return torch.stack([read_matrix(source, spec) for spec in group]).to(device)  # (L, m, n), stored dtype
 
 
+class _GroupOut(NamedTuple):
+    """What one group of matrices contributes to the analysis (what a rank sends to rank 0)."""
+
+    rows: list[Row]
+    curves: list[Curve]
+    methods: Counter
+    sizes: tuple[int, int]  # (k, r) the group was measured with
+
+
 def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Curve], notes: list[str],
-                 progress: bool) -> dict[int, str]:
-    """Measure one run into rows, curves and notes; returns its step labels (step 0: the base)."""
+                 progress: bool, w: dist.World, work: list[tuple[int, float]]) -> dict[int, str]:
+    """Measure one run into rows, curves and notes; returns its step labels (step 0: the base). Under torchrun
+    this rank measures its share of the groups and rank 0 collects every group's output in group order."""
     base_ckpt = open_base(run.base, allow_pickle=cfg.allow_pickle)
     base = base_ckpt.source
     ckpts = _open_checkpoints(run, cfg)
@@ -166,23 +189,38 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
                           embeddings=cfg.embeddings, on_mismatch=cfg.on_mismatch)
     for name, reason in sel.skipped:
         notes.append(f"{run.label}: skipped {name}: {reason}")
-    device = cfg.torch_device()
-    methods: Counter = Counter()
+    device = dist.local_device(cfg.torch_device(), w)
     hidden = hidden_size(base.config)
-    sizes: dict[tuple[int, int], list] = defaultdict(list)  # (k, r) -> shapes measured with them
     groups = _groups(sel.matrices, cfg.memory_mb)
-    bar = _progress(len(groups) * len(ckpts), f"analyze {run.label}", progress)
+    owner = dist.assign([dist.group_cost(g[0].shape, len(g)) for g in groups], w.size)
+    mine = [i for i, r in enumerate(owner) if r == w.rank]
+    bar = _progress(len(mine) * len(ckpts), f"analyze {run.label}", progress and w.rank == 0)
+    done: dict[int, _GroupOut] = {}
+    error = None
+    cpu = time.process_time()
     try:  # closed on an interrupt too: leave=False then clears its line for the message
-        for group in groups:
-            factors = decompose_base(_read_group(base, group, device), cfg, hidden)
-            sizes[(factors.k, factors.r)].append(group[0].shape)
-            for i, spec in enumerate(group):
-                curves.append(Curve(run.label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
-            results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
-            _emit(run.label, [c.step for c in ckpts], group, results, rows, curves)
-            methods.update(m for res in results for m in res.methods)
+        for i in mine:
+            done[i] = _measure_group(run.label, base, ckpts, groups[i], cfg, device, hidden, bar)
+    except Exception as e:
+        if not w.distributed:
+            raise
+        error = str(e) if isinstance(e, GeometryError) else f"{type(e).__name__}: {e}"
     finally:
         bar.close()
+    parts = dist.gather(w, (done, time.process_time() - cpu), error)
+    if parts is None:  # not rank 0: its groups are with rank 0 now
+        return {0: base_ckpt.label, **{c.step: c.label for c in ckpts}}
+    for r, (part, seconds) in enumerate(parts):
+        work[r] = (work[r][0] + len(part), work[r][1] + seconds)
+    merged = {i: out for part, _ in parts for i, out in part.items()}
+    methods: Counter = Counter()
+    sizes: dict[tuple[int, int], list] = defaultdict(list)  # (k, r) -> shapes measured with them
+    for i, group in enumerate(groups):
+        out = merged[i]
+        rows += out.rows
+        curves += out.curves
+        methods.update(out.methods)
+        sizes[out.sizes].append(group[0].shape)
     where = f"hidden size {hidden}" if hidden else "no hidden_size in config.json: scaled to each matrix's smaller side"
     for (k, r), shapes in sorted(sizes.items()):
         notes.append(f"{run.label}: principal k = {k}, mask rank r = {r} for shapes "
@@ -191,6 +229,18 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
         if "->" in method:
             notes.append(f"{run.label}: {count} batch decompositions fell back {method} (fast path failed its check)")
     return {0: base_ckpt.label, **{c.step: c.label for c in ckpts}}
+
+
+def _measure_group(label: str, base: TensorSource, ckpts: list[Checkpoint], group: list[MatrixSpec],
+                   cfg: AnalysisConfig, device: torch.device, hidden: int | None, bar) -> _GroupOut:
+    rows: list[Row] = []
+    curves: list[Curve] = []
+    factors = decompose_base(_read_group(base, group, device), cfg, hidden)
+    for i, spec in enumerate(group):
+        curves.append(Curve(label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
+    results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
+    _emit(label, [c.step for c in ckpts], group, results, rows, curves)
+    return _GroupOut(rows, curves, Counter(m for res in results for m in res.methods), (factors.k, factors.r))
 
 
 def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: list[MatrixSpec], cfg: AnalysisConfig,
