@@ -81,7 +81,7 @@ def run(a, out: Path, config: RecorderConfig | None):
     timer = StepTimer()
     cb = GeometryCallback(out / "geometry", config) if config is not None else None
     args = TrainingArguments(output_dir=str(out / "trainer"), max_steps=a.steps, per_device_train_batch_size=a.batch,
-                             learning_rate=1e-4, lr_scheduler_type="constant", use_cpu=True, report_to=[],
+                             learning_rate=1e-4, lr_scheduler_type="constant", use_cpu=a.device == "cpu", report_to=[],
                              save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     callbacks = [cb, timer] if cb is not None else [timer]
@@ -112,6 +112,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="rounds of one run per setting (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the Trainer runs (benchmarks/gpu.sh)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
