@@ -112,7 +112,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="rounds of one run per setting (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the Trainer runs (benchmarks/gpu.sh)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the Trainer runs (benchmarks/gpu.sh)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
