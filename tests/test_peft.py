@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from geometry import analyze
 from geometry.capture.callbacks import GeometryCallback
 from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
@@ -135,3 +136,9 @@ def test_sft_trainer_with_peft_config_records_the_adapters(tmp_path):
         assert torch.allclose(final[name], w0[name] + d, atol=1e-6)
         assert st[name].fro == pytest.approx(float(d.norm()), rel=1e-4)
         assert float(st[name].s[0]) == pytest.approx(float(torch.linalg.matrix_norm(d, 2)), rel=1e-3)
+    # the store reads offline as a merged-weight run, rows under the base weights' names
+    result = analyze(run / "base", [run])
+    rows = {r.matrix: r.value for r in result.where(metric="stable_rank", step=4).rows}
+    assert sorted(rows) == NAMES
+    for name in NAMES:
+        assert rows[name] == pytest.approx(st[name].fro ** 2 / float(st[name].s[0]) ** 2, rel=0.02)

@@ -181,6 +181,7 @@ def test_chunks_hold_the_same_estimates_as_step_files(tmp_path):
         store.close()
     man = read_manifest(chunked)
     assert man.version == 3 and man.tracking_chunks == [(1, 5), (6, 10), (11, 15), (16, 20)]
+    assert json.loads((chunked / MANIFEST).read_text())["tracking_steps"] == [[1, 23, 1]]  # a run, not 23 numbers
     assert man.loose_steps() == [21, 22, 23] and man.chunk_of(7) == (6, 10) and man.chunk_of(22) is None
     assert len(list((chunked / "tracking").iterdir())) == 7 and check_store(chunked) == man
     assert read_manifest(plain).tracking_chunks == [] and len(list((plain / "tracking").iterdir())) == 23
@@ -226,6 +227,7 @@ def test_a_version_2_store_resumed_stays_one_file_per_step(tmp_path):
     manifest = json.loads((run / MANIFEST).read_text())
     manifest["version"] = 2
     del manifest["tracking_chunks"]
+    manifest["tracking_steps"] = [1, 2, 3]  # version 2 lists every step
     (run / MANIFEST).write_text(json.dumps(manifest))
     store = Store.open(run, base_tensors(), settings=SETTINGS, chunk_steps=2)
     write_steps(store, range(4, 9))
@@ -282,11 +284,12 @@ def test_manifest_is_always_valid_json_during_writes(tmp_path):
     def reader():
         while not stop.is_set():
             try:
-                man = json.loads((run / MANIFEST).read_text())
+                text = (run / MANIFEST).read_text()
+                json.loads(text)
             except json.JSONDecodeError as e:
                 bad.append(e)
                 continue
-            for t in man["tracking_steps"]:  # everything it lists is complete and readable
+            for t in Manifest.from_json(text).tracking_steps:  # everything it lists is complete and readable
                 if t not in seen:
                     read_tracking(run, t)
                     seen.add(t)
@@ -491,6 +494,8 @@ HOSTILE = {  # case: (edit of the manifest's JSON, what the one line says)
                        r"tracking_chunks\[1\] \[5, 8\] is empty, overlaps or is out of order"),
     "chunk not a pair": (_set("tracking_chunks", [[1, 4, 5]]), r"tracking_chunks\[0\] is \[1, 4, 5\], not \[first"),
     "chunks missing": (_drop("tracking_chunks"), r"invalid manifest: tracking_chunks is missing"),
+    "run backwards": (_set("tracking_steps", [[9, 1, 1]]), r"tracking_steps holds \[9, 1, 1\], not a run"),
+    "runs overlap": (_set("tracking_steps", [[1, 6, 1], [6, 10, 2]]), r"tracking_steps lists step 6 twice"),
     "not an object": (lambda d: d.clear(), r"not a geometry-store manifest"),
 }
 
@@ -552,9 +557,11 @@ def test_manifest_record_round_trips_and_keeps_steps_ordered():
     assert man.tracking_steps == [1, 2, 3, 5] and man.steps == [5] and man.last_complete() == 5
     for indent in (None, 1):
         assert Manifest.from_json(man.to_json(indent)) == man
+    assert json.loads(man.to_json())["tracking_steps"] == [[1, 3, 1], 5]  # version 3 writes runs
     old = json.loads(man.to_json())
     del old["final_step"]  # a store that never closed before final_step existed
-    old["version"] = 1
+    old["version"], old["tracking_steps"] = 1, man.tracking_steps  # versions 1-2 list every step
+    del old["tracking_chunks"]
     assert Manifest.from_json(json.dumps(old)).version == 1 and Manifest.from_json(json.dumps(old)).final_step is None
     with pytest.raises(GeometryError, match=r"unreadable manifest"):
         Manifest.from_json(b"{not json", "x.json")

@@ -4,5 +4,6 @@
         -> tracking (per-step subspace iteration, pure maths; batches: same-shape updates batched for it)
         -> store (the run's files, written off the training thread by writer), laid out as in layout,
            listed by manifest, tracking state in trackfile
-    distributed (full matrices from sharded ones) ; trajectory (a store read back as locking curves)
+    distributed (full matrices from sharded ones) ; adapters (peft LoRA modules as their updates s B A)
+    trajectory (a store read back as locking curves, and the run-level values the callback logs)
 """

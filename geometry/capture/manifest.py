@@ -5,7 +5,8 @@
      "tensors": [{"name", "shape", "dtype"}, ...],      in name order
      "settings": {...},                                 the recorder's settings (a resumed run must repeat them)
      "steps": [int, ...],                               complete snapshots (checkpoint-N/), ascending
-     "tracking_steps": [int, ...],                      steps with tracking state, ascending
+     "tracking_steps": [int | [first, last, stride], ...]  steps with tracking state, ascending; version 3
+                                                        writes runs of 3+ evenly spaced steps as one triple
      "tracking_chunks": [[first, last], ...],           version 3: chunk files, ascending, disjoint
      "final_step": int | null}                          set by a clean close
 
@@ -61,6 +62,8 @@ class Manifest:
     final_step: int | None = None  # last step of a cleanly closed run; None while running or after a crash
     version: int = VERSION  # kept as read: a resumed version-1 store stays version 1 (readers check each file)
     tracking_chunks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of each chunk file
+    # tracking_steps as arithmetic runs, extended as steps are appended (_encoded_tracking)
+    _runs: tuple | None = field(default=None, compare=False, repr=False)
 
     def chunk_of(self, step: int) -> tuple[int, int] | None:
         """The listed chunk whose range holds step, or None (the step has a file of its own)."""
@@ -99,11 +102,33 @@ class Manifest:
         d = {"format": FORMAT, "version": self.version,
              "base": {"label": self.base_label, "sha256": self.base_sha256},
              "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors],
-             "settings": self.settings, "steps": self.steps, "tracking_steps": self.tracking_steps,
+             "settings": self.settings, "steps": self.steps,
+             "tracking_steps": self._encoded_tracking() if self.version >= 3 else self.tracking_steps,
              "final_step": self.final_step}
         if self.version >= 3:
             d["tracking_chunks"] = [list(c) for c in self.tracking_chunks]
         return json.dumps(d, indent=indent).encode()
+
+    def _encoded_tracking(self) -> list:
+        """tracking_steps with runs of evenly spaced steps as [first, last, stride]: a long run's manifest, rewritten
+        every commit_seconds, stays a few numbers long. The runs are extended by the steps appended since the last
+        call (O(new steps)); recomputed if the list was replaced or changed before its end."""
+        steps, cache = self.tracking_steps, self._runs
+        if cache is None or cache[0] is not steps or cache[1] > len(steps) or (cache[1] and steps[cache[1] - 1]
+                                                                                != cache[2]):
+            cache = (steps, 0, None, [])
+        runs = cache[3]
+        for step in steps[cache[1]:]:
+            _extend(runs, step)
+        self._runs = (steps, len(steps), steps[-1] if steps else None, runs)
+        out: list = []
+        for a, b, d in runs:
+            count = (b - a) // d + 1 if d else 1
+            if count <= 2:
+                out.extend((a, b) if count == 2 else (a,))
+            else:
+                out.append([a, b, d])
+        return out
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str | Path = MANIFEST) -> Manifest:
@@ -118,6 +143,16 @@ class Manifest:
             return _parse(d)
         except _Bad as e:
             raise GeometryError(f"{where}: invalid manifest: {e}") from None
+
+
+def _extend(runs: list[list[int]], step: int) -> None:
+    """Append a step (above the last) to arithmetic runs [first, last, stride] (stride 0: a single step)."""
+    if runs:
+        a, b, d = runs[-1]
+        if d == 0 or step - b == d:
+            runs[-1] = [a, step, step - b]
+            return
+    runs.append([step, step, 0])
 
 
 def _insert(steps: list[int], step: int) -> None:
@@ -141,14 +176,27 @@ def _get(d: Mapping, key: str, kind: type | tuple[type, ...], what: str = "") ->
     return value
 
 
-def _step_list(d: Mapping, key: str) -> list[int]:
-    steps = _get(d, key, list)
-    for s in steps:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+def _is_step(s: object) -> bool:
+    return isinstance(s, int) and not isinstance(s, bool) and s >= 0
+
+
+def _step_list(d: Mapping, key: str, runs: bool = False) -> list[int]:
+    """An ascending list of steps; runs: entries may also be [first, last, stride] (version 3's tracking_steps)."""
+    steps: list[int] = []
+    for s in _get(d, key, list):
+        if runs and isinstance(s, list):
+            if not (len(s) == 3 and all(map(_is_step, s)) and s[0] < s[1] and s[2] > 0 and (s[1] - s[0]) % s[2] == 0):
+                raise _Bad(f"{key} holds {json.dumps(s)[:40]}, not a run [first, last, stride]")
+            first, part = s[0], range(s[0], s[1] + 1, s[2])
+        elif _is_step(s):
+            first, part = s, (s,)
+        else:
             raise _Bad(f"{key} holds {json.dumps(s)[:40]}, not a step (an integer >= 0)")
-    for a, b in zip(steps, steps[1:], strict=False):
-        if b <= a:
-            raise _Bad(f"{key} are not in ascending order ({a} then {b})" if b < a else f"{key} lists step {a} twice")
+        if steps and first <= steps[-1]:
+            a = steps[-1]
+            raise _Bad(f"{key} are not in ascending order ({a} then {first})" if first < a else
+                       f"{key} lists step {a} twice")
+        steps.extend(part)
     return steps
 
 
@@ -175,7 +223,7 @@ def _parse(d: dict) -> Manifest:
     if final is not None and (not isinstance(final, int) or isinstance(final, bool) or final < 0):
         raise _Bad(f"final_step is {json.dumps(final)[:40]}, not a step or null")
     return Manifest(_get(base, "label", str, "base.label"), sha, tensors, _get(d, "settings", dict),
-                    _step_list(d, "steps"), _step_list(d, "tracking_steps"), final, d["version"],
+                    _step_list(d, "steps"), _step_list(d, "tracking_steps", d["version"] >= 3), final, d["version"],
                     _chunks(d) if d["version"] >= 3 else [])
 
 
