@@ -127,13 +127,13 @@ def hidden_size(config: dict | None) -> int | None:
     return h if isinstance(h, int) and h > 0 else None
 
 
-def _open_checkpoints(run: Run, cfg: AnalysisConfig) -> list[Checkpoint]:
+def _open_checkpoints(run: Run, cfg: AnalysisConfig, base: TensorSource | None = None) -> list[Checkpoint]:
     """The run's checkpoints in step order, every one with a step and a label unique in the run.
 
     Checkpoints whose files give no step (a base against its fine-tunes: `phi-2 phi-2-instruct`) are
     steps 1..N in the order given; a run mixing them with numbered ones has no order, and is refused.
     """
-    ckpts = [c for path in run.checkpoints for c in open_run(path, allow_pickle=cfg.allow_pickle)]
+    ckpts = [c for path in run.checkpoints for c in open_run(path, allow_pickle=cfg.allow_pickle, base=base)]
     if not ckpts:
         raise GeometryError(f"run {run.label}: no checkpoints found")
     unnumbered = [c for c in ckpts if c.step is None]
@@ -167,6 +167,21 @@ def _read_group(source: TensorSource, group: list[MatrixSpec], device: torch.dev
     return torch.stack([read_matrix(source, spec) for spec in group]).to(device)  # (L, m, n), stored dtype
 
 
+def _adapted_only(label: str, sel, ckpts: list[Checkpoint], notes: list[str]):
+    """A run of LoRA adapter checkpoints updates only the adapted weights: measure those (the others'
+    updates are exactly zero)."""
+    adapted = [c.source.adapted for c in ckpts if hasattr(c.source, "adapted")]
+    if not adapted:
+        return sel
+    keep = set.intersection(*adapted)
+    chosen = [s for s in sel.matrices if s.tensor in keep]
+    if not chosen:
+        raise GeometryError(f"run {label}: no selected matrix is adapted by its LoRA checkpoints")
+    notes.append(f"{label}: LoRA adapter checkpoints: measuring the {len(chosen)} adapted matrices of "
+                 f"{len(sel.matrices)} selected (W_t = W0 + scale B A, formed in float64)")
+    return sel._replace(matrices=chosen)
+
+
 class _GroupOut(NamedTuple):
     """What one group of matrices contributes to the analysis (what a rank sends to rank 0)."""
 
@@ -182,13 +197,14 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     this rank measures its share of the groups and rank 0 collects every group's output in group order."""
     base_ckpt = open_base(run.base, allow_pickle=cfg.allow_pickle)
     base = base_ckpt.source
-    ckpts = _open_checkpoints(run, cfg)
+    ckpts = _open_checkpoints(run, cfg, base)
     for source in (base, *(c.source for c in ckpts)):
         notes.extend(f"{run.label}: {note}" for note in source.notes)
     sel = select_matrices(base, [c.source for c in ckpts], include=cfg.include, exclude=cfg.exclude,
                           embeddings=cfg.embeddings, on_mismatch=cfg.on_mismatch)
     for name, reason in sel.skipped:
         notes.append(f"{run.label}: skipped {name}: {reason}")
+    sel = _adapted_only(run.label, sel, ckpts, notes)
     device = dist.local_device(cfg.torch_device(), w)
     hidden = hidden_size(base.config)
     groups = _groups(sel.matrices, cfg.memory_mb)

@@ -202,9 +202,19 @@ def open_base(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
     return Checkpoint(0, _open(p, hub, allow_pickle), label_of(p, hub))
 
 
-def open_run(path: str | Path, *, allow_pickle: bool = False) -> list[Checkpoint]:
+def open_run(path: str | Path, *, allow_pickle: bool = False, base: TensorSource | None = None) -> list[Checkpoint]:
     """A Trainer/TRL output dir -> its checkpoints in step order; a plain model dir, file or hub name -> one,
-    whose step is None unless its name is checkpoint-N or a trainer_state.json says it."""
+    whose step is None unless its name is checkpoint-N or a trainer_state.json says it. A PEFT LoRA adapter
+    folder is read against ``base`` as W0 + scale B A (geometry.offline.adapters)."""
+    from geometry.offline.adapters import AdapterSource, is_adapter
+
+    def one(d: Path, hub: str | None):
+        if is_adapter(d) and weight_files(d, allow_pickle) in (None, [(d / "adapter_model.safetensors", None)]):
+            if base is None:
+                raise GeometryError(f"{d}: a LoRA adapter, readable only against its base model")
+            return AdapterSource(d, base)
+        return _open(d, hub, allow_pickle)
+
     p, hub = locate(path)
     if p.is_dir():
         if (p / "geometry-store.json").is_file():  # a recorder's store: refused whole if its manifest was edited
@@ -213,7 +223,9 @@ def open_run(path: str | Path, *, allow_pickle: bool = False) -> list[Checkpoint
             check_store(p)
         steps = _checkpoint_dirs(p)
         if steps:
-            return [Checkpoint(n, _open(d, None, allow_pickle), d.name) for n, d in steps]
+            return [Checkpoint(n, one(d, None), d.name) for n, d in steps]
+        if is_adapter(p):
+            return [Checkpoint(step_of(p), one(p, hub), label_of(p, hub))]
         if weight_files(p, allow_pickle) is None:
             raise GeometryError(f"{p}: no checkpoint-N folders and no model weights")
     return [Checkpoint(step_of(p), _open(p, hub, allow_pickle), label_of(p, hub))]
