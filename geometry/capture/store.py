@@ -70,8 +70,10 @@ class Store:
     def __init__(self, root: Path, manifest: Manifest, config: dict | None, queue_size: int, on_error: str,
                  commit_seconds: float, chunk_steps: int):
         self.root, self.on_error, self._chunk_steps = root, on_error, chunk_steps
-        # step files not yet merged into a chunk, with their sizes (writer thread)
-        self._loose = [(s, tracking_path(root, s).stat().st_size) for s in manifest.loose_steps()]
+        self._merges = manifest.version >= 3 and chunk_steps >= 2  # step files are merged into chunks
+        # the step files not yet merged, with their sizes (writer thread)
+        self._loose = [(s, tracking_path(root, s).stat().st_size) for s in manifest.loose_steps()] if self._merges \
+            else []
         self._man, self._config, self._commit_seconds = manifest, config, commit_seconds
         self._lock = threading.Lock()  # guards _man and _dirty, shared with the writer thread
         self._dirty = False  # the manifest in memory differs from the one on disk
@@ -134,8 +136,9 @@ class Store:
             path = tracking_path(self.root, step)
             save_atomic(path, tensors, metadata)
             self._commit(self._man.add_tracking, step, now=False)
-            self._loose.append((step, path.stat().st_size))
-            self._merge_if_due()
+            if self._merges:
+                self._loose.append((step, path.stat().st_size))
+                self._merge_if_due()
 
         self._submit(f"tracking of step {step}", job)
 
@@ -187,8 +190,7 @@ class Store:
     def _merge_if_due(self) -> None:
         """Merge the step files into a chunk when enough have landed (module docstring). Writer thread only."""
         n, nbytes = len(self._loose), sum(size for _, size in self._loose)
-        if (self._man.version < 3 or self._chunk_steps < 2 or n < 2 or self._loose[-1][1] > CHUNK_BYTES // 8
-                or (n < self._chunk_steps and nbytes < CHUNK_BYTES)):
+        if n < 2 or self._loose[-1][1] > CHUNK_BYTES // 8 or (n < self._chunk_steps and nbytes < CHUNK_BYTES):
             return
         steps = [s for s, _ in self._loose]
         chunk = (steps[0], steps[-1])
