@@ -131,7 +131,7 @@ class GeometryCallback(TrainerCallback):
             frame = frame.f_back
         if handler is None:
             if getattr(args, "report_to", None):  # a tracker would miss the values: say so
-                    warnings.warn("GeometryCallback: not called by a transformers CallbackHandler; its values are not "
+                warnings.warn("GeometryCallback: not called by a transformers CallbackHandler; its values are not "
                               "added to the trainer's logs", stacklevel=3)
             return
         # a new list: the handler is iterating over the old one (call_event) and must not see the change
