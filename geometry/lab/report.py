@@ -311,6 +311,8 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
         "intervals; **not reproduced**: the reverse does; **inconclusive**: the intervals overlap. Trajectory "
         "claims read the attention matrices' bf16 checkpoints.", "",
     ]
+    counts = {v: sum(c.verdict is k for c in claims_) for k, v in VERDICT.items()}
+    lines += [", ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(claims_)} claims.", ""]
     lines += [f"- **{VERDICT[c.verdict]}**: {c.text}. {c.evidence}." for c in claims_]
     lines += ["", "## Setup: differences from the paper", "",
               table(["", "paper", "here", "why"], setup_rows(study))]
