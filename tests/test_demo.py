@@ -8,7 +8,7 @@ from matplotlib.image import imread
 
 from geometry.cli import main
 from geometry.errors import GeometryError
-from geometry.lab.report import Interval, all_of, below, interval, no_harm
+from geometry.lab.stats import Interval, all_of, below, interval, no_harm
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, data_dir
 from geometry.table import Table
 

@@ -11,18 +11,18 @@ use the attention matrices q/k/v/o, the paper's selection, with the all-matrix v
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
 
+from geometry.lab.figures import figures
 from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
+from geometry.lab.stats import Interval, all_of, below, flip, interval, no_harm, threshold
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, VARIANTS, StudyResult, label, save_study
 from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
 from geometry.offline.summary import ATTENTION_MODULES, RunSummary, summarize
-from geometry.table import Row, Table
 
 # Shen et al. 2026 (Qwen3-8B student), Table 1 and the localisation table; orders of magnitude in the text.
 PAPER_SPARSITY = {"sft": 0.081, "opd": 0.516, "rlvr": 0.772}
@@ -33,49 +33,6 @@ PAPER_NSS = {"sft": "~1e-3", "opd": "~1e-4", "rlvr": "~1e-5"}
 PAPER_SIM20 = {"sft": "0.4-0.6", "opd": "~1", "rlvr": "0.4-0.6"}
 EARLY = 0.2  # "the first checkpoint (~20% of training)"
 VERDICT = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
-
-
-class Interval(NamedTuple):
-    """Mean over seeds and its 95% Student-t interval (NaN bounds with one seed)."""
-
-    mean: float
-    lo: float
-    hi: float
-    n: int
-
-    def show(self, kind: str = "g") -> str:
-        if self.n < 2:
-            return f"{fmt(self.mean, kind)} (1 seed)"
-        return f"{fmt(self.mean, kind)} [{fmt(self.lo, kind)}, {fmt(self.hi, kind)}]"
-
-
-def interval(values: Sequence[float]) -> Interval:
-    v = np.array([x for x in values if math.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return Interval(math.nan, math.nan, math.nan, 0)
-    if v.size == 1:
-        return Interval(float(v[0]), math.nan, math.nan, 1)
-    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-    return Interval(float(v.mean()), float(v.mean() - half), float(v.mean() + half), int(v.size))
-
-
-def below(a: Interval, b: Interval) -> bool | None:
-    """a < b beyond the intervals: True; b < a beyond them: False; otherwise (or too few seeds) None."""
-    if a.n < 2 or b.n < 2:
-        return None
-    return True if a.hi < b.lo else False if b.hi < a.lo else None
-
-
-def all_of(tests: Sequence[bool | None]) -> bool | None:
-    """Every part holds: True; some part is reversed: False; otherwise None."""
-    return False if any(t is False for t in tests) else True if all(t is True for t in tests) else None
-
-
-def threshold(x: Interval, t: float) -> bool | None:
-    """x > t beyond its interval: True; x < t beyond it: False; otherwise None."""
-    if x.n < 2:
-        return None
-    return True if x.lo > t else False if x.hi < t else None
 
 
 class Claim(NamedTuple):
@@ -182,7 +139,7 @@ def claims(study: StudyResult, V: Views) -> list[Claim]:
                       False if threshold(sim["opd"], tau) is False else sim["opd"].mean >= tau]),
               f"Sim_{K} (V) at the 20% checkpoint, attention matrices: {show(sim)}"),
         Claim("stable rank: SFT's grows, RLVR's shrinks, OPD's stays in the narrowest band",
-              all_of([threshold(g["sft"], 1.0), _flip(threshold(g["rlvr"], 1.0)), below(b["opd"], b["sft"]),
+              all_of([threshold(g["sft"], 1.0), flip(threshold(g["rlvr"], 1.0)), below(b["opd"], b["sft"]),
                       below(b["opd"], b["rlvr"])]),
               f"stable rank final / 20%, attention matrices: {show(g)}; relative band from 20%: {show(b)}"),
     ]
@@ -208,17 +165,6 @@ def claims(study: StudyResult, V: Views) -> list[Claim]:
                      f"distance to on-policy OPD (|dSim_{K} at 20%| + |log ratio of stable-rank growth|, "
                      f"attention matrices, paired by seed): {show(d)}"))
     return out
-
-
-def no_harm(drop: Interval) -> bool | None:
-    """"Does not hurt": no drop beyond the seed spread (the interval reaches 0 or below): True; a drop beyond it:
-    False; fewer than 2 seeds: None. Absence of harm cannot be shown more strongly than this."""
-    t = threshold(drop, 0.0)
-    return None if drop.n < 2 else t is not True
-
-
-def _flip(t: bool | None) -> bool | None:
-    return None if t is None else not t
 
 
 def _points(x: Interval) -> str:
@@ -427,91 +373,6 @@ def _onset(step: int | None, s: RunSummary | None) -> str:
     return "none" if step is None or s is None else f"{step} ({step / s.steps[-1]:.2f})"
 
 
-# ---- figures ----
-
-
-def seed_pooled(table: Table, names: Sequence[str]) -> Table:
-    """Rows relabelled run=name (seed dropped) and matrix=matrix@seed, so a plot's mean over matrices is a
-    mean over matrices and seeds."""
-    keep = set(names)
-    out = []
-    for r in table:
-        name, _, seed = r.run.rpartition("/")
-        if name in keep:
-            out.append(Row(name, r.step, f"{r.matrix}@{seed}", r.layer, r.module, r.metric, r.value))
-    return Table(out)
-
-
-def figures(study: StudyResult, fig_dir: Path) -> list[str]:
-    """PNG figures; returns their file names."""
-    import matplotlib.pyplot as plt
-
-    from geometry import plots
-    from geometry.offline.analyze import curves_by
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    a, K, tau = study.analysis, study.config.lock_k, study.analysis.config.tau
-    main = [n for n in MAIN if n in study.runs]
-    controls = ["opd", *[n for n in (*CONTROLS, *VARIANTS) if n in study.runs]]
-    attn = sorted(ATTENTION_MODULES)
-    track_attn = seed_pooled(study.tracking.where(module=attn), [*main, *controls])
-    snaps_attn = seed_pooled(a.where(module=attn), [*main, *controls])
-    saved = []
-
-    def save(fig, name: str) -> None:
-        fig.savefig(fig_dir / name, dpi=110)
-        plt.close(fig)
-        saved.append(name)
-
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
-    def seed0(kind: str) -> dict:  # seed 0's curves under the bare run names (colours as in the other figures)
-        return {(run.rpartition("/")[0], step, m): v for (run, step, m), v in curves_by(a, kind).items()
-                if run in {label(n, 0) for n in main}}
-
-    plots.angle_curves(seed0("angles_u"), ax[0], runs=main)
-    ax[0].set_title("principal angles, top-k U of W0 vs W_T (seed 0, mean over matrices)", fontsize=9)
-    matrix = next(m for m in a.unique("matrix") if "mlp.up_proj" in m)
-    plots.spectra(seed0("spectrum"), matrix, ax[1], runs=main)
-    ax[1].set_title(f"relative spectral change, {matrix} (seed 0)", fontsize=9)
-    save(fig, "angles_spectra.png")
-
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
-    plots.metric_over_steps(track_attn, "track_stable_rank", ax[0], runs=main,
-                            ylabel="stable rank of D_t (per step, attention)")
-    plots.metric_over_steps(track_attn, "track_fro_norm", ax[1], runs=main, ylabel="||D_t||_F (per step, attention)",
-                            logy=True)
-    save(fig, "rank_norm.png")
-
-    fig, ax = plt.subplots(1, 3, figsize=(17, 4.2), layout="constrained")
-    plots.locking(snaps_attn, ax[0], tau=tau, runs=main)
-    ax[0].set_title(f"bf16 checkpoints, Sim_{K}, attention (mean over matrices and seeds)", fontsize=9)
-    plots.locking(track_attn, ax[1], tracked=True, tau=tau, runs=main)
-    ax[1].set_title(f"per step (float32 weights), Sim_{K}, attention", fontsize=9)
-    plots.locking(track_attn, ax[2], tracked=True, tau=tau, runs=controls)
-    ax[2].set_title("OPD, its controls and variants, per step, attention", fontsize=9)
-    save(fig, "locking.png")
-
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
-    V = views(study)
-    sp = {n: 100 * interval(per_seed(study, V.all, n, lambda s: s.final("sparsity_bf16"))).mean for n in main}
-    plots.bars(["bf16 sparsity"], {n: [v] for n, v in sp.items()}, ax[0], ylabel="% (mean over seeds)")
-    ax[0].set_title("update sparsity (final)")
-    plots.localisation(seed_pooled(a, main), ax[1], runs=main, alpha=a.config.alpha)
-    ax[1].set_title("localisation of the update mask (seeds pooled)")
-    save(fig, "sparsity_localisation.png")
-
-    pairs = [(b, p) for p, b in PROJECTED.items() if p in study.runs and b in study.runs]
-    if pairs:
-        series = {"unconstrained": [100 * interval(accuracy(study, b)).mean for b, _ in pairs],
-                  "projected from 20%": [100 * interval(accuracy(study, p)).mean for _, p in pairs]}
-        fig = plots.bars([b.upper() for b, _ in pairs], series, ylabel="task accuracy (%), mean over seeds",
-                         colors={"unconstrained": "#4c72b0", "projected from 20%": "#dd8452"},
-                         baseline=100 * study.runs[pairs[0][0]][0].acc_before, baseline_label="student before")
-        fig.axes[0].set_title(f"gradient projection on the rank-{K} update subspace")
-        save(fig, "projection.png")
-    return saved
-
-
 def write_report(study: StudyResult, *, rerender: bool = False) -> Path:
     """report.md, figures/*.png, study.json and analysis/ (the analyzer's outputs plus tracking.csv) under
     study.out; ``rerender``: only report.md and the figures, from a study read back by load_study."""
@@ -524,7 +385,7 @@ def write_report(study: StudyResult, *, rerender: bool = False) -> Path:
         save_study(study)
     V = views(study)
     cl = claims(study, V)
-    figs = figures(study, out / "figures")
+    figs = figures(study, V.all, out / "figures")
     path = out / "report.md"
     path.write_text(render(study, cl, V, figs))
     return path
