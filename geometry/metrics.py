@@ -14,8 +14,8 @@ import torch
 from geometry.linalg import degrees, principal_angles, subspace_sim
 
 __all__ = [
-    "bf16_bits", "changed_mask", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap", "overlap",
-    "principal_mask", "lowmag_mask", "mask_overlap", "RankStats", "rank_stats", "intruders",
+    "bf16_bits", "changed_mask", "fraction", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap",
+    "overlap", "principal_mask", "lowmag_mask", "mask_overlap", "RankStats", "rank_stats", "intruders",
     "subspace_sim", "HILL_K",
 ]
 
@@ -35,14 +35,20 @@ def changed_mask(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     return bf16_bits(w0) != bf16_bits(wt)
 
 
+def fraction(mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of True entries of a bool (..., m, n), float64 (...); counted, not summed as a float copy."""
+    m, n = mask.shape[-2:]
+    return mask.count_nonzero((-2, -1)).double() / (m * n)
+
+
 def sparsity_bf16(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """Fraction of entries unchanged at bf16 precision, bit for bit."""
-    return 1.0 - changed_mask(w0, wt).double().mean((-2, -1))
+    return 1.0 - fraction(changed_mask(w0, wt))
 
 
 def sparsity_abs(w0: torch.Tensor, wt: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
     """Older papers' variant: fraction of entries with |w_t - w_0| <= tol (computed in float64)."""
-    return ((wt.double() - w0.double()).abs() <= tol).double().mean((-2, -1))
+    return fraction((wt.double() - w0.double()).abs() <= tol)
 
 
 # --- 2. principal angles -----------------------------------------------------------------------
@@ -77,7 +83,7 @@ def overlap(d: torch.Tensor, Uk: torch.Tensor, Vk: torch.Tensor) -> Overlap:
     d = d.double()
     m, n = d.shape[-2:]
     k = Uk.shape[-1]
-    total = d.square().sum((-2, -1))  # (...)
+    total = torch.linalg.matrix_norm(d).square()  # (...) ||d||_F^2 without a squared copy of d
     left = Uk.mT @ d  # (..., k, n)
     two = (left @ Vk).square().sum((-2, -1)) / total
     baseline = k * k / (m * n)
@@ -129,8 +135,9 @@ def lowmag_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
 
 def mask_overlap(update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """|reference ∩ update| / |update| (random baseline: reference's fraction); NaN for an empty update."""
-    hits = (update & reference).double().sum((-2, -1))
-    return hits / update.double().sum((-2, -1))
+    # counts, not a float64 copy of each mask (L m n x 8 bytes apiece)
+    hits = (update & reference).count_nonzero((-2, -1)).double()
+    return hits / update.count_nonzero((-2, -1)).double()
 
 
 # --- 6. rank of the update ---------------------------------------------------------------------

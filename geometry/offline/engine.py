@@ -71,8 +71,8 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
 
     out["n_params"] = torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device)
     changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
-    out["sparsity_bf16"] = 1.0 - changed.double().mean((-2, -1))
-    out["sparsity_abs"] = (D.abs() <= cfg.abs_tol).double().mean((-2, -1))  # M.sparsity_abs, D already float64
+    out["sparsity_bf16"] = 1.0 - M.fraction(changed)
+    out["sparsity_abs"] = M.fraction(D.abs() <= cfg.abs_tol)  # M.sparsity_abs, D already float64
 
     top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
     out["angle_max_u"], out["angle_mean_u"], angles_u = M.angle_stats(Uk, top.U[..., :k])
