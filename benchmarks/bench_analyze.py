@@ -154,12 +154,30 @@ PEERS = {
 def peer(name: str, root: Path, ckpts: list[Path]) -> None:
     """One peer on base + final checkpoint, through its own Python API."""
     base, final = root / "base", ckpts[-1]
+    if not (base / "config.json").exists():  # a series from before config.json was written: peers need one
+        base, final = _with_config(base), _with_config(final)
     if name == "modeldelta":
         _peer_modeldelta(base, final)
     elif name == "weightwatcher":
         _peer_weightwatcher(base, final)
     elif name == "afterburn":
         _peer_afterburn(base, final)
+
+
+def _with_config(d: Path) -> Path:
+    """A copy of model dir d (the weights linked) with a config.json inferred from its shapes."""
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        hidden = f.get_slice(next(k for k in keys if "q_proj" in k)).get_shape()[0]
+        inter = f.get_slice(next(k for k in keys if "up_proj" in k)).get_shape()[0]
+    out = Path(tempfile.mkdtemp()) / d.name
+    out.mkdir()
+    (out / "model.safetensors").symlink_to(d / "model.safetensors")
+    layers = len([k for k in keys if "q_proj" in k])
+    (out / "config.json").write_text(json.dumps(llama_config(layers, hidden, inter)))
+    return out
 
 
 def _peer_modeldelta(base: Path, final: Path) -> None:
@@ -222,6 +240,8 @@ def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = N
            "--ckpts", json.dumps(list(map(str, ckpts))),
            "--device", args.device, "--memory-mb", str(args.memory_mb), "--out", str(out or "")]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    if args.threads:  # the same thread count for every contender's BLAS/LAPACK (MKL, OpenBLAS, OpenMP)
+        env.update({v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     if pythonpath:  # another checkout's geometry package, e.g. the commit before a change
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     t = time.perf_counter()
@@ -244,6 +264,8 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-mb", type=float, default=2048.0, help="ours' --memory-mb (and the floor's grouping)")
+    ap.add_argument("--threads", type=int, default=0, help="BLAS/OpenMP threads of every contender (default: "
+                    "their own choice; 1 is the fair setting on a shared machine, where idle threads spin)")
     ap.add_argument("--skip-naive", action="store_true", help="for sizes where the naive pipeline takes hours")
     ap.add_argument("--peers", default="modeldelta,weightwatcher,afterburn", help="comma list; '' for none")
     ap.add_argument("--peer-python", default=sys.executable,
@@ -265,7 +287,7 @@ def main() -> None:
         if not args.root:
             build_series(root, layers, hidden, inter, args.checkpoints)
         ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        fig = {"size": args.size, "layers": layers, "hidden": hidden, "intermediate": inter,
+        fig = {"size": args.size, "layers": layers, "hidden": hidden, "intermediate": inter, "threads": args.threads,
                "checkpoints": len(ckpts), "device": args.device, "memory_mb": args.memory_mb,
                "load_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": []}
         fig["rows"].append(measure("floor", root, ckpts, args))
@@ -299,7 +321,8 @@ def max_disagreement(ours_csv: Path, naive_json: Path) -> dict:
 
 def report(fig: dict) -> None:
     print(f"series: {fig['layers']} layers x 7 matrices, hidden {fig['hidden']}, intermediate {fig['intermediate']}, "
-          f"{fig['checkpoints']} checkpoints, device {fig['device']}, --memory-mb {fig['memory_mb']:.0f}; "
+          f"{fig['checkpoints']} checkpoints, device {fig['device']}, --memory-mb {fig['memory_mb']:.0f}, "
+          f"threads {fig['threads'] or 'default'}; "
           f"{fig['cpus']} CPUs, load average {fig['load_before'][0]:.1f} before, {fig['load_after'][0]:.1f} after")
     rows = {r["name"]: r for r in fig["rows"]}
     fl = rows["floor"]
