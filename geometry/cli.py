@@ -108,7 +108,7 @@ def cmd_analyze(args) -> int:
     cfg = config_from_args(AnalysisConfig, args)
     runs = _runs(args)
     check_output(args.out)  # before the analysis, not after hours of it
-    analysis = analyze(runs, config=cfg, progress=not args.no_progress)
+    analysis = analyze(runs, config=cfg, progress=not args.no_progress, distributed=True)
     if analysis.rank != 0:  # torchrun: rank 0 gathered every rank's rows and writes the outputs
         return 0
     if len(analysis.work) > 1:

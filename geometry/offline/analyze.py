@@ -75,12 +75,14 @@ class Analysis(Table):
 
 
 def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | Path] | None = None, *,
-            label: str = "run", config: AnalysisConfig | None = None, progress: bool = False) -> Analysis:
+            label: str = "run", config: AnalysisConfig | None = None, progress: bool = False,
+            distributed: bool = False) -> Analysis:
     """Measure every SPEC metric for every run, checkpoint and matrix.
 
     ``analyze(base, [ckpt_dir])`` for one run, or ``analyze([Run("sft", base, [dir]), Run("opd", ...)])``
-    for several side by side, each with its own base. Under torchrun the groups of matrices are split across
-    the ranks by cost (geometry.offline.distributed); rank 0 returns the whole table, the same as one process's.
+    for several side by side, each with its own base. ``distributed`` (the CLI sets it): under torchrun, every
+    rank calls this and the groups of matrices are split across the ranks by cost (geometry.offline.distributed);
+    rank 0 returns the whole table, the same as one process's. Off, a rank of someone else's job measures all.
     """
     cfg = config or AnalysisConfig()
     if isinstance(runs, (str, Path)):
@@ -94,7 +96,7 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     if len(set(labels)) != len(labels):
         raise GeometryError(f"run labels must be unique, got {labels}")
     _return_freed_memory()
-    w = dist.world()
+    w = dist.world() if distributed else dist.World(0, 1, 0)
     rows, curves, notes, step_labels = [], [], [], {}
     work = [(0, 0.0)] * w.size
     try:
