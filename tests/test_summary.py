@@ -117,11 +117,13 @@ def test_reading_ties_each_phrase_to_its_value_and_threshold():
                     "angle_max_u": [angle], "stable_rank": [rank]}
         return RunSummary(name, [10], 4, per_step, {}, None if frac is None else 10 * frac, frac, [], None, None)
 
-    rlvr, sft = reading([run("rlvr", 0.8, 0.5, 1.6, 0.2, 3.0, 0.2), run("sft", 0.05, 1.4, 0.9, 14.0, 40.0, None)], 16)
-    assert rlvr.startswith("- **rlvr**: sparse at bf16 (80.0% of entries unchanged; sparse >= 50%")
-    assert "closest to the paper's RLVR" in rlvr and "off W0's principal directions" in rlvr and "0.50x" in rlvr
-    assert "in the low-magnitude weights beyond chance (1.60x" in rlvr and "barely rotates" in rlvr
-    assert "low update rank (mean stable rank 3; low below K = 16)" in rlvr and "locks early (onset at 20%" in rlvr
-    assert "dense at bf16 (5.0%" in sft and "closest to the paper's SFT" in sft and "toward W0's" in sft
+    rules, blank, rlvr, sft = reading([run("rlvr", 0.8, 0.5, 1.6, 0.2, 3.0, 0.2),
+                                       run("sft", 0.05, 1.4, 0.9, 14.0, 40.0, None)], 16)
+    assert "sparse when >= 50%" in rules and "dense below 20%" in rules and "K = 16" in rules and blank == ""
+    assert rlvr.startswith("- **rlvr**: sparse at bf16 (80.0% unchanged), closest to the paper's RLVR")
+    assert "off W0's principal directions (0.50x random)" in rlvr
+    assert "in low-magnitude entries beyond chance (1.60x)" in rlvr and "barely rotates" in rlvr
+    assert "low update rank (stable rank 3)" in rlvr and "locks early (onset at 20%" in rlvr
+    assert "dense at bf16 (5.0% unchanged), closest to the paper's SFT" in sft and "toward W0's" in sft
     assert "rotates the top-k" in sft and "high update rank" in sft and "does not lock" in sft
-    assert "closest to the paper's OPD" in reading([run("x", 0.45, 1, 1, 1, 1, 0.5)], 16)[0]
+    assert "closest to the paper's OPD" in reading([run("x", 0.45, 1, 1, 1, 1, 0.5)], 16)[2]
