@@ -19,13 +19,35 @@ _KNOWN = {"sft": "#1f77b4", "rlvr": "#d62728", "opd": "#2ca02c"}
 _OTHERS = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 
 
+def group(run: str) -> str:
+    """The run's family: "sft/s2" (seed 2 of sft) -> "sft"; seeds of one run share a colour and a legend entry."""
+    return run.split("/", 1)[0]
+
+
 def color(run: str, runs: Sequence[str] = ()) -> str:
-    """A run's colour: fixed for the three regimes (by label prefix), cycling for the rest."""
-    for key, c in _KNOWN.items():
-        if run.lower() == key:
-            return c
-    others = [r for r in runs if r.lower() not in _KNOWN] or [run]
-    return _OTHERS[others.index(run) % len(_OTHERS)] if run in others else _OTHERS[0]
+    """A run's colour: fixed for the three regimes, cycling for the rest; one per family (``group``)."""
+    key = group(run).lower()
+    if key in _KNOWN:
+        return _KNOWN[key]
+    others = list(dict.fromkeys(group(r).lower() for r in runs if group(r).lower() not in _KNOWN)) or [key]
+    return _OTHERS[others.index(key) % len(_OTHERS)] if key in others else _OTHERS[0]
+
+
+def legend(ax, **kw) -> None:
+    """One legend entry per family of runs (seeds of a run folded into "sft (3 runs)"), small and in two
+    columns when there are many."""
+    handles, labels = ax.get_legend_handles_labels()
+    first: dict[str, tuple] = {}
+    count: dict[str, int] = {}
+    for h, label in zip(handles, labels, strict=True):
+        head, _, rest = label.partition(" ")
+        key = (group(head) + (" " + rest if rest else "")) if "/" in head else label
+        first.setdefault(key, h)
+        count[key] = count.get(key, 0) + 1
+    shown = [f"{k} ({count[k]} runs)" if count[k] > 1 else k for k in first]
+    many = len(shown) > 6
+    ax.legend(list(first.values()), shown, frameon=False, fontsize=7 if many else None, ncol=2 if many else 1,
+              **kw)
 
 
 def panels(n: int, width: float = 6.0, height: float = 4.2, cols: int | None = None):
@@ -68,7 +90,7 @@ def metric_over_steps(table: Table, metric: str, ax=None, *, runs: Sequence[str]
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+    legend(ax)
     return fig
 
 
@@ -87,7 +109,8 @@ def locking(table: Table, ax=None, *, side: str = "v", tau: float = 0.9, tracked
 def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, ylabel: str = "",
          baseline: float | None = None, baseline_label: str = "random", colors: dict[str, str] | None = None,
          fmt: str = "{:.1f}"):
-    """Grouped bars: one group per entry of ``groups``, one bar per series (e.g. per run), values printed."""
+    """Grouped bars: one group per entry of ``groups``, one bar per series (e.g. per run); values printed while
+    there are few enough bars to read them, group labels slanted when there are many groups."""
     fig, ax = _axes(ax)
     names = list(series)
     width = 0.8 / max(1, len(names))
@@ -97,10 +120,13 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, 
         pos = x - 0.4 + width * (i + 0.5)
         rects = ax.bar(pos, np.nan_to_num(vals), width, label=name,
                        color=(colors or {}).get(name, color(name, names)))
-        ax.bar_label(rects, labels=[fmt.format(v) if np.isfinite(v) else "n/a" for v in vals], fontsize=7, padding=1)
+        if len(names) * len(groups) <= 24:
+            ax.bar_label(rects, labels=[fmt.format(v) if np.isfinite(v) else "n/a" for v in vals], fontsize=7,
+                         padding=1)
     if baseline is not None:
         ax.axhline(baseline, color="k", ls="--", lw=0.8, label=baseline_label)
-    ax.set_xticks(x, groups)
+    ax.set_xticks(x, groups, rotation=45 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center",
+                  fontsize=8 if len(groups) > 6 else None)
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -138,7 +164,7 @@ def angle_curves(curves: dict[tuple[str, int, str], np.ndarray], ax=None, *, ste
     ax.set_ylabel("angle (degrees)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(frameon=False)
+    legend(ax)
     return fig
 
 
@@ -157,7 +183,7 @@ def spectra(curves: dict[tuple[str, int, str], np.ndarray], matrix: str, ax=None
     ax.set_ylabel("|s_i(W_t) - s_i(W_0)| / s_i(W_0)")
     ax.set_title(matrix, fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(frameon=False, fontsize=7)
+    legend(ax)
     return fig
 
 

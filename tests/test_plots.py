@@ -130,3 +130,13 @@ def test_analyze_writes_figures_and_plot_re_renders_them_with_html(tmp_path, cap
     assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "run"), "-o", str(tmp_path / "bare"),
                  "--no-figures", "--no-progress"]) == 0
     assert not (tmp_path / "bare" / "figures").exists() and not (tmp_path / "bare" / "report.md").exists()
+
+
+def test_seeds_of_a_run_share_a_colour_and_one_legend_entry():
+    rows = [Row(run, 1, "w", 0, "q_proj", "stable_rank", v)
+            for run, v in (("sft/s0", 1.0), ("sft/s1", 2.0), ("rlvr/s0", 3.0), ("opd_mix/s0", 4.0))]
+    fig = plots.metric_over_steps(Table(rows), "stable_rank")
+    lines = fig.axes[0].get_lines()
+    assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["sft (2 runs)", "rlvr", "opd_mix"]
+    plt.close(fig)

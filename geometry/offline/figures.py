@@ -27,10 +27,16 @@ def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_MET
     summaries = {s.run: s for s in summarize(a, cfg.tau)}
     out = {}
 
-    fig, ax = plots.panels(2)
-    plots.bars(["bf16 sparsity"], {r: [100 * summaries[r].final("sparsity_bf16")] for r in runs}, ax[0], ylabel="%")
+    fig, ax = plots.panels(2, width=max(6.0, 0.45 * len(runs)))
+    final = {m: [100 * summaries[r].final(m) for r in runs] for m in ("sparsity_bf16", "mask_overlap_principal",
+                                                                      "mask_overlap_lowmag")}
+    plots.bars(runs, {"bf16 sparsity": final["sparsity_bf16"]}, ax[0], ylabel="% of entries unchanged",
+               colors={"bf16 sparsity": "#4c72b0"})
     ax[0].set_title("update sparsity at the final step")
-    plots.localisation(a, ax[1], runs=runs, alpha=cfg.alpha)
+    plots.bars(runs, {"update density": [100 - v for v in final["sparsity_bf16"]],
+                      "principal-mask overlap": final["mask_overlap_principal"],
+                      "low-magnitude overlap": final["mask_overlap_lowmag"]}, ax[1], ylabel="% (final step)",
+               baseline=100 * cfg.alpha, baseline_label=f"random mask overlap ({100 * cfg.alpha:.0f}%)")
     ax[1].set_title("localisation of the update mask")
     out["sparsity_localisation.png"] = plots.png(fig)
 
@@ -56,13 +62,14 @@ def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_MET
     ax[1].set_title("attention matrices q/k/v/o (the paper's view)")
     out["locking.png"] = plots.png(fig)
 
+    first = list({plots.group(r): r for r in reversed(runs)}.values())[::-1]  # one run a family (its first seed)
     for metric in heatmaps:
         if not len(a.where(metric=metric)):
             continue
-        fig, ax = plots.panels(len(runs), width=4.5, height=3.6, cols=3)
+        fig, ax = plots.panels(len(first), width=4.5, height=3.6, cols=3)
         values = [v for v in a.where(metric=metric).values() if math.isfinite(v)]
         scale = {"vmin": min(values), "vmax": max(values)} if values else {}
-        for i, run in enumerate(runs):
+        for i, run in enumerate(first):
             plots.heatmap(a, metric, ax[i], run=run, **scale)  # one colour scale: runs compare cell by cell
         out[f"heatmap_{metric}.png"] = plots.png(fig)
     return out
