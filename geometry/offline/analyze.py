@@ -109,15 +109,30 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     return analysis
 
 
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks below it are reused from the heap, not faulted in afresh
+
+
 def _return_freed_memory() -> None:
-    """Serve large blocks by mmap, so that freeing a matrix group gives its memory back to the OS.
+    """Reuse freed blocks within a group; give them back to the OS between groups (``_trim``).
 
     glibc otherwise raises its mmap threshold after the first large free and carves later groups out of
     a heap that fragments: peak memory then grows with the number of checkpoints (measured: +78% from
-    2 to 10 checkpoints, against +4% with this setting). No-op where glibc is not the allocator.
+    2 to 10 checkpoints). Serving every block above 128 KiB by mmap (the earlier fix) paid a page fault
+    per 4 KiB of every temporary instead (30% of the CPU time in system time). Now: blocks up to 32 MiB
+    (``_groups`` keeps each float64 batch tensor under it) come from the heap and are reused from one
+    checkpoint to the next, and the heap is trimmed after each group (measured, 8 x 7 matrices of hidden
+    512, 3 checkpoints: system time 6.9 -> 3.4 s, page faults 3.5M -> 1.7M, peak RSS 983 -> 766 MB).
+    No-op where glibc is not the allocator.
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 17)
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -160,7 +175,8 @@ def _groups(specs: list[MatrixSpec], memory_mb: float) -> list[list[MatrixSpec]]
     out = []
     for shape, same in groupby(sorted(specs, key=lambda s: s.shape), key=lambda s: s.shape):
         same = list(same)
-        size = group_size(shape, memory_mb)
+        # within the budget, and each (L, m, n) float64 tensor under the mmap threshold (heap-reused, see above)
+        size = min(group_size(shape, memory_mb), max(1, MMAP_THRESHOLD // (8 * shape[0] * shape[1])))
         out += [same[i:i + size] for i in range(0, len(same), size)]
     return out
 
@@ -219,6 +235,7 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     try:  # closed on an interrupt too: leave=False then clears its line for the message
         for i in mine:
             done[i] = _measure_group(run.label, base, ckpts, groups[i], cfg, device, hidden, bar)
+            _trim()
     except Exception as e:
         if not w.distributed:
             raise
@@ -269,6 +286,7 @@ def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: lis
         m, n = factors.W0.shape[-2:]
         warm = None if not results else (results[-1].VK if m >= n else results[-1].UK)
         results.append(measure_step(factors, Wt, prev, cfg, warm))
+        _trim()  # what this checkpoint freed goes back, so that the heap does not grow with the checkpoints
         prev = Wt
         bar.update(1)
     return results
