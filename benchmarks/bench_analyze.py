@@ -299,7 +299,10 @@ def main() -> None:
             fig["rows"].append(measure("naive", root, ckpts, args, Path(tmp) / "naive.json"))
             if fig["rows"][-1]["ok"] and fig["rows"][1]["ok"]:
                 fig["max_rel_err"] = max_disagreement(Path(tmp) / "ours-out" / "metrics.csv", Path(tmp) / "naive.json")
-        for name in filter(None, args.peers.split(",")):
+        peers = list(filter(None, args.peers.split(",")))
+        if peers:  # the peers compare two models: ours on the same pair, for a like-for-like row
+            fig["rows"].append(measure("ours", root, ckpts[-1:], args, Path(tmp) / "pair-out", label="ours-pair"))
+        for name in peers:
             fig["rows"].append(measure(name, root, ckpts[-1:], args, python=args.peer_python))
         fig["load_after"] = os.getloadavg()
     report(fig)
@@ -330,6 +333,7 @@ def report(fig: dict) -> None:
           "  computes")
     what = {"floor": "read once + 3 float64 Gram spectra per matrix and checkpoint",
             "ours": "every SPEC metric (1-8), all checkpoints", "ours-before": "the same, --compare-with's code",
+            "ours-pair": "every SPEC metric, base + final checkpoint only (the peers' input)",
             "naive": "5 metrics by scipy full SVDs, all checkpoints",
             **{k: f"{v} (base + final checkpoint only)" for k, v in PEERS.items()}}
     for r in fig["rows"]:
