@@ -49,6 +49,23 @@ def exact_svd(x: torch.Tensor, k: int | None = None) -> SVD:
     return SVD(U[..., :k].clone(), S, Vh.mT[..., :k].clone(), "exact")
 
 
+def factored_svd(L: torch.Tensor, R: torch.Tensor, k: int) -> SVD:
+    """The SVD of a product x = L R of rank <= r, from its factors: L (..., m, r), R (..., r, n), k <= r.
+
+    L = Q1 T1 and R^T = Q2 T2 (thin QR), so x = Q1 (T1 T2^T) Q2^T and the SVD of the r x r core
+    C = U_c S V_c^T gives x's: U = Q1 U_c, V = Q2 V_c, the spectrum S padded with zeros to min(m, n).
+    O((m + n) r^2) instead of O(m n min(m, n)), and exact: x is never formed (a LoRA update B A).
+    """
+    L, R = L.double(), R.double()
+    m, n = L.shape[-2], R.shape[-1]
+    q1, t1 = torch.linalg.qr(L)  # (..., m, r), (..., r, r)
+    q2, t2 = torch.linalg.qr(R.mT)  # (..., n, r), (..., r, r)
+    uc, s, vch = torch.linalg.svd(t1 @ t2.mT)  # (..., r, r)
+    full = torch.zeros((*s.shape[:-1], min(m, n)), dtype=s.dtype, device=s.device)
+    full[..., : s.shape[-1]] = s[..., : min(m, n)]
+    return SVD(q1 @ uc[..., :k], full, q2 @ vch.mT[..., :k], "factored")
+
+
 def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True) -> SVD:
     """Top-k singular vectors and the full spectrum from eigh of the float64 Gram matrix.
 

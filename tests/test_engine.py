@@ -10,6 +10,8 @@ import scipy.linalg as sl
 import torch
 from safetensors.torch import save_file
 
+from geometry import metrics as M
+from geometry.linalg import subspace_sim
 from geometry.locking import locking_onset, median_onset
 from geometry.offline.analyze import analyze
 from geometry.offline.config import AnalysisConfig
@@ -379,3 +381,27 @@ def test_locking_sims_are_nan_against_a_zero_previous_update():
     first, second = locking_sims(results)
     assert math.isnan(first["sim_final_v"].item()) and math.isnan(second["sim_prev_v"].item())
     assert second["sim_final_v"].item() == pytest.approx(1.0)
+
+
+def test_an_update_given_as_factors_measures_as_the_dense_update():
+    """A LoRA-like update D = L R: the rank metrics from its factors equal LAPACK's on L R, and agree with the
+    dense path on W0 + L R (whose Gram spectrum has a floor near sqrt(eps) s_1: effective rank differs there)."""
+    cfg = AnalysisConfig(principal_k=4, lock_k=3, device="cpu")
+    gen = torch.Generator().manual_seed(7)
+    W0 = torch.randn(2, 36, 28, generator=gen, dtype=torch.float64)
+    L = 1e-2 * torch.randn(2, 36, 6, generator=gen, dtype=torch.float64)
+    R = torch.randn(2, 6, 28, generator=gen, dtype=torch.float64)
+    base = decompose_base(W0, cfg)
+    dense = measure_step(base, W0 + L @ R, W0, cfg)
+    factored = measure_step(base, W0 + L @ R, W0, cfg, update=(L, R))
+    assert factored.methods[1] == "factored" and dense.methods[1] != "factored"
+    exact = M.rank_stats(torch.linalg.svdvals(L @ R))  # the reference: LAPACK on the product itself
+    for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm", "hill_alpha"):
+        np.testing.assert_allclose(factored.values[name].numpy(), getattr(exact, name).numpy(), rtol=1e-10,
+                                   equal_nan=True, err_msg=name)
+    for name in ("stable_rank", "r90", "r99", "fro_norm"):  # the dense path agrees to its Gram spectrum's floor
+        np.testing.assert_allclose(factored.values[name].numpy(), dense.values[name].numpy(), rtol=1e-8,
+                                   err_msg=name)
+    assert torch.all(subspace_sim(factored.VK, dense.VK) > 1 - 1e-8)
+    wide = measure_step(base, W0 + L @ R, W0, AnalysisConfig(principal_k=4, lock_k=8, device="cpu"), update=(L, R))
+    assert wide.methods[1] != "factored"  # K above the factors' rank: the dense path

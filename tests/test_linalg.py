@@ -12,6 +12,7 @@ import torch
 from geometry.linalg import (
     degrees,
     exact_svd,
+    factored_svd,
     gram_svd,
     gram_top,
     principal_angles,
@@ -282,3 +283,15 @@ def test_subspace_sim_random_baseline_is_K_over_n():
     sims = subspace_sim(A, B)  # (trials,)
     stderr = sims.std() / math.sqrt(trials)
     assert abs(sims.mean() - K / n) < 4 * stderr
+
+
+def test_factored_svd_of_a_low_rank_product_equals_the_exact_svd():
+    """x = L R of rank 5 (a LoRA update): the SVD from the factors' QR equals LAPACK's on the dense product."""
+    gen = torch.Generator().manual_seed(11)
+    L = torch.randn(3, 40, 5, generator=gen, dtype=torch.float64)
+    R = torch.randn(3, 5, 30, generator=gen, dtype=torch.float64)
+    got, ref = factored_svd(L, R, 4), exact_svd(L @ R, 4)
+    assert got.method == "factored" and got.S.shape == (3, 30) and got.U.shape == (3, 40, 4)
+    torch.testing.assert_close(got.S, ref.S, rtol=1e-10, atol=1e-10)  # zeros past the rank, too
+    assert torch.all(subspace_sim(got.U, ref.U) > 1 - 1e-10) and torch.all(subspace_sim(got.V, ref.V) > 1 - 1e-10)
+    torch.testing.assert_close(got.U.mT @ got.U, torch.eye(4, dtype=torch.float64).expand(3, 4, 4))

@@ -20,6 +20,7 @@ import torch
 
 from geometry.errors import GeometryError
 from geometry.offline import distributed as dist
+from geometry.offline.adapters import AdapterSource
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.engine import BaseFactors, StepResult, decompose_base, group_size, locking_sims, measure_step
 from geometry.offline.sources import (
@@ -278,6 +279,18 @@ def _measure_group(label: str, base: TensorSource, ckpts: list[Checkpoint], grou
     return _GroupOut(rows, curves, Counter(m for res in results for m in res.methods), (factors.k, factors.r))
 
 
+def _update_factors(source, group: list[MatrixSpec], device: torch.device):
+    """The group's updates as stacked factors (L (G, m, r), R (G, r, n)) when the checkpoint is a LoRA adapter
+    holding every matrix of the group whole at one rank; None otherwise (the update is then decomposed)."""
+    if not isinstance(source, AdapterSource) or any(s.rows is not None or s.tensor not in source.adapted
+                                                    for s in group):
+        return None
+    pairs = [source.update(s.tensor) for s in group]
+    if len({L.shape[-1] for L, _ in pairs}) != 1:
+        return None
+    return torch.stack([L for L, _ in pairs]).to(device), torch.stack([R for _, R in pairs]).to(device)
+
+
 def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: list[MatrixSpec], cfg: AnalysisConfig,
                        device: torch.device, bar) -> list[StepResult]:
     results, prev = [], factors.W0
@@ -285,7 +298,7 @@ def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: lis
         Wt = _read_group(ckpt.source, group, device).double()  # once: it is the next step's W_s too
         m, n = factors.W0.shape[-2:]
         warm = None if not results else (results[-1].VK if m >= n else results[-1].UK)
-        results.append(measure_step(factors, Wt, prev, cfg, warm))
+        results.append(measure_step(factors, Wt, prev, cfg, warm, _update_factors(ckpt.source, group, device)))
         _trim()  # what this checkpoint freed goes back, so that the heap does not grow with the checkpoints
         prev = Wt
         bar.update(1)

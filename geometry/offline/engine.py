@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from geometry import metrics as M
-from geometry.linalg import SVD, exact_svd, gram_svd, gram_top, randomized_svd, spectrum
+from geometry.linalg import SVD, exact_svd, factored_svd, gram_svd, gram_top, randomized_svd, spectrum
 from geometry.locking import step_sims
 from geometry.offline.config import AnalysisConfig
 
@@ -56,11 +56,14 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
 
 
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
-                 warm: torch.Tensor | None = None) -> StepResult:
+                 warm: torch.Tensor | None = None,
+                 update: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
     """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7.
 
     ``warm``: the previous checkpoint's update subspace (StepResult.VK or UK, the smaller side), a start
     for this one's (subspaces of consecutive updates are close; the result is certified either way).
+    ``update``: the update's factors D_t = L R, (L, m, r) and (L, r, n) (a LoRA adapter: scale B, A), when
+    known; its spectrum and subspaces then come from the factors, exactly (linalg.factored_svd).
     """
     Wt = Wt.double()
     W0, k = base.W0, base.k
@@ -93,7 +96,10 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["mask_overlap_lowmag_ratio"] = out["mask_overlap_lowmag"] / cfg.alpha
 
     K = min(cfg.lock_k, m, n)
-    upd = _update_factors(D, K, cfg, warm)  # full spectrum and top-K subspaces of D_t
+    if update is not None and K <= update[0].shape[-1]:
+        upd = factored_svd(*update, K)  # exact, D never decomposed densely
+    else:  # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
+        upd = _update_factors(D, K, cfg, warm)  # full spectrum and top-K subspaces of D_t
     for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
         out[name] = value
     interval = M.rank_stats(spectrum(d, small_values=False))
