@@ -20,8 +20,22 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every cleanup (finally) runs."""
 
 
+_received: list[int] = []  # signals taken by the handlers below, in order
+
+
 def _raise_terminated(signum, frame):
+    _received.append(signum)
     raise _Terminated()
+
+
+def _raise_interrupted(signum, frame):
+    _received.append(signum)
+    raise KeyboardInterrupt()
+
+
+def _interrupted(sig: int) -> int:
+    print(f"geometry: interrupted by {signal.Signals(sig).name}", file=sys.stderr)
+    return EXIT_SIGNAL + sig
 
 
 def error_line(err: GeometryError) -> str:
@@ -191,24 +205,27 @@ COMMANDS = {"analyze": cmd_analyze, "plot": cmd_plot, "demo": cmd_demo, "lab": c
 def main(argv: list[str] | None = None) -> int:
     # Spinning OpenMP threads make torch hundreds of times slower on a busy small machine; set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _received.clear()
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: SIGTERM keeps its handler
-        previous = None
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+                    signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted)}
+    except ValueError:  # not the main thread: the signals keep their handlers
+        previous = {}
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except GeometryError as e:
+        if _received:  # a signal raised inside a reader's C call surfaces as that read failing: it was the signal
+            return _interrupted(_received[0])
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it, once
             print(f"geometry: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
-        sig = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
-        print(f"geometry: interrupted by {sig.name}", file=sys.stderr)
-        return EXIT_SIGNAL + sig
+        return _interrupted(_received[0] if _received else signal.SIGTERM if isinstance(e, _Terminated)
+                            else signal.SIGINT)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,22 @@ def test_ctrl_c_waits_while_files_are_renamed_into_an_existing_output():
             time.sleep(0.05)  # a pending SIGINT would have been raised by now
             done = True
     assert done
+
+
+def test_a_read_broken_by_the_signal_reports_the_signal(monkeypatch, capsys):
+    """A signal that lands inside a reader's C call can surface as that read failing (a torch error, turned into
+    a GeometryError by the reader); the CLI still reports the interruption, not a bad file."""
+    from geometry import cli
+    from geometry.errors import GeometryError
+
+    def reader_interrupted_mid_read(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises inside the "read" below
+            time.sleep(1)
+        except BaseException as e:  # noqa: BLE001 - what a C extension does with the handler's exception
+            raise GeometryError(f"checkpoint x: cannot read w ({type(e).__name__})") from None
+
+    monkeypatch.setitem(cli.COMMANDS, "analyze", reader_interrupted_mid_read)
+    assert cli.main(["analyze", "a", "b"]) == 143
+    assert capsys.readouterr().err.strip() == "geometry: interrupted by SIGTERM"
+    assert cli.main(["analyze", "a", "b", "--no-such-option"]) == 2  # and the next call starts clean
