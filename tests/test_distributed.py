@@ -7,15 +7,11 @@ torch.distributed.checkpoint at the same step, and rank 1 must write nothing. A 
 creation must reach rank 1 too, instead of leaving it waiting in a gather.
 """
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+import workers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geometry.capture.distributed import FullParameters, clean_name, is_sharded, layout
@@ -141,12 +137,6 @@ WORKER = COMMON + textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Run the two workers once; return (output folder, their stdout)."""
@@ -155,24 +145,7 @@ def launched(tmp_path_factory):
         (out / mode).mkdir()
     script = out / "worker.py"
     script.write_text(WORKER)
-    port = free_port()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    root = Path(__file__).parent.parent
-    procs = [subprocess.Popen([sys.executable, str(script), str(out), str(STEPS), repr(CONFIG)], cwd=root,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out (a deadlock in the gathers?)")
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    return out, logs
+    return out, workers.launch(script, [str(out), str(STEPS), repr(CONFIG)], what="distributed workers")
 
 
 @pytest.fixture(scope="module")

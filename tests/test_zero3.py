@@ -10,15 +10,12 @@ between consecutive step-end states (DeepSpeed moves the weights inside ``engine
 read them at any other point would be a step off).
 """
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import workers
 
 from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
@@ -134,33 +131,14 @@ WORKER = COMMON + textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, worker: str) -> list[str]:
     """Two worker processes running ``worker``; their logs."""
     script = out / "worker.py"
     script.write_text(worker)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "HF_HUB_OFFLINE": "1"}
-    root = Path(__file__).parent.parent
-    procs = [subprocess.Popen([sys.executable, str(script), str(out), str(STEPS), repr(CONFIG)], cwd=root,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("ZeRO-3 workers timed out (a deadlock in the gathers?)")
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0 and f"rank {r}: done" in log, f"rank {r} failed:\n{log[-4000:]}"
+    logs = workers.launch(script, [str(out), str(STEPS), repr(CONFIG)], env={"DS_ACCELERATOR": "cpu"}, timeout=300,
+                          what="ZeRO-3 workers")
+    for r, log in enumerate(logs):
+        assert f"rank {r}: done" in log, f"rank {r} failed:\n{log[-4000:]}"
     return logs
 
 

@@ -1,0 +1,40 @@
+"""Launch a worker script on two CPU processes (gloo), as torchrun would: the harness of the multi-process tests."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, args: list[str], *, env: dict | None = None, timeout: float = 180,
+           what: str = "workers") -> list[str]:
+    """Run ``script args`` as ranks 0 and 1 of a 2-process group; their logs (stdout and stderr). A rank that
+    fails or a deadlock (timeout) fails the test with that rank's log."""
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+            **(env or {})}
+    procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{what} timed out (a deadlock in the gathers?)")
+    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    return logs
