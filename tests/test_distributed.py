@@ -151,21 +151,8 @@ def launched(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The same training in one process: the reference store."""
-    ns = {}
-    exec(COMMON, ns)
-    run = tmp_path_factory.mktemp("single") / "store"
-    model = ns["tiny_llama"]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with Recorder(model, run, RecorderConfig(**CONFIG)) as rec:
-            for t in range(1, STEPS + 1):
-                ns["sgd_step"](model, opt, t)
-                rec.step(t)
-    finally:
-        torch.set_num_threads(n)
-    return run
+    return workers.single_process_store(COMMON, tmp_path_factory.mktemp("single") / "store", CONFIG, STEPS,
+                                        lambda ns, model, opt, t: ns["sgd_step"](model, opt, t))
 
 
 @pytest.mark.parametrize("mode", MODES)

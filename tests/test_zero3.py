@@ -17,7 +17,6 @@ import pytest
 import torch
 import workers
 
-from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.linalg import subspace_sim
 
@@ -151,23 +150,13 @@ def launched(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The same steps in one process, plain SGD: the reference store."""
-    ns = {}
-    exec(COMMON, ns)
-    run = tmp_path_factory.mktemp("single") / "store"
-    model = ns["tiny_llama"]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with Recorder(model, run, RecorderConfig(**CONFIG)) as rec:
-            for t in range(1, STEPS + 1):
-                ns["loss"](model, t).backward()
-                opt.step()
-                opt.zero_grad()
-                rec.step(t)
-    finally:
-        torch.set_num_threads(n)
-    return run
+
+    def step(ns, model, opt, t):
+        ns["loss"](model, t).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return workers.single_process_store(COMMON, tmp_path_factory.mktemp("single") / "store", CONFIG, STEPS, step)
 
 
 def test_zero3_shards_are_gathered_and_rank0_records_the_step_end_states(launched, single):

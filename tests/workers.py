@@ -38,3 +38,27 @@ def launch(script: Path, args: list[str], *, env: dict | None = None, timeout: f
     for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
     return logs
+
+
+def single_process_store(common: str, run: Path, config: dict, steps: int, train_step) -> Path:
+    """The reference a multi-process run is checked against: the same steps in this process, one thread, plain
+    SGD, recorded into ``run``. ``common``: the workers' shared source (defines tiny_llama); ``train_step(ns,
+    model, opt, t)`` takes one optimizer step using its names."""
+    import torch
+
+    from geometry.capture.recorder import Recorder, RecorderConfig
+
+    ns: dict = {}
+    exec(common, ns)
+    model = ns["tiny_llama"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Recorder(model, run, RecorderConfig(**config)) as rec:
+            for t in range(1, steps + 1):
+                train_step(ns, model, opt, t)
+                rec.step(t)
+    finally:
+        torch.set_num_threads(threads)
+    return run
