@@ -19,13 +19,15 @@ TRACK_METRICS = ("track_sim_final_u", "track_sim_final_v", "track_sim_prev_u", "
 LIVE_METRICS = ("track_fro_norm", "track_stable_rank", "track_sim_prev_u", "track_sim_prev_v")
 
 
-def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
+def tracking_table(run_dir: str | Path, run: str | None = None, lock_k: int | None = None) -> Table:
     """Per-step locking curves from a store's tracking state (metric names: TRACK_METRICS).
 
     Per matrix and tracked step t: Sim_K of the tracked top-K subspaces (U and V) to those of the
     final tracked step T and of the previous tracked step (geometry.locking.step_sims: NaN for the
     first, and where either update is zero), stable rank ||D_t||_F^2 / s_1^2, ||D_t||_F and s_1.
-    The store is checked first (geometry.capture.store.check_store): a damaged one is refused, not half-read.
+    ``lock_k``: K, the leading columns of the tracked subspaces compared (default: all the recorder kept).
+    Matrices of one shape are compared together, batched. The store is checked first
+    (geometry.capture.store.check_store): a damaged one is refused, not half-read.
     """
     man = check_store(run_dir)
     steps = man.tracking_steps
@@ -33,15 +35,37 @@ def tracking_table(run_dir: str | Path, run: str | None = None) -> Table:
     if not steps:
         return Table()
     final = read_tracking(run_dir, steps[-1], man.chunk_of(steps[-1]))
+    names = sorted(final)
+    shape = {n: (tuple(final[n].u.shape), tuple(final[n].v.shape)) for n in names}
+    groups = [[n for n in names if shape[n] == sh] for sh in dict.fromkeys(shape.values())]
+    fin = [_stack(final, g, lock_k) for g in groups]
     rows: list[Row] = []
-    prev: dict[str, Estimate] | None = None
+    prev = None
     for step, cur in iter_tracking(run_dir, man):
-        for name, est in cur.items():
-            layer, module = layer_of(name), module_of(name)
-            values = step_values(est, final[name], prev[name] if prev else None)
-            rows.extend(Row(label, step, name, layer, module, m, v) for m, v in values.items())
-        prev = cur
+        now = [_stack(cur, g, lock_k) for g in groups]
+        for group, (u, v, fro, s1), (fu, fv, ffro, _), before in zip(groups, now, fin, prev or [None] * len(groups),
+                                                                    strict=True):
+            pu, pv, pfro = (None, None, None) if before is None else before[:3]
+            su = step_sims(u, fu, pu, fro > 0, ffro > 0, None if pfro is None else pfro > 0)
+            sv = step_sims(v, fv, pv, fro > 0, ffro > 0, None if pfro is None else pfro > 0)
+            values = {"track_sim_final_u": su.final, "track_sim_final_v": sv.final, "track_sim_prev_u": su.prev,
+                      "track_sim_prev_v": sv.prev,
+                      "track_stable_rank": torch.where(s1 > 0, fro**2 / s1.clamp(min=1e-300) ** 2, math.nan),
+                      "track_fro_norm": fro, "track_s1": s1}
+            cols = {m: x.tolist() for m, x in values.items()}
+            for i, n in enumerate(group):
+                rows.extend(Row(label, step, n, layer_of(n), module_of(n), m, col[i]) for m, col in cols.items())
+        prev = now
     return Table(rows)
+
+
+def _stack(est: dict[str, Estimate], group: list[str], k: int | None):
+    """One shape's Estimates stacked: U_K (B, m, k), V_K (B, n, k), ||D||_F (B,), s_1 (B,)."""
+    u = torch.stack([est[n].u[:, :k] for n in group])
+    v = torch.stack([est[n].v[:, :k] for n in group])
+    fro = torch.tensor([est[n].fro for n in group], dtype=torch.float64)
+    s1 = torch.stack([est[n].s[0] for n in group]).double()
+    return u, v, fro, s1
 
 
 def step_values(est: Estimate, final: Estimate, prev: Estimate | None) -> dict[str, float]:

@@ -32,17 +32,17 @@ from typing import NamedTuple
 
 import torch
 
-from geometry.capture.store import check_store, read_snapshot, read_tracking
+from geometry.capture.store import read_snapshot
+from geometry.capture.trajectory import tracking_table
 from geometry.errors import GeometryError
 from geometry.lab import regimes
 from geometry.lab.config import DATA_ENV, StudyConfig
 from geometry.lab.regimes import TRACK_K, RegimeConfig, TrainResult
-from geometry.locking import step_sims
 from geometry.offline.analyze import Analysis, Run, analyze
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.summary import ATTENTION_MODULES
-from geometry.selection import layer_of, module_of
-from geometry.table import Row, Table
+from geometry.selection import module_of
+from geometry.table import Table
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 INSTALLED_DATA = Path(sysconfig.get_path("data")) / "share" / "geometry" / "data"  # where a wheel puts data/
@@ -188,44 +188,9 @@ def boundaries(opd: list[TrainResult], hidden: int) -> Boundaries:
 
 
 def tracking_at(res: TrainResult, k: int) -> Table:
-    """Per-step tracking curves of one run at K = k, from the top k of the recorder's TRACK_K columns: the
-    metrics of geometry.capture.trajectory (Sim_K to the final and previous step, stable rank, ||D||_F, s_1),
-    computed per step for all matrices of a shape at once (geometry.locking.step_sims, batched)."""
-    steps = check_store(res.store).tracking_steps
-    if not steps:
-        return Table()
-    final = read_tracking(res.store, steps[-1])
-    names = sorted(final)
-    shape = {n: (tuple(final[n].u.shape), tuple(final[n].v.shape)) for n in names}
-    groups = [[n for n in names if shape[n] == sh] for sh in dict.fromkeys(shape.values())]
-
-    def stack(est: dict, group: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        u = torch.stack([est[n].u[:, :k] for n in group])  # (B, m, k)
-        v = torch.stack([est[n].v[:, :k] for n in group])  # (B, n, k)
-        fro = torch.tensor([est[n].fro for n in group], dtype=torch.float64)  # (B,)
-        s1 = torch.stack([est[n].s[0] for n in group]).double()  # (B,)
-        return u, v, fro, s1
-
-    fin = [stack(final, g) for g in groups]
-    rows, prev, run = [], None, label(res.name, res.seed)
-    for step in steps:
-        cur = final if step == steps[-1] else read_tracking(res.store, step)
-        now = [stack(cur, g) for g in groups]
-        for gi, group in enumerate(groups):
-            u, v, fro, s1 = now[gi]
-            fu, fv, ffro, _ = fin[gi]
-            pu, pv, pfro = (None, None, None) if prev is None else prev[gi][:3]
-            su = step_sims(u, fu, pu, fro > 0, ffro > 0, None if pfro is None else pfro > 0)
-            sv = step_sims(v, fv, pv, fro > 0, ffro > 0, None if pfro is None else pfro > 0)
-            values = {"track_sim_final_u": su.final, "track_sim_final_v": sv.final, "track_sim_prev_u": su.prev,
-                      "track_sim_prev_v": sv.prev,
-                      "track_stable_rank": torch.where(s1 > 0, fro**2 / s1.clamp(min=1e-300) ** 2, math.nan),
-                      "track_fro_norm": fro, "track_s1": s1}
-            cols = {m: x.tolist() for m, x in values.items()}
-            for i, n in enumerate(group):
-                rows.extend(Row(run, step, n, layer_of(n), module_of(n), m, col[i]) for m, col in cols.items())
-        prev = now
-    return Table(rows)
+    """Per-step tracking curves of one run at K = k, from the top k of the recorder's TRACK_K columns
+    (geometry.capture.trajectory.tracking_table)."""
+    return tracking_table(res.store, run=label(res.name, res.seed), lock_k=k)
 
 
 STUDY_JSON = "study.json"  # the runs' results and the study's choices, so a report can be re-rendered
