@@ -76,8 +76,9 @@ def onset_rows(table: Table, tau: float = 0.9) -> Table:
             r = first[matrix]
             step = math.nan if onset is None else float(onset)
             rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_step", step))
-            frac = step / final if final > 0 else math.nan
-            rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_frac", frac))
+            frac = _frac(onset, final)
+            rows.append(Row(summary.run, final, matrix, r.layer, r.module, "locking_onset_frac",
+                            math.nan if frac is None else frac))
     return Table(rows)
 
 
