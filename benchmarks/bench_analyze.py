@@ -2,7 +2,7 @@
 
 Builds a synthetic checkpoint series shaped like a small LLM (safetensors, HF names), then runs each
 contender in a fresh process (OMP_WAIT_POLICY=PASSIVE for all) and prints one table: wall time, CPU time
-(user + system: robust on a shared machine), peak RSS, and the ratio to the floor.
+(user + system: robust on a shared machine), peak RSS (the contender's own VmHWM), and the ratio to the floor.
 
 - floor: read each matrix once, plus the three spectra the full suite cannot do without (W_t, D_t, d_t:
   float64 Gram eigenvalues, batched by shape), nothing else (issue 12's definition);
@@ -211,7 +211,19 @@ def _peer_afterburn(base: Path, final: Path) -> None:
 
 
 def worker(args) -> None:
-    """One contender, in this (fresh) process; the parent measures it."""
+    """One contender, in this (fresh) process; the parent measures it. Its peak RSS is this process's own
+    VmHWM, written to --rss-file: the kernel's ru_maxrss of a child also counts the parent's resident memory
+    at fork/exec (the parent holds the series it built), which would give every contender the same floor."""
+    try:
+        _contend(args)
+    finally:
+        if args.rss_file:
+            status = Path("/proc/self/status").read_text()
+            hwm = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+            Path(args.rss_file).write_text(hwm)  # kB
+
+
+def _contend(args) -> None:
     root = Path(args.root)
     ckpts = [Path(c) for c in json.loads(args.ckpts)]
     if args.worker == "floor":
@@ -236,8 +248,10 @@ def worker(args) -> None:
 def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = None, *, label: str | None = None,
             pythonpath: str | None = None, python: str = sys.executable) -> dict:
     """Run one contender in a fresh process: wall, CPU (user + system) and peak RSS, from wait4."""
+    scratch = Path(tempfile.mkdtemp())
+    rss_file, log = scratch / "rss", scratch / "log"
     cmd = [python, __file__, "--worker", name, "--root", str(root),
-           "--ckpts", json.dumps(list(map(str, ckpts))),
+           "--ckpts", json.dumps(list(map(str, ckpts))), "--rss-file", str(rss_file),
            "--device", args.device, "--memory-mb", str(args.memory_mb), "--out", str(out or "")]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     if args.threads:  # the same thread count for every contender's BLAS/LAPACK (MKL, OpenBLAS, OpenMP)
@@ -245,16 +259,17 @@ def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = N
     if pythonpath:  # another checkout's geometry package, e.g. the commit before a change
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with log.open("w") as sink:  # a file, not a pipe: a chatty peer cannot fill a pipe nobody reads
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
-    err = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(status)
+    rss_mb = int(rss_file.read_text()) / 1024 if rss_file.exists() else float("nan")
     fig = {"name": label or name, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "sys_s": usage.ru_stime,
-           "rss_mb": usage.ru_maxrss / 1024, "ok": proc.returncode == 0}
+           "rss_mb": rss_mb, "ok": code == 0}
     if not fig["ok"]:
-        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        fig["why"] = lines[-1] if lines else f"exit {proc.returncode}"
+        lines = [ln for ln in log.read_text(errors="replace").strip().splitlines() if ln.strip()]
+        fig["why"] = lines[-1] if lines else f"exit {code}"
     return fig
 
 
@@ -278,6 +293,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpts", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)

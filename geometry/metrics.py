@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from geometry.linalg import degrees, principal_angles, subspace_sim
@@ -35,10 +36,19 @@ def changed_mask(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     return bf16_bits(w0) != bf16_bits(wt)
 
 
+def count(mask: torch.Tensor) -> torch.Tensor:
+    """True entries of a bool (..., m, n) per matrix, float64 (...). On the CPU by numpy's count_nonzero,
+    a dozen times faster than torch's there (measured: 11.5M entries, 3.5 ms against 45 ms)."""
+    if mask.device.type == "cpu":
+        counted = np.count_nonzero(mask.numpy(), axis=(-2, -1))
+        return torch.from_numpy(np.asarray(counted, dtype=np.float64)).reshape(mask.shape[:-2])
+    return mask.count_nonzero((-2, -1)).double()
+
+
 def fraction(mask: torch.Tensor) -> torch.Tensor:
     """Fraction of True entries of a bool (..., m, n), float64 (...); counted, not summed as a float copy."""
     m, n = mask.shape[-2:]
-    return mask.count_nonzero((-2, -1)).double() / (m * n)
+    return count(mask) / (m * n)
 
 
 def sparsity_bf16(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
@@ -97,7 +107,7 @@ def _top_fraction(score: torch.Tensor, alpha: float) -> torch.Tensor:
     """Bool mask of the ceil(alpha * mn) largest entries of score (..., m, n), ties broken by position
     (the earlier entry wins): exactly the first ``count`` of a stable descending sort.
 
-    A selection, not a sort: the count-th largest value by ``kthvalue`` (O(mn)), every entry above it,
+    A selection, not a sort: the count-th largest value by ``_kth_largest`` (O(mn)), every entry above it,
     and of the entries equal to it the first ones in position order (bf16 weights tie often). NaN scores
     have no order a selection can share with a sort: they take the sort (``_top_fraction_sorted``).
     """
@@ -107,12 +117,23 @@ def _top_fraction(score: torch.Tensor, alpha: float) -> torch.Tensor:
     count = math.ceil(alpha * total * (1 - 1e-12))
     if count <= 0 or flat.isnan().any():
         return _top_fraction_sorted(score, count)
-    thr = flat.kthvalue(total - count + 1, dim=-1, keepdim=True).values  # (..., 1) the count-th largest
+    thr = _kth_largest(flat, count)  # (..., 1)
     above = flat > thr
     ties = flat == thr
     need = count - above.sum(-1, keepdim=True)  # (..., 1) how many tied entries still fit, by position
+    if bool((ties.sum(-1, keepdim=True) == need).all()):  # every tie fits (no tie but the threshold: the rule)
+        return (above | ties).view(score.shape)
     mask = above | (ties & (ties.cumsum(-1) <= need))
     return mask.view(score.shape)
+
+
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry along the last dimension, (..., 1). On the CPU by numpy's introselect, about
+    twice as fast as torch's kthvalue there (measured: 2.9M float64 entries, 0.12 s against 0.24 s)."""
+    total = flat.shape[-1]
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.partition(flat.numpy(), total - k, axis=-1)[..., total - k: total - k + 1])
+    return flat.kthvalue(total - k + 1, dim=-1, keepdim=True).values
 
 
 def _top_fraction_sorted(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -136,8 +157,7 @@ def lowmag_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
 def mask_overlap(update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """|reference ∩ update| / |update| (random baseline: reference's fraction); NaN for an empty update."""
     # counts, not a float64 copy of each mask (L m n x 8 bytes apiece)
-    hits = (update & reference).count_nonzero((-2, -1)).double()
-    return hits / update.count_nonzero((-2, -1)).double()
+    return count(update & reference) / count(update)
 
 
 # --- 6. rank of the update ---------------------------------------------------------------------
@@ -185,8 +205,22 @@ def rank_stats(s: torch.Tensor) -> RankStats:
 
 # --- 8. intruder dimensions --------------------------------------------------------------------
 
-def intruders(U0: torch.Tensor, Ut_top: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Count of the columns of Ut_top (..., m, 10) whose largest |cos| with any column of U0 (..., m, r)
-    is below threshold (Shuttleworth et al. 2024, 'intruder dimensions')."""
-    best = (U0.double().mT @ Ut_top.double()).abs().amax(-2)  # (..., 10)
-    return (best < threshold).double().sum(-1)
+def intruders(U0: torch.Tensor, Ut_top: torch.Tensor, threshold: float = 0.5, *, complete: bool = True
+              ) -> torch.Tensor:
+    """Count of the columns of Ut_top (..., m, 10) whose largest |cos| with any column of U0 (..., m, p)
+    is below threshold (Shuttleworth et al. 2024, 'intruder dimensions').
+
+    ``complete``: U0 holds every left singular vector of W0. Otherwise only its top p, and a direction is
+    decided from them when it can be: its largest |cos| among them reaches the threshold (not an intruder),
+    or the energy they leave, 1 - sum cos^2, which bounds the cos^2 with every other (orthonormal) vector, is
+    below threshold^2 (an intruder). A matrix with an undecided direction is NaN: count it against all of U0.
+    """
+    cos = U0.double().mT @ Ut_top.double()  # (..., p, 10)
+    best = cos.abs().amax(-2)  # (..., 10)
+    count = (best < threshold).double().sum(-1)
+    if complete:
+        return count
+    rest = 1.0 - cos.square().sum(-2)  # (..., 10) energy outside span(U0's top p)
+    # 1e-9: rounding in the sum of squares must not decide a direction whose rest sits at threshold^2
+    decided = (best >= threshold) | (rest < threshold * threshold - 1e-9)
+    return torch.where(decided.all(-1), count, torch.full_like(count, math.nan))

@@ -125,6 +125,40 @@ def test_measure_step_matches_scipy_reference(m, n):
     assert res.methods[0] == "gram" and res.methods[1] in ("subspace", "gram")
 
 
+def test_first_checkpoint_measures_the_interval_update_as_the_cumulative_one():
+    # W_s is the base itself: d_t = D_t, measured once, and every value as the reference's
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")
+    W0, _, Wt = _stack(3, 2, 72, 48)
+    base = decompose_base(W0, cfg)
+    res = measure_step(base, Wt, base.W0, cfg)
+    refs = [_reference_step(W0[i].numpy(), Wt[i].numpy(), W0[i].numpy(), cfg, 6) for i in range(2)]
+    for name, value in res.values.items():
+        np.testing.assert_allclose(value.numpy(), [r[name] for r in refs], rtol=1e-7, atol=1e-10, err_msg=name)
+    for name in ("stable_rank", "effective_rank", "fro_norm", "overlap_2s"):
+        assert torch.equal(res.values[f"{name}_interval"], res.values[name])
+
+
+def test_intruders_left_undecided_by_the_top_vectors_are_counted_against_all():
+    # W_t's top direction replaced by one orthogonal to W0's top k: the top k cannot decide it, and the engine
+    # counts it against every left vector of W0 (a fresh direction: an intruder; one that is W0's 30th: not)
+    rng = np.random.default_rng(21)
+    m, n = 60, 40
+    Q = _orthonormal(rng, m, m)
+    U, fresh, V = Q[:, :n], Q[:, n:], _orthonormal(rng, n, n)
+    s = np.linspace(4, 1, n)
+    W0 = (U * s) @ V.T
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=2, device="cpu")
+    for new, want in ((fresh[:, 0], 1.0), (U[:, 29], 0.0)):
+        Ut = U.copy()
+        Ut[:, 0] = new
+        Wt = (Ut * s) @ V.T
+        base = decompose_base(torch.tensor(W0)[None], cfg)
+        assert base.svd.U.shape[-1] == 10  # the top max(k, r, 10) vectors only
+        res = measure_step(base, torch.tensor(Wt)[None], base.W0, cfg)
+        assert res.values["intruders"].item() == want == _reference_step(W0, Wt, W0, cfg, 6)["intruders"]
+        assert 0 in base.left  # decided against all of W0's vectors, computed once for this matrix
+
+
 def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():
     L = 2
     cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")

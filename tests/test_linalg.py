@@ -13,12 +13,15 @@ from geometry.linalg import (
     degrees,
     exact_svd,
     factored_svd,
+    gram,
     gram_svd,
     gram_top,
     principal_angles,
     randomized_svd,
+    singular_values,
     spectrum,
     subspace_sim,
+    sym_eig,
 )
 
 
@@ -185,6 +188,54 @@ def test_randomized_svd_is_seeded():
     c = randomized_svd(x, 6, seed=4)
     assert not torch.equal(a.U, c.U)
     assert (subspace_sim(a.U, c.U) >= 0.99).all()  # another seed, the same answer
+
+
+# --- gram and sym_eig (the CPU kernels under every Gram path) ---------------------------------
+
+@pytest.mark.parametrize("shape", [(70, 40), (40, 70), (30, 30)])
+def test_gram_is_the_smaller_sides_gram_matrix_exactly_symmetric(shape):
+    x = torch.tensor(np.random.default_rng(30).standard_normal((2, 3, *shape)))  # two leading dimensions
+    G = gram(x)
+    want = x.mT @ x if shape[0] >= shape[1] else x @ x.mT
+    assert G.shape == want.shape and torch.equal(G, G.mT)
+    torch.testing.assert_close(G, want, rtol=1e-13, atol=1e-12)
+
+
+# k = 0: values only; 5 and 20 of 64: the tridiagonal path; 40: above FULL_EIGH_SHARE, a full eigh; 99 > r
+@pytest.mark.parametrize("k", [0, 1, 5, 20, 40, 64, 99])
+def test_sym_eig_matches_scipy_eigh(k):
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((3, 90, 64)) * np.linspace(2, 0.1, 64)
+    G = torch.tensor(x).mT @ torch.tensor(x)
+    vals, vecs = sym_eig(G, k)
+    for i in range(3):
+        w, v = sl.eigh(G[i].numpy())
+        np.testing.assert_allclose(vals[i].numpy(), w[::-1], rtol=0, atol=1e-12 * w[-1])
+        if k == 0:
+            assert vecs is None
+            continue
+        kk = min(k, 64)
+        assert vecs.shape == (3, 64, kk)
+        ref = torch.tensor(v[:, ::-1][:, :kk].copy())
+        # eigenvectors up to sign: |<v_i, ref_i>| = 1 (the spectrum has no repeated values)
+        np.testing.assert_allclose((vecs[i] * ref).sum(0).abs().numpy(), 1.0, atol=1e-10)
+
+
+def test_sym_eig_refuses_a_matrix_with_nan():
+    G = torch.eye(4, dtype=torch.float64)[None].repeat(2, 1, 1)
+    G[1, 0, 0] = math.nan
+    with pytest.raises(torch.linalg.LinAlgError):
+        sym_eig(G, 2)
+
+
+def test_singular_values_zero_the_unresolved_tail_of_a_low_rank_matrix():
+    rng = np.random.default_rng(32)
+    x = torch.tensor(rng.standard_normal((80, 5)) @ rng.standard_normal((5, 60)))  # rank 5
+    S = singular_values(sym_eig(gram(x))[0], resolved_only=True)
+    np.testing.assert_allclose(S[:5].numpy(), sl.svdvals(x.numpy())[:5], rtol=1e-12)
+    assert (S[5:] == 0).all()  # the exact tail, not sqrt of rounding noise
+    raw = singular_values(sym_eig(gram(x))[0])
+    torch.testing.assert_close(raw[:5], S[:5], rtol=0, atol=0)
 
 
 # --- gram_top (certified subspace iteration) --------------------------------------------------

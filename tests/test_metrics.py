@@ -380,6 +380,31 @@ def test_intruders_threshold_is_cos_one_half(degrees, count):
     assert _intruders_of(U, Ut, s, V) == count
 
 
+def test_intruders_from_top_vectors_decide_or_say_undecided():
+    # complete=False: only W0's top p vectors; a direction is decided by them, or the matrix is NaN
+    rng = np.random.default_rng(17)
+    U, s, V, fresh = _tall_base(rng)  # U: 30 left vectors in R^60, fresh: their orthogonal complement
+    p = 12
+    top = torch.tensor(U[:, :p])
+    Ut = U[:, :10].copy()
+    assert M.intruders(top, torch.tensor(Ut), complete=False).item() == 0  # each is one of the top p
+    # inside span(top p), |cos| < 0.5 with each: decided an intruder by the energy left outside (0 < 0.25)
+    Ut[:, 3] = U[:, :p] @ np.full(p, 1 / math.sqrt(p))
+    Ut[:, 3] -= Ut[:, :3] @ (Ut[:, :3].T @ Ut[:, 3])
+    Ut[:, 3] /= np.linalg.norm(Ut[:, 3])
+    got = M.intruders(top, torch.tensor(Ut), complete=False).item()
+    assert got == M.intruders(torch.tensor(U), torch.tensor(Ut)).item() == 1
+    # a fresh direction: cos 0 with the top p and energy 1 outside: whether it meets a later vector of W0 is
+    # unknown from the top p, so undecided; against all of W0's vectors it counts
+    Ut[:, 7] = 0.9 * fresh[:, 0] + math.sqrt(1 - 0.81) * U[:, 20]
+    assert math.isnan(M.intruders(top, torch.tensor(Ut), complete=False).item())
+    assert M.intruders(torch.tensor(U), torch.tensor(Ut)).item() == 2
+    # ... and when it leans on a later vector (|cos| 0.8 with u_20), the full count does not take it
+    Ut[:, 7] = 0.6 * fresh[:, 0] + 0.8 * U[:, 20]
+    assert math.isnan(M.intruders(top, torch.tensor(Ut), complete=False).item())
+    assert M.intruders(torch.tensor(U), torch.tensor(Ut)).item() == 1
+
+
 def test_intruders_match_reference_batched():
     rng = np.random.default_rng(16)
     U0 = np.stack([_orthonormal(rng, 20, 20) for _ in range(3)])

@@ -25,11 +25,12 @@ class BaseFactors(NamedTuple):
 
     W0: torch.Tensor  # (L, m, n) float64
     bits: torch.Tensor  # (L, m, n) int16: W0's bf16 bit patterns, for the update mask (SPEC 1)
-    svd: SVD  # all r = min(m, n) vectors: U (L, m, r), S (L, r), V (L, n, r); Gram eigh, checked, or exact
+    svd: SVD  # the full spectrum S (L, min(m, n)) and the top max(k, r) vectors U, V; Gram eigh (checked) or exact
     k: int  # principal subspace size (SPEC 2, 4)
     r: int  # rank of the reconstruction behind the principal mask (SPEC 5)
     principal: torch.Tensor  # (L, m, n) bool, SPEC 5
     lowmag: torch.Tensor  # (L, m, n) bool, SPEC 5
+    left: dict[int, torch.Tensor]  # matrix index -> all of its left singular vectors, computed when first needed
 
 
 class StepResult(NamedTuple):
@@ -48,11 +49,13 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
     """The base's SVD and masks; ``hidden``: the model's hidden size, which sets the default k and r."""
     W0 = W0.double()
     shape = tuple(W0.shape[-2:])
-    # eigh of the Gram matrix, about 3x cheaper than an SVD; an ill-conditioned base takes the exact SVD
-    svd = gram_svd(W0) if cfg.update_svd != "exact" else exact_svd(W0)
     k, r = cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)
+    # the Gram matrix's eigenvalues and top vectors, cheaper than an SVD; an ill-conditioned base takes the exact
+    # SVD. Only the top max(k, r) vectors: intruders (SPEC 8) are mostly decided by them (metrics.intruders)
+    top = max(k, r, N_INTRUDER)
+    svd = gram_svd(W0, top) if cfg.update_svd != "exact" else exact_svd(W0, top)
     return BaseFactors(W0, M.bf16_bits(W0), svd, k, r, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha),
-                       M.lowmag_mask(W0, cfg.alpha))
+                       M.lowmag_mask(W0, cfg.alpha), {})
 
 
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
@@ -65,10 +68,12 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     ``update``: the update's factors D_t = L R, (L, m, r) and (L, r, n) (a LoRA adapter: scale B, A), when
     known; its spectrum and subspaces then come from the factors, exactly (linalg.factored_svd).
     """
+    first = Wprev is base.W0  # the interval update is the cumulative one: measured once
     Wt = Wt.double()
     W0, k = base.W0, base.k
     m, n = W0.shape[-2:]
-    D, d = Wt - W0, Wt - Wprev.double()
+    D = Wt - W0
+    d = D if first else Wt - Wprev.double()
     Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
     out: dict[str, torch.Tensor] = {}
 
@@ -86,7 +91,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["overlap_2s"], out["overlap_2s_ratio"] = ov.two_sided, ov.two_sided_ratio
     out["overlap_left"], out["overlap_right"] = ov.left, ov.right
     out["overlap_left_ratio"], out["overlap_right_ratio"] = ov.left * (m / k), ov.right * (n / k)  # baselines k/m, k/n
-    ov_int = M.overlap(d, Uk, Vk)
+    ov_int = ov if first else M.overlap(d, Uk, Vk)
     out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
     out["overlap_left_interval"], out["overlap_right_interval"] = ov_int.left, ov_int.right
 
@@ -102,13 +107,25 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
         upd = _update_factors(D, K, cfg, warm)  # full spectrum and top-K subspaces of D_t
     for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
         out[name] = value
-    interval = M.rank_stats(spectrum(d, small_values=False))
+    interval = M.rank_stats(upd.S if first else spectrum(d, small_values=False))
     for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm"):
         out[f"{name}_interval"] = getattr(interval, name)
 
-    out["intruders"] = M.intruders(base.svd.U, top.U[..., :N_INTRUDER], cfg.intruder_threshold)
+    out["intruders"] = _intruders(base, top.U[..., :N_INTRUDER], cfg)
 
     return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
+
+
+def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> torch.Tensor:
+    """SPEC 8 from the base's top vectors where they decide it; a matrix they leave undecided is counted against
+    all of its base's left singular vectors, decomposed once per group (exactly, when first needed)."""
+    count = M.intruders(base.svd.U, Ut_top, cfg.intruder_threshold, complete=base.svd.U.shape[-1] >= min(
+        base.W0.shape[-2:]))
+    for i in count.isnan().nonzero().flatten().tolist():
+        if i not in base.left:
+            base.left[i] = exact_svd(base.W0[i]).U
+        count[i] = M.intruders(base.left[i], Ut_top[i], cfg.intruder_threshold)
+    return count
 
 
 def _update_factors(D: torch.Tensor, K: int, cfg: AnalysisConfig, warm: torch.Tensor | None = None) -> SVD:
