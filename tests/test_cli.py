@@ -57,6 +57,26 @@ def test_analyze_writes_every_output(run, capsys):
     assert "Table 1 layout" in md and "Subspace locking" in md
 
 
+def test_quick_analysis_reports_the_update_alone(run, capsys):
+    code, _, _ = _cli(capsys, "analyze", run / "base", run / "run", "-o", run / "full", "--no-progress")
+    code_q, _, _ = _cli(capsys, "analyze", run / "base", run / "run", "-o", run / "quick", "--quick", "--html",
+                        "--no-progress")
+    assert code == code_q == 0
+    full, quick = (Table.from_csv(run / d / "metrics.csv") for d in ("full", "quick"))
+    metrics = set(quick.unique("metric"))
+    assert {"sparsity_bf16", "stable_rank", "rel_norm", "sim_final_v", "locking_onset_step"} <= metrics
+    assert not metrics & {"nss", "angle_max_u", "overlap_2s", "mask_overlap_principal", "intruders"}
+    got = {(r.step, r.matrix, r.metric): r.value for r in quick}
+    same = [r for r in full if r.metric in metrics]
+    assert len(same) == len(got) and all(got[(r.step, r.matrix, r.metric)] == r.value or r.value != r.value
+                                         for r in same)  # the same numbers as the full suite's (NaN: NaN)
+    md = (run / "quick" / "summary.md").read_text()
+    assert "Rank of the cumulative update" in md and "Principal angles" not in md and "Localisation" not in md
+    assert "quick suite" in md  # the notes say what was left out
+    figures = {p.name for p in (run / "quick" / "figures").iterdir()}
+    assert "angles_spectra.png" not in figures and {"sparsity_localisation.png", "locking.png"} <= figures
+
+
 def test_several_runs_each_with_its_own_base(run, capsys):
     # the second run starts from the first run's final checkpoint, as OPD/RLVR start from an SFT anchor
     anchor = run / "run" / "checkpoint-30"

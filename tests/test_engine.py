@@ -83,6 +83,7 @@ def _reference_step(W0: np.ndarray, Wt: np.ndarray, Ws: np.ndarray, cfg: Analysi
     out["overlap_left_ratio"] = out["overlap_left"] / (k / W0.shape[0])
     out["overlap_right_ratio"] = out["overlap_right"] / (k / W0.shape[1])
     out.update(_ranks(sl.svdvals(D)))
+    out["rel_norm"] = np.linalg.norm(D) / np.linalg.norm(W0)
     interval = _ranks(sl.svdvals(d))
     out.update({f"{name}_interval": interval[name] for name in ("stable_rank", "effective_rank", "r90", "r99",
                                                                   "fro_norm")})
@@ -123,6 +124,24 @@ def test_measure_step_matches_scipy_reference(m, n):
         np.testing.assert_allclose(res.angles_u[i].numpy(), ref_theta, rtol=1e-7, atol=1e-10)
     # both fast paths taken and passed their checks (the update's: subspace iteration, or eigh where cheaper)
     assert res.methods[0] == "gram" and res.methods[1] in ("subspace", "gram")
+
+
+QUICK = {"n_params", "sparsity_bf16", "sparsity_abs", "stable_rank", "effective_rank", "r90", "r99", "fro_norm",
+         "hill_alpha", "rel_norm"}
+
+
+def test_quick_suite_measures_the_update_alone_as_the_full_one_does():
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")
+    quick = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=True)
+    W0, Ws, Wt = _stack(5, 2, 72, 48)
+    full = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
+    base = decompose_base(W0, quick)
+    assert base.svd is None and base.principal is None  # W0 is not decomposed
+    fast = measure_step(base, Wt, Ws, quick)
+    assert set(fast.values) == QUICK
+    for name in QUICK:
+        assert torch.equal(fast.values[name], full.values[name]), name
+    assert torch.equal(fast.VK, full.VK) and fast.angles_u is None and fast.spectrum is None
 
 
 def test_first_checkpoint_measures_the_interval_update_as_the_cumulative_one():

@@ -258,6 +258,10 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
         methods.update(out.methods)
         sizes[out.sizes].append(group[0].shape)
     where = f"hidden size {hidden}" if hidden else "no hidden_size in config.json: scaled to each matrix's smaller side"
+    if cfg.quick:
+        notes.append(f"{run.label}: quick suite: the update alone (sparsity, norms, rank, locking); W0 and W_t "
+                     "not decomposed: no angles, NSS, overlaps, masks, intruders or interval metrics")
+        sizes.clear()
     for (k, r), shapes in sorted(sizes.items()):
         notes.append(f"{run.label}: principal k = {k}, mask rank r = {r} for shapes "
                      f"{', '.join(f'{m}x{n}' for m, n in sorted(set(shapes)))} ({where})")
@@ -273,7 +277,8 @@ def _measure_group(label: str, base: TensorSource, ckpts: list[Checkpoint], grou
     curves: list[Curve] = []
     factors = decompose_base(_read_group(base, group, device), cfg, hidden)
     for i, spec in enumerate(group):
-        curves.append(Curve(label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
+        if factors.svd is not None:  # None: the quick suite, W0 not decomposed
+            curves.append(Curve(label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
     results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
     _emit(label, [c.step for c in ckpts], group, results, rows, curves)
     return _GroupOut(rows, curves, Counter(m for res in results for m in res.methods), (factors.k, factors.r))
@@ -314,7 +319,8 @@ def _emit(label: str, steps: list[int], group: list[MatrixSpec], results: list[S
             for name, col in cols.items():
                 rows.append(Row(label, step, spec.name, spec.layer, spec.module, name, float(col[i])))
             for kind, tensor in (("angles_u", res.angles_u), ("angles_v", res.angles_v), ("spectrum", res.spectrum)):
-                curves.append(Curve(label, step, spec.name, kind, tensor[i].cpu().numpy()))
+                if tensor is not None:
+                    curves.append(Curve(label, step, spec.name, kind, tensor[i].cpu().numpy()))
 
 
 class _NoBar:

@@ -39,6 +39,9 @@ class AnalysisConfig:
                                    "(default: round(64 h / 4096), h as for --principal-k)")
     abs_tol: float = option(1e-5, "tolerance of the older absolute sparsity variant (SPEC 1)")
     intruder_threshold: float = option(0.5, "|cos| below which a top-10 direction of W_t is an intruder (SPEC 8)")
+    quick: bool = option(False, "measure the update alone: bf16 sparsity, norms, rank metrics and locking of D_t "
+                         "(what checkpoint-diff tools report); no decomposition of W0 or W_t, so no angles, NSS, "
+                         "overlaps, masks, intruders or interval metrics")
     include: tuple[str, ...] = option((), "regex over parameter names to keep (repeatable); a matched embedding "
                                       "is kept too")
     exclude: tuple[str, ...] = option((), "regex over parameter names to drop (repeatable)")

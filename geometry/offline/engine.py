@@ -25,7 +25,8 @@ class BaseFactors(NamedTuple):
 
     W0: torch.Tensor  # (L, m, n) float64
     bits: torch.Tensor  # (L, m, n) int16: W0's bf16 bit patterns, for the update mask (SPEC 1)
-    svd: SVD  # the full spectrum S (L, min(m, n)) and the top max(k, r) vectors U, V; Gram eigh (checked) or exact
+    svd: SVD | None  # the full spectrum S (L, min(m, n)), top max(k, r) vectors U, V; Gram (checked) or exact;
+    #                  None with cfg.quick (then principal and lowmag are None too)
     k: int  # principal subspace size (SPEC 2, 4)
     r: int  # rank of the reconstruction behind the principal mask (SPEC 5)
     principal: torch.Tensor  # (L, m, n) bool, SPEC 5
@@ -39,17 +40,20 @@ class StepResult(NamedTuple):
     values: dict[str, torch.Tensor]  # canonical metric name -> (L,)
     UK: torch.Tensor  # (L, m, K) top-K left singular subspace of D_t, for locking
     VK: torch.Tensor  # (L, n, K)
-    angles_u: torch.Tensor  # (L, k) principal angles in degrees, ascending
-    angles_v: torch.Tensor  # (L, k)
-    spectrum: torch.Tensor  # (L, r) singular values of W_t
+    angles_u: torch.Tensor | None  # (L, k) principal angles in degrees, ascending; None with cfg.quick
+    angles_v: torch.Tensor | None  # (L, k)
+    spectrum: torch.Tensor | None  # (L, r) singular values of W_t
     methods: list[str]  # decomposition paths taken (for the notes on fallbacks)
 
 
 def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = None) -> BaseFactors:
-    """The base's SVD and masks; ``hidden``: the model's hidden size, which sets the default k and r."""
+    """The base's SVD and masks; ``hidden``: the model's hidden size, which sets the default k and r.
+    With ``cfg.quick`` only W0 and its bf16 bits: the quick suite measures the update alone."""
     W0 = W0.double()
     shape = tuple(W0.shape[-2:])
     k, r = cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)
+    if cfg.quick:
+        return BaseFactors(W0, M.bf16_bits(W0), None, k, r, None, None, {})
     # the Gram matrix's eigenvalues and top vectors, cheaper than an SVD; an ill-conditioned base takes the exact
     # SVD. Only the top max(k, r) vectors: intruders (SPEC 8) are mostly decided by them (metrics.intruders)
     top = max(k, r, N_INTRUDER)
@@ -61,7 +65,8 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
                  warm: torch.Tensor | None = None,
                  update: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
-    """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7.
+    """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7;
+    with ``cfg.quick`` (a base without factors), only those of the update alone (``_update_only``).
 
     ``warm``: the previous checkpoint's update subspace (StepResult.VK or UK, the smaller side), a start
     for this one's (subspaces of consecutive updates are close; the result is certified either way).
@@ -70,17 +75,15 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     """
     first = Wprev is base.W0  # the interval update is the cumulative one: measured once
     Wt = Wt.double()
-    W0, k = base.W0, base.k
-    m, n = W0.shape[-2:]
+    W0 = base.W0
     D = Wt - W0
+    out, changed, upd = _update_only(base, Wt, D, cfg, warm, update)
+    if base.svd is None:
+        return StepResult(out, upd.U, upd.V, None, None, None, [upd.method])
+    k = base.k
+    m, n = W0.shape[-2:]
     d = D if first else Wt - Wprev.double()
     Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
-    out: dict[str, torch.Tensor] = {}
-
-    out["n_params"] = torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device)
-    changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
-    out["sparsity_bf16"] = 1.0 - M.fraction(changed)
-    out["sparsity_abs"] = M.fraction(D.abs() <= cfg.abs_tol)  # M.sparsity_abs, D already float64
 
     top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
     out["angle_max_u"], out["angle_mean_u"], angles_u = M.angle_stats(Uk, top.U[..., :k])
@@ -100,13 +103,6 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["mask_overlap_principal_ratio"] = out["mask_overlap_principal"] / cfg.alpha  # random baseline: alpha
     out["mask_overlap_lowmag_ratio"] = out["mask_overlap_lowmag"] / cfg.alpha
 
-    K = min(cfg.lock_k, m, n)
-    if update is not None and K <= update[0].shape[-1]:
-        upd = factored_svd(*update, K)  # exact, D never decomposed densely
-    else:  # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
-        upd = _update_factors(D, K, cfg, warm)  # full spectrum and top-K subspaces of D_t
-    for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
-        out[name] = value
     interval = M.rank_stats(upd.S if first else spectrum(d, small_values=False))
     for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm"):
         out[f"{name}_interval"] = getattr(interval, name)
@@ -114,6 +110,29 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["intruders"] = _intruders(base, top.U[..., :N_INTRUDER], cfg)
 
     return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
+
+
+def _update_only(base: BaseFactors, Wt: torch.Tensor, D: torch.Tensor, cfg: AnalysisConfig,
+                 warm: torch.Tensor | None, update: tuple[torch.Tensor, torch.Tensor] | None):
+    """The metrics that need the update and W0's entries but no decomposition of W0 or W_t: bf16 and absolute
+    sparsity (SPEC 1), the update's norm relative to W0's, its rank metrics (SPEC 6) and top-K subspaces (SPEC 7).
+    Returns the values, the bf16 update mask and the update's decomposition."""
+    W0 = base.W0
+    m, n = W0.shape[-2:]
+    out: dict[str, torch.Tensor] = {}
+    out["n_params"] = torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device)
+    changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
+    out["sparsity_bf16"] = 1.0 - M.fraction(changed)
+    out["sparsity_abs"] = M.fraction(D.abs() <= cfg.abs_tol)  # M.sparsity_abs, D already float64
+    K = min(cfg.lock_k, m, n)
+    if update is not None and K <= update[0].shape[-1]:
+        upd = factored_svd(*update, K)  # exact, D never decomposed densely
+    else:  # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
+        upd = _update_factors(D, K, cfg, warm)  # full spectrum and top-K subspaces of D_t
+    for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
+        out[name] = value
+    out["rel_norm"] = out["fro_norm"] / torch.linalg.matrix_norm(W0)
+    return out, changed, upd
 
 
 def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> torch.Tensor:

@@ -27,26 +27,30 @@ def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_MET
     summaries = {s.run: s for s in summarize(a, cfg.tau)}
     out = {}
 
-    fig, ax = plots.panels(2, width=max(6.0, 0.45 * len(runs)))
+    # the quick suite (--quick) measures the update alone: no masks, angles or spectra to draw
+    masks = len(a.where(metric="mask_overlap_principal")) > 0
+    fig, ax = plots.panels(2 if masks else 1, width=max(6.0, 0.45 * len(runs)))
     final = {m: [100 * summaries[r].final(m) for r in runs] for m in ("sparsity_bf16", "mask_overlap_principal",
                                                                       "mask_overlap_lowmag")}
     plots.bars(runs, {"bf16 sparsity": final["sparsity_bf16"]}, ax[0], ylabel="% of entries unchanged",
                colors={"bf16 sparsity": "#4c72b0"})
     ax[0].set_title("update sparsity at the final step")
-    plots.bars(runs, {"update density": [100 - v for v in final["sparsity_bf16"]],
-                      "principal-mask overlap": final["mask_overlap_principal"],
-                      "low-magnitude overlap": final["mask_overlap_lowmag"]}, ax[1], ylabel="% (final step)",
-               baseline=100 * cfg.alpha, baseline_label=f"random mask overlap ({100 * cfg.alpha:.0f}%)")
-    ax[1].set_title("localisation of the update mask")
+    if masks:
+        plots.bars(runs, {"update density": [100 - v for v in final["sparsity_bf16"]],
+                          "principal-mask overlap": final["mask_overlap_principal"],
+                          "low-magnitude overlap": final["mask_overlap_lowmag"]}, ax[1], ylabel="% (final step)",
+                   baseline=100 * cfg.alpha, baseline_label=f"random mask overlap ({100 * cfg.alpha:.0f}%)")
+        ax[1].set_title("localisation of the update mask")
     out["sparsity_localisation.png"] = plots.png(fig)
 
-    fig, ax = plots.panels(2)
-    plots.angle_curves(curves_by(a, "angles_u"), ax[0], runs=runs)
-    ax[0].set_title("principal angles, top-k U of W0 vs W_t (mean over matrices)")
-    matrix = _most_shifted(a)
-    if matrix is not None:
-        plots.spectra(curves_by(a, "spectrum"), matrix, ax[1], runs=runs)
-    out["angles_spectra.png"] = plots.png(fig)
+    if curves_by(a, "angles_u"):
+        fig, ax = plots.panels(2)
+        plots.angle_curves(curves_by(a, "angles_u"), ax[0], runs=runs)
+        ax[0].set_title("principal angles, top-k U of W0 vs W_t (mean over matrices)")
+        matrix = _most_shifted(a)
+        if matrix is not None:
+            plots.spectra(curves_by(a, "spectrum"), matrix, ax[1], runs=runs)
+        out["angles_spectra.png"] = plots.png(fig)
 
     fig, ax = plots.panels(2)
     plots.metric_over_steps(a, "stable_rank", ax[0], runs=runs, ylabel="stable rank of D_t")

@@ -74,26 +74,34 @@ def render_summary(summaries: list[RunSummary], notes: list[str], tau: float, al
              table(["run", "steps measured", "final step", "matrices"],
                    [[s.run, len(s.steps), s.steps[-1], s.matrices] for s in S]), "",
              "## Update sparsity (Table 1 layout)", "",
-             metric_table(SPARSITY, _finals(S)), "",
-             "## Localisation of the update mask", "",
-             f"Share of changed entries inside the principal mask (top {alpha:.0%} of |rank-r reconstruction of W0|, "
-             f"r in the notes) and the low-magnitude mask (bottom {alpha:.0%} of |W0|); a random mask gives "
-             f"{alpha:.0%}.", "",
-             metric_table(LOCALISATION, _finals(S)), "",
-             "## Principal angles, spectral shift, intruders", "",
-             metric_table(ANGLES, _finals(S)), "",
-             "## Overlap of the update with W0's principal subspace", "",
-             table(["run", "two-sided", "/ random baseline", "left", "right"],
-                   [[s.run, fmt(s.final("overlap_2s"), "e"), fmt(s.final("overlap_2s_ratio")),
-                     fmt(s.final("overlap_left")), fmt(s.final("overlap_right"))] for s in S]), "",
-             "## Rank of the cumulative update", "",
-             table(["run", "stable rank", "effective rank", "r90", "r99", "||D||_F", "Hill alpha"],
-                   [[s.run] + [fmt(s.final(m)) for m in ("stable_rank", "effective_rank", "r90", "r99",
-                                                         "fro_norm", "hill_alpha")] for s in S]), "",
-             _locking(S, tau)]
+             metric_table(SPARSITY, _finals(S)), ""]
+    if _measured(S, "mask_overlap_principal"):  # the quick suite (--quick) measures the update alone
+        parts += ["## Localisation of the update mask", "",
+                  f"Share of changed entries inside the principal mask (top {alpha:.0%} of |rank-r reconstruction "
+                  f"of W0|, r in the notes) and the low-magnitude mask (bottom {alpha:.0%} of |W0|); a random mask "
+                  f"gives {alpha:.0%}.", "",
+                  metric_table(LOCALISATION, _finals(S)), ""]
+    if _measured(S, "angle_max_u"):
+        parts += ["## Principal angles, spectral shift, intruders", "",
+                  metric_table(ANGLES, _finals(S)), ""]
+    if _measured(S, "overlap_2s"):
+        parts += ["## Overlap of the update with W0's principal subspace", "",
+                  table(["run", "two-sided", "/ random baseline", "left", "right"],
+                        [[s.run, fmt(s.final("overlap_2s"), "e"), fmt(s.final("overlap_2s_ratio")),
+                          fmt(s.final("overlap_left")), fmt(s.final("overlap_right"))] for s in S]), ""]
+    parts += ["## Rank of the cumulative update", "",
+              table(["run", "stable rank", "effective rank", "r90", "r99", "||D||_F", "||D||_F / ||W0||_F",
+                     "Hill alpha"],
+                    [[s.run] + [fmt(s.final(m)) for m in ("stable_rank", "effective_rank", "r90", "r99",
+                                                          "fro_norm", "rel_norm", "hill_alpha")] for s in S]), "",
+              _locking(S, tau)]
     if notes:
         parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"
+
+
+def _measured(S: Sequence[RunSummary], metric: str) -> bool:
+    return any(metric in s.per_step for s in S)
 
 
 def _locking(S: list[RunSummary], tau: float) -> str:
