@@ -4,9 +4,12 @@ Builds a synthetic checkpoint series shaped like a small LLM (safetensors, HF na
 contender in a fresh process (OMP_WAIT_POLICY=PASSIVE for all) and prints one table: wall time, CPU time
 (user + system: robust on a shared machine), peak RSS (the contender's own VmHWM), and the ratio to the floor.
 
-- floor: read each matrix once, plus the three spectra the full suite cannot do without (W_t, D_t, d_t:
-  float64 Gram eigenvalues, batched by shape), nothing else (issue 12's definition);
-- ours: ``geometry analyze`` (every SPEC metric, tables only), the whole process;
+- floor: read each matrix once, plus the spectra the full suite cannot do without: W0's once, then W_t's,
+  D_t's and d_t's at every checkpoint (d_t only where it differs from D_t: at the first checkpoint it is
+  D_t), as float64 Gram eigenvalues by the fastest kernels we know (geometry.linalg.gram and sym_eig:
+  syrk and LAPACK), nothing else. The floor of the quick suite: D_t's spectrum alone;
+- ours: ``geometry analyze`` (every SPEC metric, tables only), the whole process; ours-quick: ``--quick``
+  (the update alone: sparsity, norms, rank metrics, locking; what the peers compute);
 - naive: per matrix, float64 scipy full SVDs of W0 (again for every checkpoint), W_t, D and D_T, whole
   files loaded with load_file, as research scripts do; also the largest disagreement with ours;
 - peers (optional, `pip install modeldelta weightwatcher afterburn`): each on base + final checkpoint,
@@ -106,9 +109,11 @@ def naive(root: Path, ckpts: list[Path], k_of) -> dict:
     return out
 
 
-def floor(root: Path, ckpts: list[Path], memory_mb: float) -> None:
-    """Issue 12's floor: each matrix read once (by groups of one shape, as ours reads), and the three spectra
-    of the full suite (W_t, D_t, d_t) as float64 Gram eigenvalues, batched by shape. Nothing else."""
+def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False) -> None:
+    """Each matrix read once (by groups of one shape, as ours reads), and the spectra the suite cannot do
+    without as float64 Gram eigenvalues by ours' kernels: W0 once, W_t, D_t and d_t (where it is not D_t) at
+    each checkpoint; ``quick``: D_t only. Nothing else."""
+    from geometry.linalg import gram, sym_eig
     from geometry.offline.engine import group_size
     from geometry.offline.sources import open_source
 
@@ -122,20 +127,23 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float) -> None:
         for i in range(0, len(keys), size):
             group = keys[i:i + size]
             W0 = torch.stack([base.read(k) for k in group]).double()
+            if not quick:
+                sym_eig(gram(W0))
             prev = W0
             for src in sources:
                 Wt = torch.stack([src.read(k) for k in group]).double()
-                for x in (Wt, Wt - W0, Wt - prev):
-                    torch.linalg.eigvalsh(x.mT @ x if x.shape[-2] >= x.shape[-1] else x @ x.mT)
+                spectra = [Wt - W0] if quick else [Wt, Wt - W0] + ([Wt - prev] if prev is not W0 else [])
+                for x in spectra:
+                    sym_eig(gram(x))
                 prev = Wt
 
 
-def ours(root: Path, ckpts: list[Path], device: str, memory_mb: float, out: Path) -> None:
+def ours(root: Path, ckpts: list[Path], device: str, memory_mb: float, out: Path, quick: bool = False) -> None:
     """The whole `geometry analyze` process, tables only (figures are a separate cost, off here)."""
     from geometry.cli import main as cli
 
     argv = ["analyze", str(root / "base"), *map(str, ckpts), "-o", str(out), "--no-figures", "--no-progress",
-            "--device", device, "--memory-mb", str(memory_mb)]
+            "--device", device, "--memory-mb", str(memory_mb), *(["--quick"] if quick else [])]
     if cli(argv) != 0:
         raise SystemExit("geometry analyze failed")
 
@@ -226,10 +234,10 @@ def worker(args) -> None:
 def _contend(args) -> None:
     root = Path(args.root)
     ckpts = [Path(c) for c in json.loads(args.ckpts)]
-    if args.worker == "floor":
-        floor(root, ckpts, args.memory_mb)
-    elif args.worker == "ours":
-        ours(root, ckpts, args.device, args.memory_mb, Path(args.out))
+    if args.worker in ("floor", "floor-quick"):
+        floor(root, ckpts, args.memory_mb, quick=args.worker == "floor-quick")
+    elif args.worker in ("ours", "ours-quick"):
+        ours(root, ckpts, args.device, args.memory_mb, Path(args.out), quick=args.worker == "ours-quick")
     elif args.worker == "naive":
         from geometry.offline.config import AnalysisConfig
 
@@ -308,6 +316,8 @@ def main() -> None:
                "load_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": []}
         fig["rows"].append(measure("floor", root, ckpts, args))
         fig["rows"].append(measure("ours", root, ckpts, args, Path(tmp) / "ours-out"))
+        fig["rows"].append(measure("floor-quick", root, ckpts, args))
+        fig["rows"].append(measure("ours-quick", root, ckpts, args, Path(tmp) / "quick-out"))
         if args.compare_with:
             fig["rows"].append(measure("ours", root, ckpts, args, Path(tmp) / "before-out", label="ours-before",
                                        pythonpath=args.compare_with))
@@ -318,6 +328,8 @@ def main() -> None:
         peers = list(filter(None, args.peers.split(",")))
         if peers:  # the peers compare two models: ours on the same pair, for a like-for-like row
             fig["rows"].append(measure("ours", root, ckpts[-1:], args, Path(tmp) / "pair-out", label="ours-pair"))
+            fig["rows"].append(measure("ours-quick", root, ckpts[-1:], args, Path(tmp) / "pair-quick-out",
+                                       label="ours-quick-pair"))
         for name in peers:
             fig["rows"].append(measure(name, root, ckpts[-1:], args, python=args.peer_python))
         fig["load_after"] = os.getloadavg()
@@ -344,20 +356,24 @@ def report(fig: dict) -> None:
           f"threads {fig['threads'] or 'default'}; "
           f"{fig['cpus']} CPUs, load average {fig['load_before'][0]:.1f} before, {fig['load_after'][0]:.1f} after")
     rows = {r["name"]: r for r in fig["rows"]}
-    fl = rows["floor"]
-    print(f"  {'contender':<14} {'wall s':>8} {'CPU s':>8} {'sys s':>7} {'peak RSS MB':>12} {'CPU/floor':>10}"
-          "  computes")
-    what = {"floor": "read once + 3 float64 Gram spectra per matrix and checkpoint",
+    print(f"  {'contender':<16} {'wall s':>8} {'CPU s':>8} {'sys s':>7} {'peak RSS MB':>12} {'CPU/floor':>10}"
+          "  computes  (quick rows against floor-quick)")
+    what = {"floor": "read once + float64 Gram spectra of W0 (once), W_t, D_t, d_t (where not D_t)",
             "ours": "every SPEC metric (1-8), all checkpoints", "ours-before": "the same, --compare-with's code",
+            "floor-quick": "read once + the float64 Gram spectrum of D_t",
+            "ours-quick": "--quick: sparsity, norms, rank metrics, locking of D_t, all checkpoints",
             "ours-pair": "every SPEC metric, base + final checkpoint only (the peers' input)",
+            "ours-quick-pair": "--quick, base + final checkpoint only",
             "naive": "5 metrics by scipy full SVDs, all checkpoints",
             **{k: f"{v} (base + final checkpoint only)" for k, v in PEERS.items()}}
     for r in fig["rows"]:
         if not r["ok"]:
-            print(f"  {r['name']:<14} skipped: {r['why']}")
+            print(f"  {r['name']:<16} skipped: {r['why']}")
             continue
-        print(f"  {r['name']:<14} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['sys_s']:7.1f} {r['rss_mb']:12.0f} "
-              f"{r['cpu_s'] / fl['cpu_s']:10.2f}  {what.get(r['name'], '')}")
+        fl = rows["floor-quick" if "quick" in r["name"] else "floor"]
+        ratio = r["cpu_s"] / fl["cpu_s"] if fl["ok"] else math.nan
+        print(f"  {r['name']:<16} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['sys_s']:7.1f} {r['rss_mb']:12.0f} "
+              f"{ratio:10.2f}  {what.get(r['name'], '')}")
     if "max_rel_err" in fig:
         print("  ours vs naive, max relative disagreement: "
               + ", ".join(f"{k} {v:.1e}" for k, v in fig["max_rel_err"].items()))
