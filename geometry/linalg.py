@@ -197,50 +197,73 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
 def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: float = 1e-7, max_iter: int = 60,
              seed: int = 0) -> SVD:
     """Top-k singular vectors and the full spectrum, for a matrix whose small singular values need not be
-    resolved (an update): eigvalsh of the float64 Gram matrix, then its top-k eigenvectors by subspace
-    iteration with Rayleigh-Ritz, certified against those exact eigenvalues.
-
-    The certificate is Davis-Kahan's sin-theta bound (Davis & Kahan 1970; Saad 2011, Thm 4.11): with Ritz
-    pairs (X, theta) and residual R = G X - X diag(theta), ||sin Theta(X, top-k eigenspace)||_F <=
-    ||R||_F / (theta_k - lambda_{k+1}). Iteration stops once every matrix's bound is below ``tol`` (Sim_K
-    then moves by at most ~2 tol); a matrix that has not got there in ``max_iter`` steps, or whose gap
-    lambda_k - lambda_{k+1} vanishes, goes to ``gram_svd`` (eigh of the same Gram matrix, method
-    "subspace->gram"). ``warm``: a start (..., r, >= k) for the smaller side's vectors, e.g. the previous
-    checkpoint's; else a seeded Gaussian one. Costs one eigvalsh and a few r x r x 2k products instead of
-    the eigenvectors' share of ``sym_eig``.
+    resolved (an update): all eigenvalues of the float64 Gram matrix, then its top-k eigenvectors by
+    ``top_eigvecs`` (certified subspace iteration, or an eigh where that is cheaper). A Gram matrix that
+    cannot resolve the top k (LAPACK failure, s_k below ~1e-6 s1) sends x to ``exact_svd``.
     """
     x = x.double()
     m, n = x.shape[-2:]
-    r = min(m, n)
     tall = m >= n
-    if 2 * k + 8 >= r:  # no room for a block much wider than k: eigh is as cheap
-        return gram_svd(x, k, small_values=False)
     try:
         G = gram(x)  # (..., r, r)
         evals = sym_eig(G)[0]  # (..., r) descending
+        found = top_eigvecs(G, evals, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed)
     except torch.linalg.LinAlgError:
+        found = None
+    if found is None:
         return _fallback(x, k, "subspace")
+    X, method = found
     S = singular_values(evals, resolved_only=True)
+    # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
+    big = (x @ X if tall else x.mT @ X) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
+    U, V = (big, X) if tall else (X, big)
+    return SVD(U, S, V, method)
+
+
+def top_eigvecs(G: torch.Tensor, evals: torch.Tensor, k: int, *, warm: torch.Tensor | None = None,
+                tol: float = 1e-7, max_iter: int = 60, seed: int = 0) -> tuple[torch.Tensor, str] | None:
+    """The top-k eigenvectors (..., r, k), descending, of Gram matrices G (..., r, r) whose eigenvalues
+    ``evals`` (descending) are known, and how they were found; None when G cannot resolve them (s_k below
+    ~1e-6 s1: the caller takes the exact SVD). Needs G only, not the matrix it came from.
+
+    By subspace iteration with Rayleigh-Ritz, certified against the exact eigenvalues with Davis-Kahan's
+    sin-theta bound (Davis & Kahan 1970; Saad 2011, Thm 4.11): with Ritz pairs (X, theta) and residual
+    R = G X - X diag(theta), ||sin Theta(X, top-k eigenspace)||_F <= ||R||_F / (theta_k - lambda_{k+1}).
+    Iteration stops once every matrix's bound is below ``tol`` (Sim_K then moves by at most ~2 tol), method
+    "subspace". A matrix that has not got there in ``max_iter`` steps, or whose gap lambda_k - lambda_{k+1}
+    vanishes, takes ``sym_eig``'s vectors ("subspace->gram"); so does one where the iteration cannot win on
+    cost ("gram"). ``warm``: a start (..., r, >= k), e.g. the previous checkpoint's vectors; else a seeded
+    Gaussian one. Costs a few r x r x 2k products instead of the eigenvectors' share of ``sym_eig``.
+    """
+    r = G.shape[-1]
+    tiny = torch.finfo(G.dtype).tiny
+
+    def eigh(method: str):
+        if not _well_conditioned(singular_values(evals[..., :k])):
+            return None
+        return sym_eig(G, k)[1], method
+
+    if 2 * k + 8 >= r:  # no room for a block much wider than k: eigh is as cheap
+        return eigh("gram")
     p = 2 * k  # block size: convergence goes as (lambda_{p+1} / lambda_k) per step
+    gen = torch.Generator(device=G.device).manual_seed(seed)
     if warm is not None and warm.shape[-2] == r and warm.shape[-1] >= k:
         Q = warm[..., :p].double()
         if Q.shape[-1] < p:
-            gen = torch.Generator(device=x.device).manual_seed(seed)
-            extra = torch.randn(*Q.shape[:-1], p - Q.shape[-1], generator=gen, device=x.device, dtype=x.dtype)
+            extra = torch.randn(*Q.shape[:-1], p - Q.shape[-1], generator=gen, device=G.device, dtype=G.dtype)
             Q = torch.cat([Q, extra], -1)
     else:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        Q = torch.randn(*G.shape[:-1], p, generator=gen, device=x.device, dtype=x.dtype)  # (..., r, p)
-    scale = evals[..., :1].clamp_min(torch.finfo(x.dtype).tiny)  # (..., 1)
+        Q = torch.randn(*G.shape[:-1], p, generator=gen, device=G.device, dtype=G.dtype)  # (..., r, p)
+    scale = evals[..., :1].clamp_min(tiny)  # (..., 1)
     gap = (evals[..., k - 1] - evals[..., k]) / scale[..., 0]  # relative gap lambda_k - lambda_{k+1}
-    if not bool((gap > 1e3 * torch.finfo(x.dtype).eps).all()):
-        return gram_svd(x, k, small_values=False, G=G)._replace(method="subspace->gram")
+    if not bool((gap > 1e3 * torch.finfo(G.dtype).eps).all()):
+        return eigh("subspace->gram")
     # steps to converge from a random start go as log(tol) / log(lambda_{p+1} / lambda_k); past what an eigh
     # costs (~9 r^3 flops against ~3 r^2 p a step) the iteration cannot win: eigh at once
-    rate = (evals[..., p] / evals[..., k - 1].clamp_min(torch.finfo(x.dtype).tiny)).max().item()
+    rate = (evals[..., p] / evals[..., k - 1].clamp_min(tiny)).max().item()
     steps = math.log(tol) / math.log(rate) if 0 < rate < 1 else math.inf
     if steps > min(max_iter, 3 * r / p):
-        return gram_svd(x, k, small_values=False, G=G)._replace(method="gram")
+        return eigh("gram")
     Q = torch.linalg.qr(Q).Q
     for _ in range(max_iter):
         Z = G @ Q  # (..., r, p) the one product per step: Rayleigh-Ritz, residual and next step share it
@@ -250,14 +273,11 @@ def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: 
         theta = theta.flip(-1)[..., :k]
         resid = torch.linalg.matrix_norm(GX - X * theta[..., None, :])  # (...)
         delta = theta[..., -1] - evals[..., k]
-        bound = resid / delta.clamp_min(torch.finfo(x.dtype).tiny)
+        bound = resid / delta.clamp_min(tiny)
         if bool(((delta > 0) & (bound <= tol)).all()):
-            # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
-            big = (x @ X if tall else x.mT @ X) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
-            U, V = (big, X) if tall else (X, big)
-            return SVD(U, S, V, "subspace")
+            return X, "subspace"
         Q = torch.linalg.qr(Z @ Y).Q  # the next power step, from the Ritz basis (best vectors first)
-    return gram_svd(x, k, small_values=False, G=G)._replace(method="subspace->gram")
+    return eigh("subspace->gram")
 
 
 def spectrum(x: torch.Tensor, *, small_values: bool = True) -> torch.Tensor:

@@ -144,6 +144,38 @@ def test_quick_suite_measures_the_update_alone_as_the_full_one_does():
     assert torch.equal(fast.VK, full.VK) and fast.angles_u is None and fast.spectrum is None
 
 
+@pytest.mark.parametrize("m, n", [(90, 40), (40, 90)])
+def test_quick_suite_in_blocks_agrees_with_the_whole_update(m, n, monkeypatch):
+    # blocks of 7 rows (or columns) of the update: the Gram matrix is summed in another order, nothing else
+    import geometry.offline.blocked as blocked
+
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * max(m, n) * 7 * 2)
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")
+    quick = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=True)
+    W0, Ws, Wt = _stack(6, 2, m, n)
+    full = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
+    fast = measure_step(decompose_base(W0, quick), Wt, Ws, quick)
+    for name in ("n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99"):
+        assert torch.equal(fast.values[name], full.values[name]), name  # counts: exact
+    for name in QUICK - {"n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99"}:
+        np.testing.assert_allclose(fast.values[name].numpy(), full.values[name].numpy(), rtol=1e-10, err_msg=name)
+    assert (1 - subspace_sim(fast.VK, full.VK) < 1e-12).all() and (1 - subspace_sim(fast.UK, full.UK) < 1e-12).all()
+
+
+def test_quick_suite_takes_the_exact_svd_when_the_gram_matrix_cannot_resolve_the_top_K():
+    # a rank-2 update and K = 4: the Gram matrix's 3rd and 4th values are rounding noise, so the update is
+    # formed whole and decomposed exactly; its values match the scipy reference
+    rng = np.random.default_rng(9)
+    W0 = torch.tensor(rng.standard_normal((1, 50, 30)))
+    Wt = W0 + torch.tensor(1e-3 * rng.standard_normal((1, 50, 2)) @ rng.standard_normal((1, 2, 30)))
+    quick = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=True)
+    res = measure_step(decompose_base(W0, quick), Wt, W0, quick)
+    assert res.methods == ["subspace->exact"]
+    ref = _reference_step(W0[0].numpy(), Wt[0].numpy(), W0[0].numpy(), quick, 6)
+    for name in ("stable_rank", "fro_norm", "rel_norm", "sparsity_bf16"):
+        assert res.values[name].item() == pytest.approx(ref[name], rel=1e-9), name
+
+
 def test_first_checkpoint_measures_the_interval_update_as_the_cumulative_one():
     # W_s is the base itself: d_t = D_t, measured once, and every value as the reference's
     cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")

@@ -15,6 +15,7 @@ import torch
 from geometry import metrics as M
 from geometry.linalg import SVD, exact_svd, factored_svd, gram_svd, gram_top, randomized_svd, spectrum
 from geometry.locking import step_sims
+from geometry.offline.blocked import BlockedUpdate, update_svd
 from geometry.offline.config import AnalysisConfig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
@@ -23,8 +24,9 @@ N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
 class BaseFactors(NamedTuple):
     """What every checkpoint of a group is measured against, computed once."""
 
-    W0: torch.Tensor  # (L, m, n) float64
-    bits: torch.Tensor  # (L, m, n) int16: W0's bf16 bit patterns, for the update mask (SPEC 1)
+    W0: torch.Tensor  # (L, m, n) float64; as stored with cfg.quick (the update is formed a block at a time)
+    bits: torch.Tensor | None  # (L, m, n) int16: W0's bf16 bit patterns, for the update mask (SPEC 1)
+    norm: torch.Tensor  # (L,) ||W0||_F in float64
     svd: SVD | None  # the full spectrum S (L, min(m, n)), top max(k, r) vectors U, V; Gram (checked) or exact;
     #                  None with cfg.quick (then principal and lowmag are None too)
     k: int  # principal subspace size (SPEC 2, 4)
@@ -48,38 +50,44 @@ class StepResult(NamedTuple):
 
 def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = None) -> BaseFactors:
     """The base's SVD and masks; ``hidden``: the model's hidden size, which sets the default k and r.
-    With ``cfg.quick`` only W0 and its bf16 bits: the quick suite measures the update alone."""
-    W0 = W0.double()
+    With ``cfg.quick`` only W0 as stored and its norm: the quick suite measures the update alone."""
     shape = tuple(W0.shape[-2:])
     k, r = cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)
     if cfg.quick:
-        return BaseFactors(W0, M.bf16_bits(W0), None, k, r, None, None, {})
+        norm = torch.stack([torch.linalg.matrix_norm(w.double()) for w in W0])  # one float64 copy at a time
+        return BaseFactors(W0, None, norm, None, k, r, None, None, {})
+    W0 = W0.double()
     # the Gram matrix's eigenvalues and top vectors, cheaper than an SVD; an ill-conditioned base takes the exact
     # SVD. Only the top max(k, r) vectors: intruders (SPEC 8) are mostly decided by them (metrics.intruders)
     top = max(k, r, N_INTRUDER)
     svd = gram_svd(W0, top) if cfg.update_svd != "exact" else exact_svd(W0, top)
-    return BaseFactors(W0, M.bf16_bits(W0), svd, k, r, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha),
-                       M.lowmag_mask(W0, cfg.alpha), {})
+    return BaseFactors(W0, M.bf16_bits(W0), torch.linalg.matrix_norm(W0), svd, k, r,
+                       M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha), {})
 
 
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
                  warm: torch.Tensor | None = None,
                  update: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
     """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7;
-    with ``cfg.quick`` (a base without factors), only those of the update alone (``_update_only``).
+    with ``cfg.quick`` (a base without factors), only those of the update alone (``_quick``).
 
     ``warm``: the previous checkpoint's update subspace (StepResult.VK or UK, the smaller side), a start
     for this one's (subspaces of consecutive updates are close; the result is certified either way).
     ``update``: the update's factors D_t = L R, (L, m, r) and (L, r, n) (a LoRA adapter: scale B, A), when
     known; its spectrum and subspaces then come from the factors, exactly (linalg.factored_svd).
     """
+    if base.svd is None:
+        out, upd = _quick(base, Wt, cfg, warm, update)
+        return StepResult(out, upd.U, upd.V, None, None, None, [upd.method])
     first = Wprev is base.W0  # the interval update is the cumulative one: measured once
     Wt = Wt.double()
     W0 = base.W0
     D = Wt - W0
-    out, changed, upd = _update_only(base, Wt, D, cfg, warm, update)
-    if base.svd is None:
-        return StepResult(out, upd.U, upd.V, None, None, None, [upd.method])
+    out = _counts(W0, D, cfg)
+    changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
+    out["sparsity_bf16"] = 1.0 - M.fraction(changed)
+    upd = _decompose_update(D, cfg, warm, update)
+    _rank(out, upd.S, base.norm)
     k = base.k
     m, n = W0.shape[-2:]
     d = D if first else Wt - Wprev.double()
@@ -112,27 +120,52 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
 
 
-def _update_only(base: BaseFactors, Wt: torch.Tensor, D: torch.Tensor, cfg: AnalysisConfig,
-                 warm: torch.Tensor | None, update: tuple[torch.Tensor, torch.Tensor] | None):
-    """The metrics that need the update and W0's entries but no decomposition of W0 or W_t: bf16 and absolute
-    sparsity (SPEC 1), the update's norm relative to W0's, its rank metrics (SPEC 6) and top-K subspaces (SPEC 7).
-    Returns the values, the bf16 update mask and the update's decomposition."""
+def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
+           update: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], SVD]:
+    """The quick suite: bf16 and absolute sparsity (SPEC 1), the update's rank metrics (SPEC 6), its norm
+    relative to W0's and its top-K subspaces (SPEC 7), from W0 and W_t as stored. By default the update is
+    formed a block at a time (geometry.offline.blocked); LoRA factors, or another ``update_svd``, take it whole."""
     W0 = base.W0
     m, n = W0.shape[-2:]
-    out: dict[str, torch.Tensor] = {}
-    out["n_params"] = torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device)
-    changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
-    out["sparsity_bf16"] = 1.0 - M.fraction(changed)
-    out["sparsity_abs"] = M.fraction(D.abs() <= cfg.abs_tol)  # M.sparsity_abs, D already float64
+    if update is None and cfg.update_svd == "gram":
+        blocks = BlockedUpdate(W0, Wt)
+        gathered = blocks.gather(cfg.abs_tol)
+        out = {"n_params": torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64),
+               "sparsity_bf16": 1.0 - gathered.changed / (m * n), "sparsity_abs": gathered.small / (m * n)}
+        upd = update_svd(blocks, min(cfg.lock_k, m, n), warm, cfg.seed, gathered.gram)
+    else:
+        D = Wt.double() - W0.double()
+        out = _counts(W0, D, cfg)
+        out["sparsity_bf16"] = 1.0 - M.fraction(M.changed_mask(W0, Wt))
+        upd = _decompose_update(D, cfg, warm, update)
+    _rank(out, upd.S, base.norm.to(upd.S.device))
+    return out, upd
+
+
+def _counts(W0: torch.Tensor, D: torch.Tensor, cfg: AnalysisConfig) -> dict[str, torch.Tensor]:
+    """Parameter count and the absolute sparsity variant (SPEC 1) of a float64 update D."""
+    m, n = W0.shape[-2:]
+    return {"n_params": torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device),
+            # M.sparsity_abs without a float64 |D| copy: two bool masks
+            "sparsity_abs": M.fraction((D <= cfg.abs_tol) & (D >= -cfg.abs_tol))}
+
+
+def _decompose_update(D: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
+                      update: tuple[torch.Tensor, torch.Tensor] | None) -> SVD:
+    """The update's full spectrum and top-K subspaces (SPEC 6, 7)."""
+    m, n = D.shape[-2:]
     K = min(cfg.lock_k, m, n)
     if update is not None and K <= update[0].shape[-1]:
-        upd = factored_svd(*update, K)  # exact, D never decomposed densely
-    else:  # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
-        upd = _update_factors(D, K, cfg, warm)  # full spectrum and top-K subspaces of D_t
-    for name, value in zip(M.RankStats._fields, M.rank_stats(upd.S), strict=True):
+        return factored_svd(*update, K)  # exact, D never decomposed densely
+    # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
+    return _update_factors(D, K, cfg, warm)
+
+
+def _rank(out: dict[str, torch.Tensor], S: torch.Tensor, base_norm: torch.Tensor) -> None:
+    """The rank metrics of an update with spectrum S (SPEC 6), and its norm relative to W0's, into ``out``."""
+    for name, value in zip(M.RankStats._fields, M.rank_stats(S), strict=True):
         out[name] = value
-    out["rel_norm"] = out["fro_norm"] / torch.linalg.matrix_norm(W0)
-    return out, changed, upd
+    out["rel_norm"] = out["fro_norm"] / base_norm
 
 
 def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> torch.Tensor:

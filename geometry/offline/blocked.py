@@ -1,0 +1,121 @@
+"""The update D_t = W_t - W0 of a group, formed in float64 a block at a time and never whole.
+
+The quick suite (``AnalysisConfig.quick``) needs of the update only its Gram matrix, its products with thin
+matrices and a few counts. Taken a block of the long side at a time from W0 and W_t as stored, its memory is
+the two stored matrices, one r x r Gram matrix and a block, whatever the matrices' size (a 12288 x 4096
+float64 update alone is 400 MB). Summing the blocks' Gram matrices changes the order of the additions,
+nothing else: the result agrees with the dense path to rounding (tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy.linalg import blas
+
+from geometry import metrics as M
+from geometry.linalg import SVD, exact_svd, singular_values, sym_eig, top_eigvecs
+
+BLOCK_BYTES = 4 << 20  # one float64 block of the update
+
+
+class Pass(NamedTuple):
+    """What one pass over the update's blocks gathers, per matrix (L,)."""
+
+    gram: torch.Tensor  # (L, r, r) D^T D (m >= n) or D D^T
+    changed: torch.Tensor  # entries whose bf16 bit pattern changed (SPEC 1)
+    small: torch.Tensor  # entries with |D| <= tol (the absolute variant of SPEC 1)
+
+
+class BlockedUpdate:
+    """D = Wt - W0 for stored (L, m, n) tensors, visited as blocks of the long side in float64.
+
+    ``long(X)`` is the product of the long side with thin X: D X (m >= n, X (L, n, k)) or D^T X, as the
+    smaller side's Gram matrix needs."""
+
+    def __init__(self, W0: torch.Tensor, Wt: torch.Tensor):
+        self.m, self.n = W0.shape[-2:]
+        self.tall = self.m >= self.n
+        # the long side as rows: D itself when tall, D^T (views, no copy) when wide
+        self.W0, self.Wt = (W0, Wt) if self.tall else (W0.mT, Wt.mT)
+        rows, cols = self.W0.shape[-2:]
+        self.step = max(1, BLOCK_BYTES // (8 * cols * max(1, W0.shape[0])))
+        self.rows = rows
+
+    def blocks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(rows, W0 block, W_t block as stored, D block in float64 (L, b, r))."""
+        for start in range(0, self.rows, self.step):
+            rows = slice(start, min(start + self.step, self.rows))
+            w0, wt = self.W0[:, rows], self.Wt[:, rows]
+            yield rows, w0, wt, wt.double() - w0.double()
+
+    def gather(self, abs_tol: float) -> Pass:
+        """Gram matrix, bf16 changes and small entries, in one pass."""
+        L, r = self.W0.shape[0], self.W0.shape[-1]
+        gram = torch.zeros(L, r, r, dtype=torch.float64, device=self.W0.device)
+        changed = torch.zeros(L, dtype=torch.float64)
+        small = torch.zeros(L, dtype=torch.float64)
+        for _, w0, wt, d in self.blocks():
+            _add_gram(gram, d)
+            changed += M.count(M.changed_mask(w0, wt)).cpu()
+            small += M.count((d <= abs_tol) & (d >= -abs_tol)).cpu()
+        return Pass(_symmetric(gram), changed, small)
+
+    def long(self, X: torch.Tensor) -> torch.Tensor:
+        """(L, rows, k): the long side times X (L, r, k), a block at a time."""
+        out = torch.empty(X.shape[0], self.rows, X.shape[-1], dtype=torch.float64, device=X.device)
+        for rows, _, _, d in self.blocks():
+            out[:, rows] = d @ X
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """D whole, (L, m, n) float64: for the exact fallback only."""
+        D = torch.cat([d for _, _, _, d in self.blocks()], dim=1)
+        return D if self.tall else D.mT
+
+
+def update_svd(upd: BlockedUpdate, K: int, warm: torch.Tensor | None, seed: int, gram: torch.Tensor) -> SVD:
+    """The update's full spectrum and top-K subspaces from its Gram matrix (``linalg.top_eigvecs``, certified),
+    the long side's vectors a block at a time; D is formed whole only when the Gram matrix cannot resolve
+    the top K (the exact SVD, method "subspace->exact")."""
+    try:
+        evals = sym_eig(gram)[0]
+        found = top_eigvecs(gram, evals, K, warm=warm, seed=seed)
+    except torch.linalg.LinAlgError:
+        found = None
+    if found is None:
+        return exact_svd(upd.dense(), K)._replace(method="subspace->exact")
+    X, method = found
+    S = singular_values(evals, resolved_only=True)
+    big = upd.long(X) / S[..., None, :K].clamp_min(torch.finfo(S.dtype).tiny)
+    U, V = (big, X) if upd.tall else (X, big)
+    return SVD(U, S, V, method)
+
+
+def _add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
+    """gram += d^T d for each matrix of the batch, (L, r, r) and (L, b, r); on the CPU by BLAS syrk into the
+    lower triangle in place (no r x r temporary), mirrored by ``_symmetric``."""
+    if gram.device.type != "cpu":
+        gram += d.mT @ d
+        return
+    for g, block in zip(gram.numpy(), d.numpy(), strict=True):
+        # g.T is g's storage read as Fortran order; syrk fills its upper triangle, g's lower; block.T is
+        # the block (C order, b x r) read as a Fortran r x b matrix A, and A A^T = block^T block
+        blas.dsyrk(1.0, block.T, beta=1.0, c=g.T, trans=0, lower=0, overwrite_c=1)
+
+
+def _symmetric(gram: torch.Tensor) -> torch.Tensor:
+    """The lower triangle mirrored into the upper (on the CPU; elsewhere the sum is already symmetric)."""
+    if gram.device.type != "cpu":
+        return gram
+    r = gram.shape[-1]
+    for g in gram.numpy():
+        for i in range(0, r, 256):  # a band of rows at a time: no r x r temporary
+            j = min(i + 256, r)
+            diag = g[i:j, i:j]
+            diag[...] = np.tril(diag) + np.tril(diag, -1).T
+            g[i:j, j:] = g[j:, i:j].T
+    return gram
