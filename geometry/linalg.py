@@ -72,10 +72,11 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).view(*x.shape[:-2], r, r)
 
 
-def sym_eig(G: torch.Tensor, k: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All eigenvalues of symmetric (..., r, r) matrices, descending, and the top-k eigenvectors (..., r, k) in
     the same order (None when k = 0; all r when k > r). float64; raises torch.linalg.LinAlgError when LAPACK
     fails or G is not finite. CPU: LAPACK through scipy (see the module's notes); elsewhere torch's batched eigh.
+    ``overwrite``: G (float64, contiguous) may be destroyed, saving LAPACK a copy of it (CPU).
     """
     G = G.double()
     r = G.shape[-1]
@@ -91,17 +92,18 @@ def sym_eig(G: torch.Tensor, k: int = 0) -> tuple[torch.Tensor, torch.Tensor | N
     vals = np.empty((flat.shape[0], r))
     vecs = np.empty((flat.shape[0], r, k)) if k else None
     for i, g in enumerate(flat):
-        vals[i], v = _lapack_eig(g, k)
+        vals[i], v = _lapack_eig(g, k, overwrite)
         if k:
             vecs[i] = v
     values = torch.from_numpy(vals).view(*G.shape[:-2], r)
     return values, None if vecs is None else torch.from_numpy(vecs).view(*G.shape[:-2], r, k)
 
 
-def _lapack_eig(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _lapack_eig(g: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """One symmetric matrix: all eigenvalues and the top-k eigenvectors, both descending."""
     r = g.shape[0]
-    a = np.array(g, order="F")  # LAPACK overwrites it; g is symmetric, so either triangle is the matrix
+    # LAPACK overwrites its input, in Fortran order: g symmetric, its transpose is the same matrix in that order
+    a = g.T if overwrite and g.flags.c_contiguous else np.array(g, order="F")
     if k == 0 or k >= FULL_EIGH_SHARE * r:
         lw = lapack.dsyevd_lwork(r, compute_v=int(k > 0))
         w, v, info = lapack.dsyevd(a, compute_v=int(k > 0), lower=1, lwork=int(lw[0]), liwork=int(lw[1]),
@@ -166,8 +168,7 @@ def factored_svd(L: torch.Tensor, R: torch.Tensor, k: int) -> SVD:
     return SVD(q1 @ uc[..., :k], full, q2 @ vch.mT[..., :k], "factored")
 
 
-def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True,
-             G: torch.Tensor | None = None) -> SVD:
+def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True) -> SVD:
     """Top-k singular vectors and the full spectrum from the float64 Gram matrix's eigenvalues and top-k
     eigenvectors (``sym_eig``).
 
@@ -175,14 +176,14 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
     Falls back to ``exact_svd`` when the eigensolver fails or the matrix is too ill-conditioned for the Gram
     matrix to hold what is asked: every singular value (``small_values``, as the spectral shift needs),
     or only the top k and their vectors (enough for rank metrics and subspaces of an update, which is
-    often exactly low-rank). ``G``: x's Gram matrix when the caller has it already.
+    often exactly low-rank).
     """
     x = x.double()
     m, n = x.shape[-2:]
     k = min(m, n) if k is None else k
     tall = m >= n
     try:
-        evals, small = sym_eig(gram(x) if G is None else G, k)  # (..., r) descending, (..., r, k)
+        evals, small = sym_eig(gram(x), k, overwrite=True)  # (..., r) descending, (..., r, k)
     except torch.linalg.LinAlgError:
         return _fallback(x, k, "gram")
     S = singular_values(evals, resolved_only=not small_values)

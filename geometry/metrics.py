@@ -17,7 +17,7 @@ from geometry.linalg import degrees, principal_angles, subspace_sim
 __all__ = [
     "bf16_bits", "changed_mask", "fraction", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap",
     "overlap", "principal_mask", "lowmag_mask", "mask_overlap", "RankStats", "rank_stats", "intruders",
-    "subspace_sim", "HILL_K",
+    "intruder_count", "subspace_sim", "HILL_K",
 ]
 
 HILL_K = 10  # SPEC item 6: Hill tail exponent over the top 10 singular values
@@ -120,11 +120,18 @@ def _top_fraction(score: torch.Tensor, alpha: float) -> torch.Tensor:
     thr = _kth_largest(flat, count)  # (..., 1)
     above = flat > thr
     ties = flat == thr
-    need = count - above.sum(-1, keepdim=True)  # (..., 1) how many tied entries still fit, by position
-    if bool((ties.sum(-1, keepdim=True) == need).all()):  # every tie fits (no tie but the threshold: the rule)
+    need = count - _count_last(above)  # (..., 1) how many tied entries still fit, by position
+    if bool((_count_last(ties) == need).all()):  # every tie fits (no tie but the threshold: the rule)
         return (above | ties).view(score.shape)
     mask = above | (ties & (ties.cumsum(-1) <= need))
     return mask.view(score.shape)
+
+
+def _count_last(mask: torch.Tensor) -> torch.Tensor:
+    """True entries along the last dimension, (..., 1) int64 (numpy's count on the CPU, as ``count``)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.asarray(np.count_nonzero(mask.numpy(), axis=-1), dtype=np.int64))[..., None]
+    return mask.sum(-1, keepdim=True)
 
 
 def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -205,6 +212,11 @@ def rank_stats(s: torch.Tensor) -> RankStats:
 
 # --- 8. intruder dimensions --------------------------------------------------------------------
 
+def intruder_count(cos: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """SPEC 8 from the cosines (..., p, 10) of W_t's top-10 left singular vectors with all p of W0's."""
+    return (cos.abs().amax(-2) < threshold).double().sum(-1)
+
+
 def intruders(U0: torch.Tensor, Ut_top: torch.Tensor, threshold: float = 0.5, *, complete: bool = True
               ) -> torch.Tensor:
     """Count of the columns of Ut_top (..., m, 10) whose largest |cos| with any column of U0 (..., m, p)
@@ -216,10 +228,10 @@ def intruders(U0: torch.Tensor, Ut_top: torch.Tensor, threshold: float = 0.5, *,
     below threshold^2 (an intruder). A matrix with an undecided direction is NaN: count it against all of U0.
     """
     cos = U0.double().mT @ Ut_top.double()  # (..., p, 10)
-    best = cos.abs().amax(-2)  # (..., 10)
-    count = (best < threshold).double().sum(-1)
+    count = intruder_count(cos, threshold)
     if complete:
         return count
+    best = cos.abs().amax(-2)  # (..., 10)
     rest = 1.0 - cos.square().sum(-2)  # (..., 10) energy outside span(U0's top p)
     # 1e-9: rounding in the sum of squares must not decide a direction whose rest sits at threshold^2
     decided = (best >= threshold) | (rest < threshold * threshold - 1e-9)

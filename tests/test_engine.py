@@ -199,7 +199,8 @@ def test_intruders_left_undecided_by_the_top_vectors_are_counted_against_all():
     s = np.linspace(4, 1, n)
     W0 = (U * s) @ V.T
     cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=2, device="cpu")
-    for new, want in ((fresh[:, 0], 1.0), (U[:, 29], 0.0)):
+    spread = U[:, 20:30].sum(1) / math.sqrt(10)  # |cos| 0.32 with each of ten later vectors: an intruder
+    for new, want in ((fresh[:, 0], 1.0), (U[:, 29], 0.0), (spread, 1.0)):
         Ut = U.copy()
         Ut[:, 0] = new
         Wt = (Ut * s) @ V.T
@@ -208,6 +209,25 @@ def test_intruders_left_undecided_by_the_top_vectors_are_counted_against_all():
         res = measure_step(base, torch.tensor(Wt)[None], base.W0, cfg)
         assert res.values["intruders"].item() == want == _reference_step(W0, Wt, W0, cfg, 6)["intruders"]
         assert 0 in base.left  # decided against all of W0's vectors, computed once for this matrix
+
+
+def test_intruders_of_a_wide_base_left_undecided_are_counted_against_all():
+    # m < n: W0's left vectors are the Gram matrix's eigenvectors, all of R^m
+    rng = np.random.default_rng(22)
+    m, n = 40, 60
+    U, V = _orthonormal(rng, m, m), _orthonormal(rng, n, m)
+    s = np.linspace(4, 1, m)
+    W0 = (U * s) @ V.T
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=2, device="cpu")
+    spread = U[:, 20:30].sum(1) / math.sqrt(10)
+    for new, want in ((U[:, 29], 0.0), (spread, 1.0)):
+        Ut = U.copy()
+        Ut[:, 0] = new
+        Wt = (Ut * s) @ V.T
+        base = decompose_base(torch.tensor(W0)[None], cfg)
+        res = measure_step(base, torch.tensor(Wt)[None], base.W0, cfg)
+        assert res.values["intruders"].item() == want == _reference_step(W0, Wt, W0, cfg, 6)["intruders"]
+        assert 0 in base.left
 
 
 def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():
