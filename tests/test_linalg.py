@@ -221,6 +221,17 @@ def test_sym_eig_matches_scipy_eigh(k):
         np.testing.assert_allclose((vecs[i] * ref).sum(0).abs().numpy(), 1.0, atol=1e-10)
 
 
+def test_sym_eig_may_overwrite_its_input_with_the_same_result():
+    rng = np.random.default_rng(33)
+    x = torch.tensor(rng.standard_normal((2, 90, 64)))
+    G = gram(x)
+    want = sym_eig(G.clone(), 10)
+    got = sym_eig(G, 10, overwrite=True)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert not torch.equal(G, gram(x))  # LAPACK worked in G's storage: no copy of it was made
+
+
 def test_sym_eig_refuses_a_matrix_with_nan():
     G = torch.eye(4, dtype=torch.float64)[None].repeat(2, 1, 1)
     G[1, 0, 0] = math.nan
