@@ -72,56 +72,94 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).view(*x.shape[:-2], r, r)
 
 
-def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All eigenvalues of symmetric (..., r, r) matrices, descending, and the top-k eigenvectors (..., r, k) in
-    the same order (None when k = 0; all r when k > r). float64; raises torch.linalg.LinAlgError when LAPACK
-    fails or G is not finite. CPU: LAPACK through scipy (see the module's notes); elsewhere torch's batched eigh.
-    ``overwrite``: G (float64, contiguous) may be destroyed, saving LAPACK a copy of it (CPU).
+class SymEig:
+    """The eigenproblem of symmetric (..., r, r) matrices, solved once: ``values`` (all, descending) at once and
+    ``top(k)`` (the top-k eigenvectors, descending) when asked, without solving again.
+
+    CPU: per matrix, LAPACK's tridiagonalisation Q^T G Q = T (sytrd) is kept; the eigenvalues come from T
+    (sterf), and k eigenvectors from T (stemr, MRRR) taken back by Q (ormqr). Elsewhere torch's eigvalsh, then
+    its eigh when vectors are asked. Raises torch.linalg.LinAlgError when LAPACK fails or G is not finite.
+    ``overwrite``: G (float64, contiguous) may be destroyed, saving LAPACK a copy of it (CPU; then ``G`` is
+    gone and ``top`` works from the kept tridiagonalisation alone).
     """
-    G = G.double()
-    r = G.shape[-1]
-    k = min(k, r)
-    if not math.isfinite(G.sum().item()):  # a NaN or Inf entry (or, harmlessly, a sum that overflows)
-        raise torch.linalg.LinAlgError("sym_eig: the matrix holds NaN or Inf")
-    if G.device.type != "cpu":
+
+    def __init__(self, G: torch.Tensor, *, overwrite: bool = False):
+        G = G.double()
+        if not math.isfinite(G.sum().item()):  # a NaN or Inf entry (or, harmlessly, a sum that overflows)
+            raise torch.linalg.LinAlgError("sym_eig: the matrix holds NaN or Inf")
+        self.G, self.r, self.batch = G, G.shape[-1], G.shape[:-2]
+        if G.device.type != "cpu":
+            self.values = torch.linalg.eigvalsh(G).flip(-1)
+            return
+        self._tri = [_tridiagonal(g, overwrite) for g in G.reshape(-1, self.r, self.r).numpy()]
+        self.values = torch.from_numpy(np.stack([t.values for t in self._tri])).view(*self.batch, self.r)
+
+    def top(self, k: int) -> torch.Tensor:
+        """The top-k eigenvectors (..., r, k), descending (all r when k > r)."""
+        k = min(k, self.r)
+        if self.G.device.type != "cpu":
+            return torch.linalg.eigh(self.G)[1].flip(-1)[..., :k]
+        return torch.from_numpy(np.stack([t.top(k) for t in self._tri])).view(*self.batch, self.r, k)
+
+
+class _Tridiagonal:
+    """One matrix's sytrd output: reflectors c and tau, the tridiagonal (d, e), and its eigenvalues."""
+
+    def __init__(self, c: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarray, values: np.ndarray):
+        self.c, self.d, self.e, self.tau, self.values = c, d, e, tau, values
+
+    def top(self, k: int) -> np.ndarray:
+        r = self.d.shape[0]
         if k == 0:
-            return torch.linalg.eigvalsh(G).flip(-1), None
-        evals, evecs = torch.linalg.eigh(G)
-        return evals.flip(-1), evecs.flip(-1)[..., :k]
-    flat = G.reshape(-1, r, r).numpy()
-    vals = np.empty((flat.shape[0], r))
-    vecs = np.empty((flat.shape[0], r, k)) if k else None
-    for i, g in enumerate(flat):
-        vals[i], v = _lapack_eig(g, k, overwrite)
-        if k:
-            vecs[i] = v
-    values = torch.from_numpy(vals).view(*G.shape[:-2], r)
-    return values, None if vecs is None else torch.from_numpy(vecs).view(*G.shape[:-2], r, k)
+            return np.empty((r, 0))
+        found, _, z, info = lapack.dstemr(self.d, np.append(self.e, 0.0), 2, 0.0, 0.0, r - k + 1, r)  # ascending
+        _check(info if found == k else -1, "dstemr")
+        z = z[:, :k]
+        # back to G's basis: Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal
+        if r > 1:
+            z[1:], _, info = lapack.dormqr("L", "N", self.c[1:, : r - 1], self.tau, z[1:], lwork=max(1, 64 * k))
+            _check(info, "dormqr")
+        return z[:, ::-1]
 
 
-def _lapack_eig(g: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """One symmetric matrix: all eigenvalues and the top-k eigenvectors, both descending."""
+def _tridiagonal(g: np.ndarray, overwrite: bool) -> _Tridiagonal:
     r = g.shape[0]
     # LAPACK overwrites its input, in Fortran order: g symmetric, its transpose is the same matrix in that order
     a = g.T if overwrite and g.flags.c_contiguous else np.array(g, order="F")
-    if k == 0 or k >= FULL_EIGH_SHARE * r:
-        lw = lapack.dsyevd_lwork(r, compute_v=int(k > 0))
-        w, v, info = lapack.dsyevd(a, compute_v=int(k > 0), lower=1, lwork=int(lw[0]), liwork=int(lw[1]),
-                                   overwrite_a=1)
-        _check(info, "dsyevd")
-        return w[::-1], (v[:, ::-1][:, :k] if k else None)
     lw, info = lapack.dsytrd_lwork(r, lower=1)
     c, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=int(lw), overwrite_a=1)  # Q^T G Q = tridiag(d, e)
     _check(info, "dsytrd")
     w, info = lapack.dsterf(d.copy(), e.copy())  # every eigenvalue, ascending
     _check(info, "dsterf")
-    found, _, z, info = lapack.dstemr(d, np.append(e, 0.0), 2, 0.0, 0.0, r - k + 1, r)  # top k, ascending
-    _check(info if found == k else -1, "dstemr")
-    z = z[:, :k]
-    # back to G's basis: Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal
-    z[1:], _, info = lapack.dormqr("L", "N", c[1:, : r - 1], tau, z[1:], lwork=max(1, 64 * k))
-    _check(info, "dormqr")
-    return w[::-1], z[:, ::-1]
+    return _Tridiagonal(c, d, e, tau, w[::-1].copy())
+
+
+def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All eigenvalues of symmetric (..., r, r) matrices, descending, and the top-k eigenvectors (..., r, k) in
+    the same order (None when k = 0; all r when k > r): ``SymEig``, or on the CPU a full eigh (syevd) where
+    more than ``FULL_EIGH_SHARE`` of the vectors are asked. Raises torch.linalg.LinAlgError as ``SymEig``.
+    """
+    G = G.double()
+    r = G.shape[-1]
+    k = min(k, r)
+    if G.device.type == "cpu" and k >= FULL_EIGH_SHARE * r and k > 0:
+        if not math.isfinite(G.sum().item()):
+            raise torch.linalg.LinAlgError("sym_eig: the matrix holds NaN or Inf")
+        pairs = [_full_eig(g, k, overwrite) for g in G.reshape(-1, r, r).numpy()]
+        return (torch.from_numpy(np.stack([w for w, _ in pairs])).view(*G.shape[:-2], r),
+                torch.from_numpy(np.stack([v for _, v in pairs])).view(*G.shape[:-2], r, k))
+    eig = SymEig(G, overwrite=overwrite)
+    return eig.values, (eig.top(k) if k else None)
+
+
+def _full_eig(g: np.ndarray, k: int, overwrite: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One symmetric matrix by syevd (divide and conquer): all eigenvalues and the top-k vectors, descending."""
+    r = g.shape[0]
+    a = g.T if overwrite and g.flags.c_contiguous else np.array(g, order="F")
+    lw = lapack.dsyevd_lwork(r, compute_v=1)
+    w, v, info = lapack.dsyevd(a, compute_v=1, lower=1, lwork=int(lw[0]), liwork=int(lw[1]), overwrite_a=1)
+    _check(info, "dsyevd")
+    return w[::-1].copy(), v[:, ::-1][:, :k].copy()
 
 
 def _check(info: int, routine: str) -> None:
@@ -206,43 +244,43 @@ def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: 
     m, n = x.shape[-2:]
     tall = m >= n
     try:
-        G = gram(x)  # (..., r, r)
-        evals = sym_eig(G)[0]  # (..., r) descending
-        found = top_eigvecs(G, evals, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed)
+        eig = SymEig(gram(x))
+        found = top_eigvecs(eig, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed)
     except torch.linalg.LinAlgError:
         found = None
     if found is None:
         return _fallback(x, k, "subspace")
     X, method = found
-    S = singular_values(evals, resolved_only=True)
+    S = singular_values(eig.values, resolved_only=True)
     # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
     big = (x @ X if tall else x.mT @ X) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
     U, V = (big, X) if tall else (X, big)
     return SVD(U, S, V, method)
 
 
-def top_eigvecs(G: torch.Tensor, evals: torch.Tensor, k: int, *, warm: torch.Tensor | None = None,
-                tol: float = 1e-7, max_iter: int = 60, seed: int = 0) -> tuple[torch.Tensor, str] | None:
-    """The top-k eigenvectors (..., r, k), descending, of Gram matrices G (..., r, r) whose eigenvalues
-    ``evals`` (descending) are known, and how they were found; None when G cannot resolve them (s_k below
-    ~1e-6 s1: the caller takes the exact SVD). Needs G only, not the matrix it came from.
+def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: float = 1e-7, max_iter: int = 60,
+                seed: int = 0) -> tuple[torch.Tensor, str] | None:
+    """The top-k eigenvectors (..., r, k), descending, of Gram matrices G (..., r, r) whose eigenproblem ``eig``
+    has its eigenvalues, and how they were found; None when G cannot resolve them (s_k below ~1e-6 s1: the
+    caller takes the exact SVD). Needs G only, not the matrix it came from.
 
     By subspace iteration with Rayleigh-Ritz, certified against the exact eigenvalues with Davis-Kahan's
     sin-theta bound (Davis & Kahan 1970; Saad 2011, Thm 4.11): with Ritz pairs (X, theta) and residual
     R = G X - X diag(theta), ||sin Theta(X, top-k eigenspace)||_F <= ||R||_F / (theta_k - lambda_{k+1}).
     Iteration stops once every matrix's bound is below ``tol`` (Sim_K then moves by at most ~2 tol), method
     "subspace". A matrix that has not got there in ``max_iter`` steps, or whose gap lambda_k - lambda_{k+1}
-    vanishes, takes ``sym_eig``'s vectors ("subspace->gram"); so does one where the iteration cannot win on
-    cost ("gram"). ``warm``: a start (..., r, >= k), e.g. the previous checkpoint's vectors; else a seeded
+    vanishes, takes ``eig``'s own vectors ("subspace->gram", no second solve); so does one where the iteration
+    cannot win on cost ("gram"). ``warm``: a start (..., r, >= k), e.g. the previous checkpoint's vectors; else a seeded
     Gaussian one. Costs a few r x r x 2k products instead of the eigenvectors' share of ``sym_eig``.
     """
+    G, evals = eig.G, eig.values
     r = G.shape[-1]
     tiny = torch.finfo(G.dtype).tiny
 
     def eigh(method: str):
         if not _well_conditioned(singular_values(evals[..., :k])):
             return None
-        return sym_eig(G, k)[1], method
+        return eig.top(k), method
 
     if 2 * k + 8 >= r:  # no room for a block much wider than k: eigh is as cheap
         return eigh("gram")

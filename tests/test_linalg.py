@@ -21,6 +21,7 @@ from geometry.linalg import (
     singular_values,
     spectrum,
     subspace_sim,
+    SymEig,
     sym_eig,
 )
 
@@ -230,6 +231,33 @@ def test_sym_eig_may_overwrite_its_input_with_the_same_result():
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
     assert not torch.equal(G, gram(x))  # LAPACK worked in G's storage: no copy of it was made
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_sym_eig_object_gives_values_then_any_top_vectors_from_one_solve(overwrite):
+    rng = np.random.default_rng(34)
+    x = torch.tensor(rng.standard_normal((2, 80, 50)) * np.linspace(3, 0.2, 50))
+    G = gram(x)
+    w_ref, v_ref = (torch.tensor(a.copy()) for a in np.linalg.eigh(G.numpy()))
+    eig = SymEig(G, overwrite=overwrite)
+    torch.testing.assert_close(eig.values, w_ref.flip(-1), rtol=0, atol=1e-12 * w_ref.max().item())
+    for k in (3, 20, 50):  # after G may be gone: the kept tridiagonalisation is enough
+        v = eig.top(k)
+        np.testing.assert_allclose((v * v_ref.flip(-1)[..., :k]).sum(-2).abs().numpy(), 1.0, atol=1e-10)
+
+
+def test_gram_top_solves_each_eigenproblem_once(monkeypatch):
+    # a flat spectrum: the iteration cannot win, so gram_top takes eigenvectors from the solve it already made
+    import geometry.linalg as linalg
+
+    calls = []
+    real = linalg._tridiagonal
+    monkeypatch.setattr(linalg, "_tridiagonal", lambda g, overwrite: calls.append(1) or real(g, overwrite))
+    x = torch.tensor(np.random.default_rng(35).standard_normal((3, 120, 100)))
+    res = gram_top(x, 8)
+    assert res.method == "gram" and len(calls) == 3
+    ref = exact_svd(x, 8)
+    assert (1 - subspace_sim(res.V, ref.V) < 1e-10).all()
 
 
 def test_sym_eig_refuses_a_matrix_with_nan():

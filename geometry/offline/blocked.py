@@ -17,7 +17,7 @@ import torch
 from scipy.linalg import blas
 
 from geometry import metrics as M
-from geometry.linalg import SVD, exact_svd, singular_values, sym_eig, top_eigvecs
+from geometry.linalg import SVD, SymEig, exact_svd, singular_values, top_eigvecs
 
 BLOCK_BYTES = 4 << 20  # one float64 block of the update
 
@@ -82,14 +82,14 @@ def update_svd(upd: BlockedUpdate, K: int, warm: torch.Tensor | None, seed: int,
     the long side's vectors a block at a time; D is formed whole only when the Gram matrix cannot resolve
     the top K (the exact SVD, method "subspace->exact")."""
     try:
-        evals = sym_eig(gram)[0]
-        found = top_eigvecs(gram, evals, K, warm=warm, seed=seed)
+        eig = SymEig(gram)
+        found = top_eigvecs(eig, K, warm=warm, seed=seed)
     except torch.linalg.LinAlgError:
         found = None
     if found is None:
         return exact_svd(upd.dense(), K)._replace(method="subspace->exact")
     X, method = found
-    S = singular_values(evals, resolved_only=True)
+    S = singular_values(eig.values, resolved_only=True)
     big = upd.long(X) / S[..., None, :K].clamp_min(torch.finfo(S.dtype).tiny)
     U, V = (big, X) if upd.tall else (X, big)
     return SVD(U, S, V, method)
