@@ -169,7 +169,9 @@ def test_quick_suite_takes_the_exact_svd_when_the_gram_matrix_cannot_resolve_the
     W0 = torch.tensor(rng.standard_normal((1, 50, 30)))
     Wt = W0 + torch.tensor(1e-3 * rng.standard_normal((1, 50, 2)) @ rng.standard_normal((1, 2, 30)))
     quick = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=True)
+    before = Wt.clone()
     res = measure_step(decompose_base(W0, quick), Wt, W0, quick)
+    assert torch.equal(Wt, before)  # float64 weights are read, not written (the update is a copy)
     assert res.methods == ["subspace->exact"]
     ref = _reference_step(W0[0].numpy(), Wt[0].numpy(), W0[0].numpy(), quick, 6)
     for name in ("stable_rank", "fro_norm", "rel_norm", "sparsity_bf16"):

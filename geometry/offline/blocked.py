@@ -44,13 +44,22 @@ class BlockedUpdate:
         rows, cols = self.W0.shape[-2:]
         self.step = max(1, BLOCK_BYTES // (8 * cols * max(1, W0.shape[0])))
         self.rows = rows
+        self._whole: torch.Tensor | None = None
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(rows, W0 block, W_t block as stored, D block in float64 (L, b, r))."""
+        """(rows, W0 block, W_t block as stored, D block in float64 (L, b, r)). An update that is one block is
+        formed once and kept (it is within the block budget)."""
+        if self._whole is not None:
+            yield slice(0, self.rows), self.W0, self.Wt, self._whole
+            return
         for start in range(0, self.rows, self.step):
             rows = slice(start, min(start + self.step, self.rows))
             w0, wt = self.W0[:, rows], self.Wt[:, rows]
-            yield rows, w0, wt, wt.double() - w0.double()
+            d = wt.to(torch.float64, copy=True)  # a copy even when W_t is float64 already: d is written next
+            d -= w0  # in place, W0's block widened inside the kernel: no float64 copy of it
+            if rows.stop - rows.start == self.rows:
+                self._whole = d
+            yield rows, w0, wt, d
 
     def gather(self, abs_tol: float) -> Pass:
         """Gram matrix, bf16 changes and small entries, in one pass."""
