@@ -109,10 +109,10 @@ def naive(root: Path, ckpts: list[Path], k_of) -> dict:
     return out
 
 
-def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False) -> None:
+def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, device: str = "cpu") -> None:
     """Each matrix read once (by groups of one shape, as ours reads), and the spectra the suite cannot do
     without as float64 Gram eigenvalues by ours' kernels: W0 once, W_t, D_t and d_t (where it is not D_t) at
-    each checkpoint; ``quick``: D_t only. Nothing else."""
+    each checkpoint; ``quick``: D_t only; on ``device``, as ours. Nothing else."""
     from geometry.linalg import gram, sym_eig
     from geometry.offline.engine import group_size
     from geometry.offline.sources import open_source
@@ -126,12 +126,12 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False) 
         size = group_size(shape, memory_mb)
         for i in range(0, len(keys), size):
             group = keys[i:i + size]
-            W0 = torch.stack([base.read(k) for k in group]).double()
+            W0 = torch.stack([base.read(k) for k in group]).to(device).double()
             if not quick:
                 sym_eig(gram(W0))
             prev = W0
             for src in sources:
-                Wt = torch.stack([src.read(k) for k in group]).double()
+                Wt = torch.stack([src.read(k) for k in group]).to(device).double()
                 spectra = [Wt - W0] if quick else [Wt, Wt - W0] + ([Wt - prev] if prev is not W0 else [])
                 for x in spectra:
                     sym_eig(gram(x))
@@ -235,7 +235,7 @@ def _contend(args) -> None:
     root = Path(args.root)
     ckpts = [Path(c) for c in json.loads(args.ckpts)]
     if args.worker in ("floor", "floor-quick"):
-        floor(root, ckpts, args.memory_mb, quick=args.worker == "floor-quick")
+        floor(root, ckpts, args.memory_mb, quick=args.worker == "floor-quick", device=args.device)
     elif args.worker in ("ours", "ours-quick"):
         ours(root, ckpts, args.device, args.memory_mb, Path(args.out), quick=args.worker == "ours-quick")
     elif args.worker == "naive":
