@@ -110,6 +110,51 @@ def test_bare_file_bf16_and_row_reads(tmp_path):
     assert torch.equal(src.read("a.weight"), w) and torch.equal(src.read("a.weight", slice(2, 5)), w[2:5])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_reads_equal_the_safetensors_library_and_map_nothing(tmp_path, dtype):
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"a.weight": torch.randn(7, 5, generator=g).to(dtype), "b.weight": torch.randn(3, 9, generator=g).to(dtype),
+               "bias": torch.randn(4, generator=g).to(dtype)}
+    f = tmp_path / "m.safetensors"
+    save_file(tensors, str(f))
+    src = open_source(f)
+    with safe_open(str(f), framework="pt") as lib:
+        for name in tensors:
+            assert torch.equal(src.read(name), lib.get_tensor(name)), name
+        for rows in (slice(0, 7), slice(2, 5), slice(6, 9), slice(4, 4), slice(1, None, 2)):
+            assert torch.equal(src.read("a.weight", rows), lib.get_slice("a.weight")[rows]), rows
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # nothing of the file stays mapped once read
+        assert str(f) not in maps.read_text()
+
+
+def test_a_file_cut_after_it_was_opened_is_one_line_error(tmp_path):
+    f = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.randn(64, 64)}, str(f))
+    src = open_source(f)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])  # the tensor loses its tail: a short read, not a fault
+    with pytest.raises(GeometryError, match="truncated"):
+        src.read("a.weight")
+    assert torch.equal(src.read("a.weight", slice(0, 10)), torch.frombuffer(bytearray(data[-64 * 64 * 4:]),
+                                                                        dtype=torch.float32).view(64, 64)[:10])
+
+
+def test_long_reads_in_several_parts(tmp_path, monkeypatch):
+    # Linux returns at most ~2 GiB a read: the reader goes on from where a short read stopped
+    import os
+
+    f = tmp_path / "m.safetensors"
+    w = torch.randn(50, 40)
+    save_file({"a.weight": w}, str(f))
+    src = open_source(f)
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:1000]], off))
+    assert torch.equal(src.read("a.weight"), w)
+
+
 @pytest.mark.parametrize("cut", ["tail", "header", "garbage", "empty"])
 def test_corrupt_safetensors_is_one_line_error(llama, tmp_path, cut):
     data = (llama[0] / "model.safetensors").read_bytes()

@@ -75,9 +75,9 @@ def _check_tiling(spans: list[tuple[int, int, str]], data_bytes: int) -> None:
         raise ValueError(f"the tensors end at byte {at} of the data, but the file holds {data_bytes}")
 
 
-def parse(data_bytes: int, header: bytes) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype code) from the JSON header of a file whose data part is data_bytes long;
-    ValueError when the header is not one the format allows."""
+def parse(data_bytes: int, header: bytes) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """name -> (shape, dtype code, first byte within the data part) from the JSON header of a file whose data
+    part is data_bytes long; ValueError when the header is not one the format allows."""
     try:
         doc = json.loads(header.decode("utf-8"), object_pairs_hook=_unique_keys)
     except RecursionError:
@@ -92,15 +92,15 @@ def parse(data_bytes: int, header: bytes) -> dict[str, tuple[tuple[int, ...], st
     tensors, spans = {}, []
     for name, info in doc.items():
         shape, dtype, begin, end = _entry(name, info)
-        tensors[name] = (shape, dtype)
+        tensors[name] = (shape, dtype, begin)
         spans.append((begin, end, name))
     _check_tiling(spans, data_bytes)
     return tensors
 
 
-def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype code) of a safetensors file, checked; GeometryError naming the file otherwise.
-    Reads at most the 8-byte length plus MAX_HEADER_BYTES."""
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """name -> (shape, dtype code, first byte in the file) of a safetensors file, checked; GeometryError naming
+    the file otherwise. Reads at most the 8-byte length plus MAX_HEADER_BYTES."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, 2)
@@ -113,7 +113,7 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 raise ValueError(f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the {size - 8} bytes after it")
-            return parse(size - 8 - n, f.read(n))
+            return {k: (shape, dtype, 8 + n + begin) for k, (shape, dtype, begin) in parse(size - 8 - n, f.read(n)).items()}
     except OSError as e:
         raise GeometryError(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError too

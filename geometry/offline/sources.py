@@ -9,6 +9,8 @@ loaded, so they are refused unless the caller opts in, and are then read with ``
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -67,10 +69,33 @@ class _SafetensorsFile:
         return dtype
 
     def read(self, name: str, rows: slice | None) -> torch.Tensor:
-        # Opened per read: a file kept mapped would keep every page it ever served resident, and memory
-        # would grow with the number of checkpoints an analysis visits.
-        with safe_open(str(self.path), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
+        """The tensor, or a range of its rows, read with one positioned read into its own buffer at the offset
+        the checked header gives: nothing mapped, so no file page stays resident after it, and a file cut short
+        since it was opened is a short read and one line, not a fault (a mapping would take SIGBUS)."""
+        shape, _, start = self.meta[name]
+        dtype = self.dtype(name)
+        first, count = 0, (shape[0] if shape else 1)
+        if rows is not None:
+            first, stop, step = rows.indices(shape[0])
+            if step != 1:  # not a fused split's contiguous range: the library slices it
+                with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                    return handle.get_slice(name)[rows]
+            count = max(0, stop - first)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+        buf = torch.empty(count * row_bytes, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
+        try:
+            with open(self.path, "rb") as f:
+                while got < len(view):  # one read returns at most ~2 GiB on Linux: a larger tensor takes several
+                    n = os.preadv(f.fileno(), [view[got:]], start + first * row_bytes + got)
+                    if n == 0:
+                        break
+                    got += n
+        except OSError as e:
+            raise GeometryError(f"{self.path}: cannot read tensor {name} ({e.strerror or e})") from None
+        if got != len(view):
+            raise GeometryError(f"{self.path}: truncated: tensor {name} ends past the end of the file")
+        return buf.view(dtype).reshape((count, *shape[1:]) if shape else ())
 
 
 class _PickleFile:
