@@ -57,3 +57,18 @@ def test_mask_selection_on_cuda_equals_the_sort():
         count = math.ceil(alpha * 1200 * (1 - 1e-12))
         np.testing.assert_array_equal(M.lowmag_mask(W0.cuda(), alpha).cpu().numpy(),
                                       M._top_fraction_sorted(-W0.abs(), count).numpy())
+
+
+@pytest.mark.parametrize("m, n", [(96, 64), (64, 96)])
+def test_quick_suite_on_cuda_matches_cpu(m, n, monkeypatch):
+    # the blocked update (several blocks) and SymEig's CUDA branch, against the same on the CPU
+    import geometry.offline.blocked as blocked
+
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * max(m, n) * 3 * 10)
+    cfg = AnalysisConfig(principal_k=8, lock_k=4, mask_rank=4, quick=True)
+    W0, _, Wt = _stack(3, 3, m, n)
+    res = {dev: measure_step(decompose_base(W0.to(dev), cfg), Wt.to(dev), W0.to(dev), cfg) for dev in ("cpu", "cuda")}
+    for name, value in res["cpu"].values.items():
+        np.testing.assert_allclose(res["cuda"].values[name].cpu().numpy(), value.numpy(), rtol=1e-7, atol=1e-9,
+                                   err_msg=name)
+    assert (1 - subspace_sim(res["cuda"].VK.cpu(), res["cpu"].VK) < 1e-10).all()
