@@ -97,6 +97,21 @@ def test_dora_and_other_adapter_types_are_refused_with_one_line(tmp_path):
                                                                            .iterdir())
 
 
+def test_gradient_projection_refuses_a_peft_model_in_one_line(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from geometry.capture.callbacks import GradientProjectionCallback
+
+    data = Dataset.from_dict({"input_ids": [[1, 5, 6, 7, 2]] * 8, "labels": [[1, 5, 6, 7, 2]] * 8})
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no")
+    trainer = Trainer(model=lora(tiny_llama()), args=args, train_dataset=data,
+                      callbacks=[GradientProjectionCallback(start_frac=0.5, lock_k=2)])
+    with pytest.raises(GeometryError, match="peft \\(LoRA\\) models are not supported") as err:
+        trainer.train()
+    assert "\n" not in str(err.value)
+
+
 def test_sft_trainer_with_peft_config_records_the_adapters(tmp_path):
     """TRL SFTTrainer(peft_config=LoraConfig(...)): the trained adapters' D = s B A is what the store holds, at
     every step, and the merged final snapshot equals the frozen base plus it."""

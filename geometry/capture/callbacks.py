@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from geometry.capture.adapters import is_peft
 from geometry.capture.distributed import is_sharded, is_writer
 from geometry.capture.layout import check_writable
 from geometry.capture.recorder import Live, Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
@@ -183,6 +184,12 @@ class GradientProjectionCallback(TrainerCallback):
             # p.grad is a shard (FSDP) or absent before on_pre_optimizer_step (DeepSpeed steps in backward)
             raise GeometryError("GradientProjectionCallback: sharded or DeepSpeed-managed gradients are not "
                                 "supported; use a single process or DDP")
+        if is_peft(model) or is_peft(unwrap(model)):
+            # what trains is the adapters' factors A and B, not W: SPEC 9 fixes the subspace of W's update and
+            # projects W's gradient, which a LoRA model does not have
+            raise GeometryError("GradientProjectionCallback: peft (LoRA) models are not supported: their gradients "
+                                "are the adapters' factors, not the weights' (train the full weights to project, "
+                                "or measure the LoRA run with GeometryCallback)")
         self.start_step = max(1, round(self.start_frac * state.max_steps))
         self._params = select_parameters(unwrap(model), self.select)
         self._w0 = {n: p.detach().to("cpu", copy=True) for n, p in self._params.items()}
