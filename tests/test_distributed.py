@@ -24,16 +24,7 @@ CONFIG = dict(snapshot_every=3, lock_k=4, oversample=4)
 MODES = ("ddp", "fsdp2", "fsdp1")
 
 # Model, data and loop shared by the workers and the single-process reference (exec'd in both).
-COMMON = textwrap.dedent("""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def tiny_llama():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-        return LlamaForCausalLM(cfg)
-
+COMMON = workers.tiny_llama_source(2) + textwrap.dedent("""
     def batch(step):  # the same batch on every rank: DDP / FSDP average two equal gradients
         g = torch.Generator().manual_seed(step)
         x = torch.randint(0, 64, (4, 12), generator=g)

@@ -10,6 +10,7 @@ import scipy.linalg as sl
 import torch
 
 from geometry.linalg import (
+    SymEig,
     degrees,
     exact_svd,
     factored_svd,
@@ -21,7 +22,6 @@ from geometry.linalg import (
     singular_values,
     spectrum,
     subspace_sim,
-    SymEig,
     sym_eig,
 )
 

@@ -115,8 +115,8 @@ def test_reads_equal_the_safetensors_library_and_map_nothing(tmp_path, dtype):
     from safetensors import safe_open
 
     g = torch.Generator().manual_seed(3)
-    tensors = {"a.weight": torch.randn(7, 5, generator=g).to(dtype), "b.weight": torch.randn(3, 9, generator=g).to(dtype),
-               "bias": torch.randn(4, generator=g).to(dtype)}
+    tensors = {"a.weight": torch.randn(7, 5, generator=g).to(dtype),
+               "b.weight": torch.randn(3, 9, generator=g).to(dtype), "bias": torch.randn(4, generator=g).to(dtype)}
     f = tmp_path / "m.safetensors"
     save_file(tensors, str(f))
     src = open_source(f)

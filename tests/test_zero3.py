@@ -25,16 +25,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is not installed: pip install
 STEPS = 4
 CONFIG = dict(snapshot_every=2, lock_k=4, oversample=4)
 
-COMMON = textwrap.dedent("""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def tiny_llama():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-        return LlamaForCausalLM(cfg)
-
+COMMON = workers.tiny_llama_source(1) + textwrap.dedent("""
     def loss(model, step):  # the same batch on every rank: ZeRO averages two equal gradients
         x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(step))
         return model(input_ids=x, labels=x).loss

@@ -4,11 +4,26 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).parent.parent
+
+
+def tiny_llama_source(layers: int) -> str:
+    """Source of ``tiny_llama()``, the seeded model every worker and its single-process reference build."""
+    return textwrap.dedent(f"""
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        def tiny_llama():
+            torch.manual_seed(0)
+            cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers={layers},
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+            return LlamaForCausalLM(cfg)
+    """)
 
 
 def free_port() -> int:

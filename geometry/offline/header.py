@@ -113,7 +113,8 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
                 raise ValueError(f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the {size - 8} bytes after it")
-            return {k: (shape, dtype, 8 + n + begin) for k, (shape, dtype, begin) in parse(size - 8 - n, f.read(n)).items()}
+            tensors = parse(size - 8 - n, f.read(n))
+            return {k: (shape, dtype, 8 + n + begin) for k, (shape, dtype, begin) in tensors.items()}
     except OSError as e:
         raise GeometryError(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError too
