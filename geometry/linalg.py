@@ -84,9 +84,7 @@ class SymEig:
     """
 
     def __init__(self, G: torch.Tensor, *, overwrite: bool = False):
-        G = G.double()
-        if not math.isfinite(G.sum().item()):  # a NaN or Inf entry (or, harmlessly, a sum that overflows)
-            raise torch.linalg.LinAlgError("sym_eig: the matrix holds NaN or Inf")
+        G = _finite(G.double())
         self.G, self.r, self.batch = G, G.shape[-1], G.shape[:-2]
         if G.device.type != "cpu":
             self.values = torch.linalg.eigvalsh(G).flip(-1)
@@ -122,10 +120,20 @@ class _Tridiagonal:
         return z[:, ::-1]
 
 
+def _finite(G: torch.Tensor) -> torch.Tensor:
+    if not math.isfinite(G.sum().item()):  # a NaN or Inf entry (or, harmlessly, a sum that overflows)
+        raise torch.linalg.LinAlgError("sym_eig: the matrix holds NaN or Inf")
+    return G
+
+
+def _lapack_input(g: np.ndarray, overwrite: bool) -> np.ndarray:
+    """What LAPACK may overwrite, in Fortran order: g symmetric, its transpose is the same matrix in that order."""
+    return g.T if overwrite and g.flags.c_contiguous else np.array(g, order="F")
+
+
 def _tridiagonal(g: np.ndarray, overwrite: bool) -> _Tridiagonal:
     r = g.shape[0]
-    # LAPACK overwrites its input, in Fortran order: g symmetric, its transpose is the same matrix in that order
-    a = g.T if overwrite and g.flags.c_contiguous else np.array(g, order="F")
+    a = _lapack_input(g, overwrite)
     lw, info = lapack.dsytrd_lwork(r, lower=1)
     c, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=int(lw), overwrite_a=1)  # Q^T G Q = tridiag(d, e)
     _check(info, "dsytrd")
@@ -143,8 +151,7 @@ def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[to
     r = G.shape[-1]
     k = min(k, r)
     if G.device.type == "cpu" and k >= FULL_EIGH_SHARE * r and k > 0:
-        if not math.isfinite(G.sum().item()):
-            raise torch.linalg.LinAlgError("sym_eig: the matrix holds NaN or Inf")
+        _finite(G)
         pairs = [_full_eig(g, k, overwrite) for g in G.reshape(-1, r, r).numpy()]
         return (torch.from_numpy(np.stack([w for w, _ in pairs])).view(*G.shape[:-2], r),
                 torch.from_numpy(np.stack([v for _, v in pairs])).view(*G.shape[:-2], r, k))
@@ -155,7 +162,7 @@ def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[to
 def _full_eig(g: np.ndarray, k: int, overwrite: bool) -> tuple[np.ndarray, np.ndarray]:
     """One symmetric matrix by syevd (divide and conquer): all eigenvalues and the top-k vectors, descending."""
     r = g.shape[0]
-    a = g.T if overwrite and g.flags.c_contiguous else np.array(g, order="F")
+    a = _lapack_input(g, overwrite)
     lw = lapack.dsyevd_lwork(r, compute_v=1)
     w, v, info = lapack.dsyevd(a, compute_v=1, lower=1, lwork=int(lw[0]), liwork=int(lw[1]), overwrite_a=1)
     _check(info, "dsyevd")

@@ -36,13 +36,12 @@ def changed_mask(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     return bf16_bits(w0) != bf16_bits(wt)
 
 
-def count(mask: torch.Tensor) -> torch.Tensor:
-    """True entries of a bool (..., m, n) per matrix, float64 (...). On the CPU by numpy's count_nonzero,
-    a dozen times faster than torch's there (measured: 11.5M entries, 3.5 ms against 45 ms)."""
+def count(mask: torch.Tensor, dim: int | tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """True entries of a bool tensor along ``dim`` (per matrix by default), float64. On the CPU by numpy's
+    count_nonzero, a dozen times faster than torch's there (measured: 11.5M entries, 3.5 ms against 45 ms)."""
     if mask.device.type == "cpu":
-        counted = np.count_nonzero(mask.numpy(), axis=(-2, -1))
-        return torch.from_numpy(np.asarray(counted, dtype=np.float64)).reshape(mask.shape[:-2])
-    return mask.count_nonzero((-2, -1)).double()
+        return torch.from_numpy(np.asarray(np.count_nonzero(mask.numpy(), axis=dim), dtype=np.float64))
+    return mask.count_nonzero(dim).double()
 
 
 def fraction(mask: torch.Tensor) -> torch.Tensor:
@@ -128,10 +127,8 @@ def _top_fraction(score: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _count_last(mask: torch.Tensor) -> torch.Tensor:
-    """True entries along the last dimension, (..., 1) int64 (numpy's count on the CPU, as ``count``)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.asarray(np.count_nonzero(mask.numpy(), axis=-1), dtype=np.int64))[..., None]
-    return mask.sum(-1, keepdim=True)
+    """True entries along the last dimension, (..., 1)."""
+    return count(mask, -1)[..., None]
 
 
 def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
