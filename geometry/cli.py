@@ -11,6 +11,7 @@ import sys
 import typing
 
 from geometry.errors import GeometryError
+from geometry.offline import threads
 
 EXIT_BAD_INPUT = 2
 EXIT_SIGNAL = 128  # + the signal number, as a shell reports a process a signal ended
@@ -221,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"geometry: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
-        return _interrupted(_received[0] if _received else signal.SIGTERM if isinstance(e, _Terminated)
+        code = _interrupted(_received[0] if _received else signal.SIGTERM if isinstance(e, _Terminated)
                             else signal.SIGINT)
+        threads.leave_if_busy(code)
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

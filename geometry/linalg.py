@@ -14,7 +14,7 @@ Fast paths, each with the check that sends it back to the exact path:
   falls back to ``exact_svd``.
 
 On the CPU the two kernels under every path, the Gram matrix and its symmetric eigenproblem, go to
-BLAS/LAPACK through numpy and scipy, a matrix at a time (``gram``, ``sym_eig``): syrk forms a Gram
+BLAS/LAPACK through numpy and ``geometry.lapack`` (scipy's LAPACK, GIL released), a matrix at a time (``gram``, ``sym_eig``): syrk forms a Gram
 matrix in half a general product's flops, and all eigenvalues with only the top-k eigenvectors take one
 tridiagonalisation (sytrd), the eigenvalues of the tridiagonal (sterf), k of its eigenvectors (stemr, MRRR)
 and a back-transformation (ormqr), instead of a full eigh. Measured on one core, a 2816 x 1024 float64
@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
+
+from geometry import lapack
 
 # Below this ratio s_min / s_max a Gram matrix has lost the small singular values (sqrt(eps64) ~ 1.5e-8),
 # with a margin so that those it keeps are accurate to well under SPEC's 1% on the NSS.
@@ -110,13 +111,7 @@ class _Tridiagonal:
         r = self.d.shape[0]
         if k == 0:
             return np.empty((r, 0))
-        found, _, z, info = lapack.dstemr(self.d, np.append(self.e, 0.0), 2, 0.0, 0.0, r - k + 1, r)  # ascending
-        _check(info if found == k else -1, "dstemr")
-        z = z[:, :k]
-        # back to G's basis: Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal
-        if r > 1:
-            z[1:], _, info = lapack.dormqr("L", "N", self.c[1:, : r - 1], self.tau, z[1:], lwork=max(1, 64 * k))
-            _check(info, "dormqr")
+        z = lapack.ormtr(self.c, self.tau, lapack.stemr(self.d, self.e, r - k + 1, r))  # ascending, G's basis
         return z[:, ::-1]
 
 
@@ -132,14 +127,10 @@ def _lapack_input(g: np.ndarray, overwrite: bool) -> np.ndarray:
 
 
 def _tridiagonal(g: np.ndarray, overwrite: bool) -> _Tridiagonal:
-    r = g.shape[0]
     a = _lapack_input(g, overwrite)
-    lw, info = lapack.dsytrd_lwork(r, lower=1)
-    c, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=int(lw), overwrite_a=1)  # Q^T G Q = tridiag(d, e)
-    _check(info, "dsytrd")
-    w, info = lapack.dsterf(d.copy(), e.copy())  # every eigenvalue, ascending
-    _check(info, "dsterf")
-    return _Tridiagonal(c, d, e, tau, w[::-1].copy())
+    d, e, tau = lapack.sytrd(a)  # Q^T G Q = tridiag(d, e), Q's reflectors left in a
+    w = lapack.sterf(d, e)  # every eigenvalue, ascending
+    return _Tridiagonal(a, d, e, tau, w[::-1].copy())
 
 
 def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,17 +152,9 @@ def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[to
 
 def _full_eig(g: np.ndarray, k: int, overwrite: bool) -> tuple[np.ndarray, np.ndarray]:
     """One symmetric matrix by syevd (divide and conquer): all eigenvalues and the top-k vectors, descending."""
-    r = g.shape[0]
     a = _lapack_input(g, overwrite)
-    lw = lapack.dsyevd_lwork(r, compute_v=1)
-    w, v, info = lapack.dsyevd(a, compute_v=1, lower=1, lwork=int(lw[0]), liwork=int(lw[1]), overwrite_a=1)
-    _check(info, "dsyevd")
+    w, v = lapack.syevd(a)
     return w[::-1].copy(), v[:, ::-1][:, :k].copy()
-
-
-def _check(info: int, routine: str) -> None:
-    if info != 0:
-        raise torch.linalg.LinAlgError(f"LAPACK {routine} failed (info {info})")
 
 
 def singular_values(evals: torch.Tensor, *, resolved_only: bool = False) -> torch.Tensor:

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.linalg import blas
 
+from geometry import lapack
 from geometry import metrics as M
 from geometry.linalg import SVD, SymEig, exact_svd, singular_values, top_eigvecs
 
@@ -113,7 +113,7 @@ def _add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
     for g, block in zip(gram.numpy(), d.numpy(), strict=True):
         # g.T is g's storage read as Fortran order; syrk fills its upper triangle, g's lower; block.T is
         # the block (C order, b x r) read as a Fortran r x b matrix A, and A A^T = block^T block
-        blas.dsyrk(1.0, block.T, beta=1.0, c=g.T, trans=0, lower=0, overwrite_c=1)
+        lapack.syrk_add(g.T, block.T)
 
 
 def _symmetric(gram: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,11 @@ class AnalysisConfig:
     allow_pickle: bool = option(False, "read .bin pickle checkpoints (with weights_only=True); only for files you "
                                 "trust: unpickling can run code")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
-    memory_mb: float = option(2048.0, "memory budget of one group of same-shape matrices, working copies included")
+    memory_mb: float = option(2048.0, "memory budget of the matrices measured at once (a group of same-shape "
+                              "matrices per thread), working copies included")
+    # one thread per core: each measures its own groups with single-threaded kernels (geometry.offline.threads)
+    threads: int = option(0, "CPU threads measuring groups side by side (0: one per core, as many as the memory "
+                          "budget holds); a GPU measures one group at a time")
     # "gram" and "randomized" are checked against the exact spectrum and fall back to "exact", saying so
     update_svd: str = option("gram", "how updates are decomposed: float64 Gram eigh (checked), seeded randomized "
                              "SVD (Halko et al. 2011, checked) or LAPACK SVD",
@@ -75,6 +79,8 @@ class AnalysisConfig:
             raise GeometryError(f"update_svd must be 'gram', 'randomized' or 'exact', got {self.update_svd!r}")
         if self.on_mismatch not in ("error", "skip"):
             raise GeometryError(f"on_mismatch must be 'error' or 'skip', got {self.on_mismatch!r}")
+        if self.threads < 0:
+            raise GeometryError(f"threads must be 0 (one per core) or a positive integer, got {self.threads}")
         if self.memory_mb <= 0:
             raise GeometryError(f"memory_mb must be positive, got {self.memory_mb}")
         self.include, self.exclude = as_patterns(self.include, "include"), as_patterns(self.exclude, "exclude")

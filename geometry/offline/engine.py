@@ -235,8 +235,12 @@ def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]
 
 
 def group_size(shape: tuple[int, int], memory_mb: float) -> int:
-    """How many (m, n) matrices fit in one batch: ~12 float64 working copies each (W0, its factors and
-    masks, W_t, W_s, D, d, Gram matrices), at least one."""
+    """How many (m, n) matrices fit in one batch within ``memory_mb``, at least one."""
+    return max(1, int(memory_mb // group_mb(shape)))
+
+
+def group_mb(shape: tuple[int, int], count: int = 1) -> float:
+    """Working memory of measuring ``count`` (m, n) matrices together, in MiB: ~12 float64 working copies
+    per matrix (W0, its factors and masks, W_t, W_s, D, d, Gram matrices)."""
     m, n = shape
-    per_matrix = 12 * 8 * m * n + 8 * (m + n) ** 2
-    return max(1, int(memory_mb * 2**20 // per_matrix))
+    return count * (12 * 8 * m * n + 8 * (m + n) ** 2) / 2**20

@@ -1,0 +1,112 @@
+"""Groups of matrices measured side by side on the CPU's cores, one thread each, the results in group order.
+
+LAPACK runs one matrix at a time on the CPU, and a multithreaded BLAS spends a small matrix's work waiting:
+measured on the 90M pair (2 cores), OpenBLAS's default of a thread per core took 74 CPU s (42 s wall) where
+one thread took 29 s. So each group is measured by one thread with single-threaded kernels, and the cores
+take groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products), and
+a group's results do not depend on which thread measured it, nor when (bit-identical, tested).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+NAME = "geometry-measure"  # the measuring threads' name prefix
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's cpuset), shared among the ranks
+    torchrun started on this node."""
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        mine = os.cpu_count() or 1
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, mine // ranks)
+
+
+def count(asked: int, costs_mb: Sequence[float], budget_mb: float) -> int:
+    """How many threads: ``asked`` (0: one per core), no more than there are groups, and no more than the
+    memory budget holds of the largest group at once; at least one."""
+    n = asked or cores()
+    if costs_mb:
+        n = min(n, len(costs_mb), int(budget_mb // max(costs_mb)))
+    return max(1, n)
+
+
+@contextmanager
+def kernels(threads: int) -> Iterator[None]:
+    """BLAS, OpenMP and torch kernels limited to share the cores among ``threads`` measuring threads (a single
+    one gets them all); restored on leaving."""
+    import torch  # here: the CLI imports this module before it knows it will measure anything
+    from threadpoolctl import threadpool_limits
+
+    each = max(1, cores() // threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(each)
+    try:
+        with threadpool_limits(limits=each):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ordered_map(fn: Callable[[T], R], items: Sequence[T], threads: int, order: Sequence[int] | None = None
+                ) -> list[R]:
+    """[fn(x) for x in items] on ``threads`` threads, started in ``order`` (indices; e.g. costliest first).
+
+    The first failure stops new items from starting and is raised once the running ones end (the earliest
+    item's, as a loop would). The threads are daemons: an interrupt of the caller (Ctrl-C while it waits) stops
+    new items and is raised at once, not held up by a matrix still being measured (``leave_if_busy``)."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    results: list = [None] * len(items)
+    queue = iter(order if order is not None else range(len(items)))
+    errors: list[tuple[int, BaseException]] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(queue, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as e:  # handed to the caller's thread below
+                with lock:
+                    errors.append((i, e))
+
+    pool = [threading.Thread(target=work, daemon=True, name=f"{NAME}-{j}") for j in range(threads)]
+    for t in pool:
+        t.start()
+    try:
+        for t in pool:
+            t.join()
+    except BaseException as e:  # an interrupt while waiting: no new item starts
+        with lock:
+            errors.append((-1, e))
+        raise
+    if errors:
+        raise min(errors, key=lambda e: e[0])[1]
+    return results
+
+
+def leave_if_busy(code: int) -> None:
+    """End the process now with ``code`` when measuring threads are still in a kernel (after an interrupt).
+
+    Python's exit would stop them mid-call, and a thread stopped inside torch's C++ aborts the process
+    ("terminate called without an active exception", exit -6) instead of exiting with ``code``. Called by
+    the CLI once its message is out and its staged files are gone: nothing is left to clean up."""
+    if any(t.name.startswith(NAME) and t.is_alive() for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
