@@ -109,11 +109,14 @@ def naive(root: Path, ckpts: list[Path], k_of) -> dict:
     return out
 
 
-def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, device: str = "cpu") -> None:
+def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, device: str = "cpu",
+          threads: int = 0) -> None:
     """Each matrix read once (by groups of one shape, as ours reads), and the spectra the suite cannot do
     without as float64 Gram eigenvalues by ours' kernels: W0 once, W_t, D_t and d_t (where it is not D_t) at
-    each checkpoint; ``quick``: D_t only; on ``device``, as ours. Nothing else."""
+    each checkpoint; ``quick``: D_t only; on ``device``, as ours; on the CPU the groups on ``threads`` threads
+    (0: a core each) with single-threaded kernels, as ours. Nothing else."""
     from geometry.linalg import gram, sym_eig
+    from geometry.offline import threads as th
     from geometry.offline.engine import group_size
     from geometry.offline.sources import open_source
 
@@ -122,28 +125,37 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
     for key in base.names():
         by_shape.setdefault(tuple(base.shape(key)), []).append(key)
     sources = [open_source(c) for c in ckpts]
-    for shape, keys in by_shape.items():
-        size = group_size(shape, memory_mb)
-        for i in range(0, len(keys), size):
-            group = keys[i:i + size]
-            W0 = torch.stack([base.read(k) for k in group]).to(device).double()
-            if not quick:
-                sym_eig(gram(W0))
-            prev = W0
-            for src in sources:
-                Wt = torch.stack([src.read(k) for k in group]).to(device).double()
-                spectra = [Wt - W0] if quick else [Wt, Wt - W0] + ([Wt - prev] if prev is not W0 else [])
-                for x in spectra:
-                    sym_eig(gram(x))
-                prev = Wt
+    groups = [keys[i:i + group_size(shape, memory_mb)] for shape, keys in by_shape.items()
+              for i in range(0, len(keys), group_size(shape, memory_mb))]
+
+    def measure(group: list[str]) -> None:
+        W0 = torch.stack([base.read(k) for k in group]).to(device).double()
+        if not quick:
+            sym_eig(gram(W0))
+        prev = W0
+        for src in sources:
+            Wt = torch.stack([src.read(k) for k in group]).to(device).double()
+            spectra = [Wt - W0] if quick else [Wt, Wt - W0] + ([Wt - prev] if prev is not W0 else [])
+            for x in spectra:
+                sym_eig(gram(x))
+            prev = Wt
+
+    if device != "cpu":
+        for group in groups:
+            measure(group)
+        return
+    with th.kernels():
+        th.ordered_map(measure, groups, threads or th.cores())
 
 
-def ours(root: Path, ckpts: list[Path], device: str, memory_mb: float, out: Path, quick: bool = False) -> None:
+def ours(root: Path, ckpts: list[Path], device: str, memory_mb: float, out: Path, quick: bool = False,
+         threads: int = 0) -> None:
     """The whole `geometry analyze` process, tables only (figures are a separate cost, off here)."""
     from geometry.cli import main as cli
 
     argv = ["analyze", str(root / "base"), *map(str, ckpts), "-o", str(out), "--no-figures", "--no-progress",
-            "--device", device, "--memory-mb", str(memory_mb), *(["--quick"] if quick else [])]
+            "--device", device, "--memory-mb", str(memory_mb), "--threads", str(threads),
+            *(["--quick"] if quick else [])]
     if cli(argv) != 0:
         raise SystemExit("geometry analyze failed")
 
@@ -235,9 +247,11 @@ def _contend(args) -> None:
     root = Path(args.root)
     ckpts = [Path(c) for c in json.loads(args.ckpts)]
     if args.worker in ("floor", "floor-quick"):
-        floor(root, ckpts, args.memory_mb, quick=args.worker == "floor-quick", device=args.device)
+        floor(root, ckpts, args.memory_mb, quick=args.worker == "floor-quick", device=args.device,
+              threads=args.threads)
     elif args.worker in ("ours", "ours-quick"):
-        ours(root, ckpts, args.device, args.memory_mb, Path(args.out), quick=args.worker == "ours-quick")
+        ours(root, ckpts, args.device, args.memory_mb, Path(args.out), quick=args.worker == "ours-quick",
+             threads=args.threads)
     elif args.worker == "naive":
         from geometry.offline.config import AnalysisConfig
 
@@ -260,7 +274,8 @@ def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = N
     rss_file, log = scratch / "rss", scratch / "log"
     cmd = [python, __file__, "--worker", name, "--root", str(root),
            "--ckpts", json.dumps(list(map(str, ckpts))), "--rss-file", str(rss_file),
-           "--device", args.device, "--memory-mb", str(args.memory_mb), "--out", str(out or "")]
+           "--device", args.device, "--memory-mb", str(args.memory_mb), "--threads", str(args.threads),
+           "--out", str(out or "")]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     if args.threads:  # the same thread count for every contender's BLAS/LAPACK (MKL, OpenBLAS, OpenMP)
         env.update({v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
@@ -287,8 +302,9 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-mb", type=float, default=2048.0, help="ours' --memory-mb (and the floor's grouping)")
-    ap.add_argument("--threads", type=int, default=0, help="BLAS/OpenMP threads of every contender (default: "
-                    "their own choice; 1 is the fair setting on a shared machine, where idle threads spin)")
+    ap.add_argument("--threads", type=int, default=0, help="threads of every contender: BLAS/OpenMP threads of the "
+                    "peers and the naive script, measuring threads of ours and the floor (default: each one's own "
+                    "choice, a core each for ours; 1 is the fair setting on a shared machine, where idle threads spin)")
     ap.add_argument("--skip-naive", action="store_true", help="for sizes where the naive pipeline takes hours")
     ap.add_argument("--peers", default="modeldelta,weightwatcher,afterburn", help="comma list; '' for none")
     ap.add_argument("--peer-python", default=sys.executable,

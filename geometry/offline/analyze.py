@@ -270,7 +270,7 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     costs = [dist.group_cost(groups[i][0].shape, len(groups[i])) for i in mine]
     costliest = sorted(range(len(mine)), key=lambda j: -costs[j])  # the longest first: the threads end together
     try:  # closed on an interrupt too: leave=False then clears its line for the message
-        with threads.kernels(n) if cpu_side else nullcontext():
+        with threads.kernels() if cpu_side else nullcontext():
             done = dict(zip(mine, threads.ordered_map(measure, mine, n, costliest), strict=True))
     except Exception as e:
         if not w.distributed:

@@ -3,8 +3,9 @@
 LAPACK runs one matrix at a time on the CPU, and a multithreaded BLAS spends a small matrix's work waiting:
 measured on the 90M pair (2 cores), OpenBLAS's default of a thread per core took 74 CPU s (42 s wall) where
 one thread took 29 s. So each group is measured by one thread with single-threaded kernels, and the cores
-take groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products), and
-a group's results do not depend on which thread measured it, nor when (bit-identical, tested).
+take groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products). A
+group's results do not depend on how many threads there are, which one measured it, nor when (bit-identical,
+tested).
 """
 
 from __future__ import annotations
@@ -43,17 +44,18 @@ def count(asked: int, costs_mb: Sequence[float], budget_mb: float) -> int:
 
 
 @contextmanager
-def kernels(threads: int) -> Iterator[None]:
-    """BLAS, OpenMP and torch kernels limited to share the cores among ``threads`` measuring threads (a single
-    one gets them all); restored on leaving."""
+def kernels() -> Iterator[None]:
+    """BLAS, OpenMP and torch kernels single-threaded (restored on leaving): the measuring threads are the
+    parallelism. Also with one measuring thread: a BLAS thread per core spins between a small matrix's calls
+    (measured above); a run of large matrices that the memory budget lets one thread measure at a time leaves
+    cores idle: a larger ``--memory-mb`` lets more threads in."""
     import torch  # here: the CLI imports this module before it knows it will measure anything
     from threadpoolctl import threadpool_limits
 
-    each = max(1, cores() // threads)
     before = torch.get_num_threads()
-    torch.set_num_threads(each)
+    torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=each):
+        with threadpool_limits(limits=1):
             yield
     finally:
         torch.set_num_threads(before)
