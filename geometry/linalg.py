@@ -74,6 +74,15 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).view(*x.shape[:-2], r, r)
 
 
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, batched. On the CPU by numpy's BLAS (dgemm), faster than torch's there for every float64 shape of
+    this package (measured, one core: (2816 x 1024) @ (1024 x 128) 19.3 against 27.7 ms, the Gram matrix times a
+    block 2.2 against 3.3 ms, a rank-16 reconstruction 3.2 against 7.7 ms)."""
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        return a @ b
+    return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+
 class SymEig:
     """The eigenproblem of symmetric (..., r, r) matrices, solved once: ``values`` (all, descending) at once and
     ``top(k)`` (the top-k eigenvectors, descending) when asked, without solving again.
@@ -219,7 +228,7 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
     if not _well_conditioned(S if small_values else S[..., :k]):
         return _fallback(x, k, "gram")
     # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
-    big = (x @ small if tall else x.mT @ small) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
+    big = mm(x if tall else x.mT, small) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
     U, V = (big, small) if tall else (small, big)
     return SVD(U, S, V, "gram")
 
@@ -244,7 +253,7 @@ def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: 
     X, method = found
     S = singular_values(eig.values, resolved_only=True)
     # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
-    big = (x @ X if tall else x.mT @ X) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
+    big = mm(x if tall else x.mT, X) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
     U, V = (big, X) if tall else (X, big)
     return SVD(U, S, V, method)
 
@@ -296,17 +305,17 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
         return eigh("gram")
     Q = torch.linalg.qr(Q).Q
     for _ in range(max_iter):
-        Z = G @ Q  # (..., r, p) the one product per step: Rayleigh-Ritz, residual and next step share it
-        theta, Y = torch.linalg.eigh(Q.mT @ Z)  # Rayleigh-Ritz, ascending
+        Z = mm(G, Q)  # (..., r, p) the one product per step: Rayleigh-Ritz, residual and next step share it
+        theta, Y = torch.linalg.eigh(mm(Q.mT, Z))  # Rayleigh-Ritz, ascending
         Y = Y.flip(-1)
-        X, GX = Q @ Y[..., :k], Z @ Y[..., :k]  # (..., r, k) Ritz vectors (descending) and G times them
+        X, GX = mm(Q, Y[..., :k]), mm(Z, Y[..., :k])  # (..., r, k) Ritz vectors (descending) and G times them
         theta = theta.flip(-1)[..., :k]
         resid = torch.linalg.matrix_norm(GX - X * theta[..., None, :])  # (...)
         delta = theta[..., -1] - evals[..., k]
         bound = resid / delta.clamp_min(tiny)
         if bool(((delta > 0) & (bound <= tol)).all()):
             return X, "subspace"
-        Q = torch.linalg.qr(Z @ Y).Q  # the next power step, from the Ritz basis (best vectors first)
+        Q = torch.linalg.qr(mm(Z, Y)).Q  # the next power step, from the Ritz basis (best vectors first)
     return eigh("subspace->gram")
 
 
@@ -368,9 +377,9 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     (Knyazev & Argentati 2002): arccos of a cosine near 1 loses every digit of a small angle.
     """
     A, B = A.double(), B.double()
-    C = A.mT @ B  # (..., k, k)
+    C = mm(A.mT, B)  # (..., k, k)
     cos = torch.linalg.svdvals(C).clamp(0, 1)  # descending -> angles ascending
-    sin = torch.linalg.svdvals(B - A @ C).clamp(0, 1).flip(-1)  # ascending
+    sin = torch.linalg.svdvals(B - mm(A, C)).clamp(0, 1).flip(-1)  # ascending
     k = cos.shape[-1]
     # B wider than A: its extra directions are orthogonal to span(A), sines of 1 that sort last
     sin = sin[..., :k] if sin.shape[-1] >= k else torch.nn.functional.pad(sin, (k - sin.shape[-1], 0))
@@ -381,7 +390,7 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def subspace_sim(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Sim_K(A, B) = ||A^T B||_F^2 / K for orthonormal (..., n, K) bases (SPEC item 7); in [0, 1]."""
     K = A.shape[-1]
-    return (A.double().mT @ B.double()).square().sum((-2, -1)) / K
+    return mm(A.double().mT, B.double()).square().sum((-2, -1)) / K
 
 
 def _well_conditioned(S: torch.Tensor) -> bool:

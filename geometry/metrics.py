@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from geometry.linalg import degrees, principal_angles, subspace_sim
+from geometry.linalg import degrees, mm, principal_angles, subspace_sim
 
 __all__ = [
     "bf16_bits", "changed_mask", "fraction", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap",
@@ -93,11 +93,11 @@ def overlap(d: torch.Tensor, Uk: torch.Tensor, Vk: torch.Tensor) -> Overlap:
     m, n = d.shape[-2:]
     k = Uk.shape[-1]
     total = torch.linalg.matrix_norm(d).square()  # (...) ||d||_F^2 without a squared copy of d
-    left = Uk.mT @ d  # (..., k, n)
-    two = (left @ Vk).square().sum((-2, -1)) / total
+    left = mm(Uk.mT, d)  # (..., k, n)
+    two = mm(left, Vk).square().sum((-2, -1)) / total
     baseline = k * k / (m * n)
     return Overlap(two, two / baseline, left.square().sum((-2, -1)) / total,
-                   (d @ Vk).square().sum((-2, -1)) / total)
+                   mm(d, Vk).square().sum((-2, -1)) / total)
 
 
 # --- 5. mask localisation ----------------------------------------------------------------------
@@ -149,7 +149,7 @@ def _top_fraction_sorted(score: torch.Tensor, count: int) -> torch.Tensor:
 
 def principal_mask(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int, alpha: float = 0.5) -> torch.Tensor:
     """Top-alpha fraction of entries of |rank-r reconstruction of W0| (SPEC item 5)."""
-    recon = (U[..., :r] * S[..., None, :r]) @ V[..., :r].mT  # (..., m, n)
+    recon = mm(U[..., :r] * S[..., None, :r], V[..., :r].mT)  # (..., m, n)
     return _top_fraction(recon.abs(), alpha)
 
 
@@ -224,7 +224,7 @@ def intruders(U0: torch.Tensor, Ut_top: torch.Tensor, threshold: float = 0.5, *,
     or the energy they leave, 1 - sum cos^2, which bounds the cos^2 with every other (orthonormal) vector, is
     below threshold^2 (an intruder). A matrix with an undecided direction is NaN: count it against all of U0.
     """
-    cos = U0.double().mT @ Ut_top.double()  # (..., p, 10)
+    cos = mm(U0.double().mT, Ut_top.double())  # (..., p, 10)
     count = intruder_count(cos, threshold)
     if complete:
         return count

@@ -17,7 +17,7 @@ import torch
 
 from geometry import lapack
 from geometry import metrics as M
-from geometry.linalg import SVD, SymEig, exact_svd, singular_values, top_eigvecs
+from geometry.linalg import SVD, SymEig, exact_svd, mm, singular_values, top_eigvecs
 
 BLOCK_BYTES = 4 << 20  # one float64 block of the update
 
@@ -77,7 +77,7 @@ class BlockedUpdate:
         """(L, rows, k): the long side times X (L, r, k), a block at a time."""
         out = torch.empty(X.shape[0], self.rows, X.shape[-1], dtype=torch.float64, device=X.device)
         for rows, _, _, d in self.blocks():
-            out[:, rows] = d @ X
+            out[:, rows] = mm(d, X)
         return out
 
     def dense(self) -> torch.Tensor:

@@ -20,6 +20,7 @@ from geometry.linalg import (
     gram,
     gram_svd,
     gram_top,
+    mm,
     randomized_svd,
     singular_values,
     spectrum,
@@ -188,7 +189,7 @@ def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> 
         if i not in base.left:
             base.left[i] = _all_left(base, i)
         P, through_w0 = base.left[i]
-        cos = P.mT @ (base.W0[i].mT @ Ut_top[i] if through_w0 else Ut_top[i])  # (p, 10)
+        cos = mm(P.mT, mm(base.W0[i].mT, Ut_top[i]) if through_w0 else Ut_top[i])  # (p, 10)
         count[i] = M.intruder_count(cos, cfg.intruder_threshold)
     return count
 
