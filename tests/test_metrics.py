@@ -450,3 +450,24 @@ def test_batched_equals_per_matrix(name):
     for i in range(3):
         single = fn(w0[i], wt[i], exact_svd(w0[i]))
         torch.testing.assert_close(batched.select(batch_axis, i), single, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16 ties", "sorted", "constant", "outliers"])
+@pytest.mark.parametrize("frac", [1e-6, 0.3, 0.7, 1.0])
+def test_selection_is_exact_on_large_arrays(kind, frac):
+    """The bracketed selection gives introselect's k-th largest, and takes the whole array where its sample
+    brackets nothing (a constant array, a value held by most entries)."""
+    rng = np.random.default_rng(11)
+    n = 300_007
+    a = {"normal": rng.standard_normal(n),
+         "bf16 ties": torch.tensor(rng.standard_normal(n) * 0.02, dtype=torch.bfloat16).float().numpy(),
+         "sorted": np.arange(n, dtype=np.float64),
+         "constant": np.full(n, 0.5),
+         "outliers": np.where(rng.random(n) < 0.999, 0.0, rng.standard_normal(n) * 1e6)}[kind]
+    k = max(1, math.ceil(frac * n))
+    want = np.partition(a, n - k)[n - k]
+    assert M._select(a, k) == want
+    fast = M._bracketed(a, k)
+    assert fast is None or fast == want
+    if kind in ("normal", "sorted") and frac in (0.3, 0.7):  # the masks' fractions; the extremes may fall back
+        assert fast == want  # the sample did bracket it: the fast path is what ran
