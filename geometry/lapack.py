@@ -106,6 +106,23 @@ def stemr(d: np.ndarray, e: np.ndarray, il: int, iu: int) -> np.ndarray:
     return z
 
 
+def stein(d: np.ndarray, e: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Eigenvectors of the symmetric tridiagonal (d, e) for its eigenvalues w (ascending), by inverse iteration,
+    those of close eigenvalues reorthogonalised, (r, len(w)). Raises when an eigenvector does not converge."""
+    r, k = d.size, w.size
+    z = np.empty((r, k), order="F")
+    iblock = np.ones(r, dtype=np.intc)  # one block: (d, e) taken whole
+    isplit = np.zeros(r, dtype=np.intc)
+    isplit[0] = r
+    info = ctypes.c_int(0)
+    _call(cython_lapack, "dstein", _int(r), np.ascontiguousarray(d, dtype=np.float64),
+          np.ascontiguousarray(e, dtype=np.float64) if r > 1 else np.empty(1), _int(k),
+          np.ascontiguousarray(w, dtype=np.float64), iblock, isplit, z, _int(r), np.empty(5 * r),
+          np.empty(r, dtype=np.intc), np.empty(max(1, k), dtype=np.intc), info)
+    _check(info, "dstein")
+    return z
+
+
 def ormtr(a: np.ndarray, tau: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Q z in place, Q the orthogonal matrix of ``sytrd`` (its reflectors in ``a`` and ``tau``): z (r, k)
     column-major, in the tridiagonal's basis, goes back to A's."""
