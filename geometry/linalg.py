@@ -53,9 +53,10 @@ class SVD(NamedTuple):
 
 
 # Above this share of the eigenvectors a full eigh (divide and conquer) is cheaper than the tridiagonal
-# path's k vectors (MRRR and a back-transformation, both growing with k; measured on one core for r = 1024:
-# k = 128 0.10 s, 341 0.16 s, 512 0.22 s against 0.19 s for all; crossover near 0.4 r).
-FULL_EIGH_SHARE = 0.4
+# path's k vectors (inverse iteration and a back-transformation, both growing with k; measured on one core for
+# r = 1024: k = 128 0.087 s, 410 0.12 s, 512 0.16 s, 1024 0.29 s against 0.18 s for syevd; r = 256: k = 128
+# 5.3 ms against 5.5; crossover near half).
+FULL_EIGH_SHARE = 0.5
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
