@@ -104,6 +104,11 @@ class SymEig:
         self._tri = [_tridiagonal(g, overwrite) for g in G.reshape(-1, self.r, self.r).numpy()]
         self.values = torch.from_numpy(np.stack([t.values for t in self._tri])).view(*self.batch, self.r)
 
+    def vector_flops(self, k: int) -> float:
+        """What ``top(k)`` costs a matrix: on the CPU the back-transformation of k vectors (~4 r^2 k flops; the
+        kept tridiagonal gives them by inverse iteration, O(r k)); elsewhere a full eigh (~9 r^3)."""
+        return 4.0 * self.r * self.r * k if self.G.device.type == "cpu" else 9.0 * self.r ** 3
+
     def top(self, k: int) -> torch.Tensor:
         """The top-k eigenvectors (..., r, k), descending (all r when k > r)."""
         k = min(k, self.r)
@@ -241,7 +246,7 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
 
 
 def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: float = 1e-7, max_iter: int = 60,
-             seed: int = 0) -> SVD:
+             seed: int = 0, iterate: bool | None = None) -> SVD:
     """Top-k singular vectors and the full spectrum, for a matrix whose small singular values need not be
     resolved (an update): all eigenvalues of the float64 Gram matrix, then its top-k eigenvectors by
     ``top_eigvecs`` (certified subspace iteration, or an eigh where that is cheaper). A Gram matrix that
@@ -252,7 +257,7 @@ def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: 
     tall = m >= n
     try:
         eig = SymEig(gram(x))
-        found = top_eigvecs(eig, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed)
+        found = top_eigvecs(eig, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed, iterate=iterate)
     except torch.linalg.LinAlgError:
         found = None
     if found is None:
@@ -266,7 +271,7 @@ def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: 
 
 
 def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: float = 1e-7, max_iter: int = 60,
-                seed: int = 0) -> tuple[torch.Tensor, str] | None:
+                seed: int = 0, iterate: bool | None = None) -> tuple[torch.Tensor, str] | None:
     """The top-k eigenvectors (..., r, k), descending, of Gram matrices G (..., r, r) whose eigenproblem ``eig``
     has its eigenvalues, and how they were found; None when G cannot resolve them (s_k below ~1e-6 s1: the
     caller takes the exact SVD). Needs G only, not the matrix it came from.
@@ -277,8 +282,10 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
     Iteration stops once every matrix's bound is below ``tol`` (Sim_K then moves by at most ~2 tol), method
     "subspace". A matrix that has not got there in ``max_iter`` steps, or whose gap lambda_k - lambda_{k+1}
     vanishes, takes ``eig``'s own vectors ("subspace->gram", no second solve); so does one where the iteration
-    cannot win on cost ("gram"). ``warm``: a start (..., r, >= k), e.g. the previous checkpoint's vectors; else a seeded
-    Gaussian one. Costs a few r x r x 2k products instead of the eigenvectors' share of ``sym_eig``.
+    cannot win on cost ("gram"): on the CPU it never does, ``eig`` keeping its tridiagonal (``SymEig.vector_flops``);
+    ``iterate=True`` iterates wherever the gap allows (a GPU's path, so tested on the CPU too). ``warm``: a start
+    (..., r, >= k), e.g. the previous checkpoint's vectors; else a seeded Gaussian one. Costs a few r x r x 2k
+    products instead of a full eigh.
     """
     G, evals = eig.G, eig.values
     r = G.shape[-1]
@@ -304,11 +311,11 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
     gap = (evals[..., k - 1] - evals[..., k]) / scale[..., 0]  # relative gap lambda_k - lambda_{k+1}
     if not bool((gap > 1e3 * torch.finfo(G.dtype).eps).all()):
         return eigh("subspace->gram")
-    # steps to converge from a random start go as log(tol) / log(lambda_{p+1} / lambda_k); past what an eigh
-    # costs (~9 r^3 flops against ~3 r^2 p a step) the iteration cannot win: eigh at once
+    # steps to converge from a random start go as log(tol) / log(lambda_{p+1} / lambda_k); past what the vectors
+    # cost ``eig`` (against ~3 r^2 p flops a step) the iteration cannot win: its vectors at once
     rate = (evals[..., p] / evals[..., k - 1].clamp_min(tiny)).max().item()
     steps = math.log(tol) / math.log(rate) if 0 < rate < 1 else math.inf
-    if steps > min(max_iter, 3 * r / p):
+    if steps > (max_iter if iterate else min(max_iter, eig.vector_flops(k) / (3 * r * r * p))):
         return eigh("gram")
     Q = torch.linalg.qr(Q).Q
     for _ in range(max_iter):

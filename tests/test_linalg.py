@@ -283,7 +283,7 @@ def test_singular_values_zero_the_unresolved_tail_of_a_low_rank_matrix():
 def test_gram_top_matches_exact_to_its_certificate(shape):
     x = _decaying_batch(13, 3, *shape)
     K = 6
-    res, ref = gram_top(x, K, tol=1e-9), exact_svd(x, K)
+    res, ref = gram_top(x, K, tol=1e-9, iterate=True), exact_svd(x, K)  # the GPU's path, on the CPU
     assert res.method == "subspace"
     np.testing.assert_allclose(res.S[:, :K].numpy(), ref.S[:, :K].numpy(), rtol=1e-10)
     assert ((res.S - ref.S).abs() <= 1e-7 * ref.S[:, :1]).all()  # the small values: to ~sqrt(eps) of s1
@@ -291,7 +291,7 @@ def test_gram_top_matches_exact_to_its_certificate(shape):
         # Davis-Kahan: ||sin Theta||_F <= 1e-9, so Sim_K = 1 - ||sin Theta||_F^2 / K to ~1e-18
         assert (1 - subspace_sim(got, want) < 1e-12).all()
         assert max(_max_angle(got[i], want[i]) for i in range(3)) < 1e-8
-    warm = gram_top(x, K, warm=ref.V if shape[0] >= shape[1] else ref.U, tol=1e-9)
+    warm = gram_top(x, K, warm=ref.V if shape[0] >= shape[1] else ref.U, tol=1e-9, iterate=True)
     assert warm.method == "subspace" and (1 - subspace_sim(warm.V, ref.V) < 1e-12).all()
 
 
