@@ -59,20 +59,54 @@ class SVD(NamedTuple):
 FULL_EIGH_SHARE = 0.5
 
 
+BLOCK_BYTES = 4 << 20  # one float64 block of rows of a matrix stored narrower (float32, bf16), widened
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """The float64 Gram matrix of the smaller side, (..., r, r): x^T x when m >= n, else x x^T; exactly
-    symmetric. On the CPU by BLAS syrk (numpy recognises x^T x), a matrix at a time."""
-    x = x.double()
+    symmetric. On the CPU by BLAS syrk, a matrix at a time; a matrix stored narrower than float64 is widened a
+    block of rows of its long side at a time (``long_blocks``), the blocks' Gram matrices summed in place: no
+    float64 copy of it."""
     m, n = x.shape[-2:]
     tall = m >= n
     if x.device.type != "cpu":
+        x = x.double()
         return x.mT @ x if tall else x @ x.mT
     r = min(m, n)
+    if x.dtype != torch.float64:
+        G = torch.zeros(*x.shape[:-2], r, r, dtype=torch.float64)
+        for _, block in long_blocks(x):
+            add_gram(G.view(-1, r, r), block.reshape(-1, *block.shape[-2:]))
+        return symmetric(G.view(-1, r, r)).view(*x.shape[:-2], r, r)
     flat = x.reshape(-1, m, n).numpy()
     out = np.empty((flat.shape[0], r, r))
     for i, a in enumerate(flat):
-        out[i] = a.T @ a if tall else a @ a.T
+        out[i] = a.T @ a if tall else a @ a.T  # numpy recognises the Gram product: syrk
     return torch.from_numpy(out).view(*x.shape[:-2], r, r)
+
+
+def long_blocks(x: torch.Tensor):
+    """(rows, float64 block (..., b, r)) over the rows of x's long side (x itself when m >= n, else x^T), each
+    block within ``BLOCK_BYTES``."""
+    rows = x if x.shape[-2] >= x.shape[-1] else x.mT
+    n_rows, r = rows.shape[-2:]
+    batch = max(1, math.prod(rows.shape[:-2]))
+    step = max(1, BLOCK_BYTES // (8 * r * batch))
+    for start in range(0, n_rows, step):
+        part = slice(start, min(start + step, n_rows))
+        yield part, rows[..., part, :].double()
+
+
+def long_product(x: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """x's long side times thin X (..., r, k) in float64: x X when m >= n, else x^T X; a narrower x a block at
+    a time (``long_blocks``)."""
+    if x.dtype == torch.float64 or x.device.type != "cpu":
+        x = x.double()
+        return mm(x if x.shape[-2] >= x.shape[-1] else x.mT, X)
+    out = torch.empty(*x.shape[:-2], max(x.shape[-2:]), X.shape[-1], dtype=torch.float64)
+    for part, block in long_blocks(x):
+        out[..., part, :] = mm(block, X)
+    return out
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -82,6 +116,32 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type != "cpu" or b.device.type != "cpu":
         return a @ b
     return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+
+def add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
+    """gram += d^T d for each matrix of the batch, (L, r, r) and (L, b, r); on the CPU by BLAS syrk into the
+    lower triangle in place (no r x r temporary), mirrored by ``symmetric``."""
+    if gram.device.type != "cpu":
+        gram += d.mT @ d
+        return
+    for g, block in zip(gram.numpy(), d.numpy(), strict=True):
+        # g.T is g's storage read as Fortran order; syrk fills its upper triangle, g's lower; block.T is
+        # the block (C order, b x r) read as a Fortran r x b matrix A, and A A^T = block^T block
+        lapack.syrk_add(g.T, block.T)
+
+
+def symmetric(gram: torch.Tensor) -> torch.Tensor:
+    """The lower triangle mirrored into the upper (on the CPU; elsewhere the sum is already symmetric)."""
+    if gram.device.type != "cpu":
+        return gram
+    r = gram.shape[-1]
+    for g in gram.numpy():
+        for i in range(0, r, 256):  # a band of rows at a time: no r x r temporary
+            j = min(i + 256, r)
+            diag = g[i:j, i:j]
+            diag[...] = np.tril(diag) + np.tril(diag, -1).T
+            g[i:j, j:] = g[j:, i:j].T
+    return gram
 
 
 class SymEig:
@@ -228,11 +288,10 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
     or only the top k and their vectors (enough for rank metrics and subspaces of an update, which is
     often exactly low-rank).
     """
-    x = x.double()
     m, n = x.shape[-2:]
     k = min(m, n) if k is None else k
     tall = m >= n
-    try:
+    try:  # x as stored: gram and long_product widen it a block at a time
         evals, small = sym_eig(gram(x), k, overwrite=True)  # (..., r) descending, (..., r, k)
     except torch.linalg.LinAlgError:
         return _fallback(x, k, "gram")
@@ -240,7 +299,7 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
     if not _well_conditioned(S if small_values else S[..., :k]):
         return _fallback(x, k, "gram")
     # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
-    big = mm(x if tall else x.mT, small) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
+    big = long_product(x, small) / S[..., None, :k].clamp_min(torch.finfo(S.dtype).tiny)
     U, V = (big, small) if tall else (small, big)
     return SVD(U, S, V, "gram")
 

@@ -12,14 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from geometry import lapack
 from geometry import metrics as M
-from geometry.linalg import SVD, SymEig, exact_svd, mm, singular_values, top_eigvecs
-
-BLOCK_BYTES = 4 << 20  # one float64 block of the update
+from geometry.linalg import BLOCK_BYTES, SVD, SymEig, add_gram, exact_svd, mm, singular_values, symmetric, top_eigvecs
 
 
 class Pass(NamedTuple):
@@ -68,10 +64,10 @@ class BlockedUpdate:
         changed = torch.zeros(L, dtype=torch.float64)
         small = torch.zeros(L, dtype=torch.float64)
         for _, w0, wt, d in self.blocks():
-            _add_gram(gram, d)
+            add_gram(gram, d)
             changed += M.count(M.changed_mask(w0, wt)).cpu()
             small += M.count((d <= abs_tol) & (d >= -abs_tol)).cpu()
-        return Pass(_symmetric(gram), changed, small)
+        return Pass(symmetric(gram), changed, small)
 
     def long(self, X: torch.Tensor) -> torch.Tensor:
         """(L, rows, k): the long side times X (L, r, k), a block at a time."""
@@ -102,29 +98,3 @@ def update_svd(upd: BlockedUpdate, K: int, warm: torch.Tensor | None, seed: int,
     big = upd.long(X) / S[..., None, :K].clamp_min(torch.finfo(S.dtype).tiny)
     U, V = (big, X) if upd.tall else (X, big)
     return SVD(U, S, V, method)
-
-
-def _add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
-    """gram += d^T d for each matrix of the batch, (L, r, r) and (L, b, r); on the CPU by BLAS syrk into the
-    lower triangle in place (no r x r temporary), mirrored by ``_symmetric``."""
-    if gram.device.type != "cpu":
-        gram += d.mT @ d
-        return
-    for g, block in zip(gram.numpy(), d.numpy(), strict=True):
-        # g.T is g's storage read as Fortran order; syrk fills its upper triangle, g's lower; block.T is
-        # the block (C order, b x r) read as a Fortran r x b matrix A, and A A^T = block^T block
-        lapack.syrk_add(g.T, block.T)
-
-
-def _symmetric(gram: torch.Tensor) -> torch.Tensor:
-    """The lower triangle mirrored into the upper (on the CPU; elsewhere the sum is already symmetric)."""
-    if gram.device.type != "cpu":
-        return gram
-    r = gram.shape[-1]
-    for g in gram.numpy():
-        for i in range(0, r, 256):  # a band of rows at a time: no r x r temporary
-            j = min(i + 256, r)
-            diag = g[i:j, i:j]
-            diag[...] = np.tril(diag) + np.tril(diag, -1).T
-            g[i:j, j:] = g[j:, i:j].T
-    return gram

@@ -36,7 +36,7 @@ N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
 class BaseFactors(NamedTuple):
     """What every checkpoint of a group is measured against, computed once."""
 
-    W0: torch.Tensor  # (L, m, n) float64; as stored with cfg.quick (the update is formed a block at a time)
+    W0: torch.Tensor  # (L, m, n) as stored: updates are formed from it exactly, in float64
     bits: torch.Tensor | None  # (L, m, n) int16: W0's bf16 bit patterns, for the update mask (SPEC 1)
     norm: torch.Tensor  # (L,) ||W0||_F in float64
     svd: SVD | None  # the full spectrum S (L, min(m, n)), top max(k, r) vectors U, V; Gram (checked) or exact;
@@ -68,12 +68,13 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
     if cfg.quick:
         norm = torch.stack([torch.linalg.matrix_norm(w.double()) for w in W0])  # one float64 copy at a time
         return BaseFactors(W0, None, norm, None, k, r, None, None, {})
-    W0 = W0.double()
     # the Gram matrix's eigenvalues and top vectors, cheaper than an SVD; an ill-conditioned base takes the exact
     # SVD. Only the top max(k, r) vectors: intruders (SPEC 8) are mostly decided by them (metrics.intruders)
     top = max(k, r, N_INTRUDER)
     svd = gram_svd(W0, top) if cfg.update_svd != "exact" else exact_svd(W0, top)
-    return BaseFactors(W0, M.bf16_bits(W0), torch.linalg.matrix_norm(W0), svd, k, r,
+    # W0 is kept as stored: a float64 copy of it would be a third of a group's working memory, and every
+    # update is formed exactly from it (float64 = stored + the update, promoted entry by entry)
+    return BaseFactors(W0, M.bf16_bits(W0), torch.linalg.matrix_norm(W0.double()), svd, k, r,
                        M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha), {})
 
 
@@ -92,28 +93,33 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
         out, upd = _quick(base, Wt, cfg, warm, update)
         return StepResult(out, upd.U, upd.V, None, None, None, [upd.method])
     first = Wprev is base.W0  # the interval update is the cumulative one: measured once
-    Wt = Wt.double()
     W0 = base.W0
-    D = Wt - W0
+    k = base.k
+    m, n = W0.shape[-2:]
+    Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
+    # W_t's factors before the update is formed: their float64 copy of W_t is gone by then (measured, the 90M
+    # pair on 2 threads: peak RSS -xx MB)
+    top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
+    angle_u, angle_v = M.angle_stats(Uk, top.U[..., :k]), M.angle_stats(Vk, top.V[..., :k])
+    intruders = _intruders(base, top.U[..., :N_INTRUDER], cfg)
+
+    D = _difference(Wt, W0)
     out = _counts(W0, D, cfg)
     changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
     out["sparsity_bf16"] = 1.0 - M.fraction(changed)
     upd = _decompose_update(D, cfg, warm, update)
     _rank(out, upd.S, base.norm)
-    k = base.k
-    m, n = W0.shape[-2:]
-    d = D if first else Wt - Wprev.double()
-    Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
-
-    top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
-    out["angle_max_u"], out["angle_mean_u"], angles_u = M.angle_stats(Uk, top.U[..., :k])
-    out["angle_max_v"], out["angle_mean_v"], angles_v = M.angle_stats(Vk, top.V[..., :k])
+    out["angle_max_u"], out["angle_mean_u"], angles_u = angle_u
+    out["angle_max_v"], out["angle_mean_v"], angles_v = angle_v
     out["nss"] = M.nss(base.svd.S, top.S)
 
     ov = M.overlap(D, Uk, Vk)
     out["overlap_2s"], out["overlap_2s_ratio"] = ov.two_sided, ov.two_sided_ratio
     out["overlap_left"], out["overlap_right"] = ov.left, ov.right
     out["overlap_left_ratio"], out["overlap_right_ratio"] = ov.left * (m / k), ov.right * (n / k)  # baselines k/m, k/n
+    d = D if first else None
+    del D  # its last use: a later checkpoint's interval update takes its place
+    d = _difference(Wt, Wprev) if d is None else d
     ov_int = ov if first else M.overlap(d, Uk, Vk)
     out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
     out["overlap_left_interval"], out["overlap_right_interval"] = ov_int.left, ov_int.right
@@ -127,9 +133,16 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm"):
         out[f"{name}_interval"] = getattr(interval, name)
 
-    out["intruders"] = _intruders(base, top.U[..., :N_INTRUDER], cfg)
+    out["intruders"] = intruders
 
     return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
+
+
+def _difference(Wt: torch.Tensor, Ws: torch.Tensor) -> torch.Tensor:
+    """W_t - W_s in float64 from the stored tensors, exactly, with no float64 copy of either beside it."""
+    out = Wt.to(torch.float64, copy=True)
+    out -= Ws  # Ws widened inside the kernel
+    return out
 
 
 def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
@@ -189,7 +202,7 @@ def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> 
         if i not in base.left:
             base.left[i] = _all_left(base, i)
         P, through_w0 = base.left[i]
-        cos = mm(P.mT, mm(base.W0[i].mT, Ut_top[i]) if through_w0 else Ut_top[i])  # (p, 10)
+        cos = mm(P.mT, mm(base.W0[i].double().mT, Ut_top[i]) if through_w0 else Ut_top[i])  # (p, 10)
         count[i] = M.intruder_count(cos, cfg.intruder_threshold)
     return count
 
