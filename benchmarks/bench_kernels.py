@@ -30,7 +30,8 @@ def main() -> None:
     import scipy.linalg as sl
     import torch
 
-    from geometry.linalg import gram, randomized_svd, sym_eig
+    from geometry import lapack
+    from geometry.linalg import SymEig, gram, randomized_svd, sym_eig
 
     torch.set_num_threads(args.threads)
     m, n = map(int, args.shape.lower().split("x"))
@@ -49,9 +50,15 @@ def main() -> None:
     t_g, G = timed(lambda: gram(x))
     rows.append(("Gram, BLAS syrk (geometry.linalg.gram)", t_g))
     t_vals, (vals, _) = timed(lambda: sym_eig(G))
-    rows.append(("all eigenvalues (LAPACK syevd, no vectors)", t_vals))
+    rows.append(("all eigenvalues (LAPACK sytrd + sterf, no vectors)", t_vals))
     t_top, _ = timed(lambda: sym_eig(G, k))
-    rows.append((f"all eigenvalues + top {k} vectors (sytrd/sterf/stemr/ormqr)", t_top))
+    rows.append((f"all eigenvalues + top {k} vectors (sytrd/sterf/stein/ormtr)", t_top))
+    tri = SymEig(G)._tri[0]  # the kept tridiagonalisation: its top k vectors alone, by the two methods
+    r = tri.d.size
+    t_stein, _ = timed(lambda: lapack.ormtr(tri.c, tri.tau, lapack.stein(tri.d, tri.e, tri.values[k - 1::-1])))
+    rows.append((f"  of which the top {k} vectors by inverse iteration (stein/ormtr)", t_stein))
+    t_mrrr, _ = timed(lambda: lapack.ormtr(tri.c, tri.tau, lapack.stemr(tri.d, tri.e, r - k + 1, r)))
+    rows.append(("  the same by MRRR (stemr/ormtr), for comparison", t_mrrr))
     t_full, _ = timed(lambda: torch.linalg.eigh(G))
     rows.append(("full eigh, torch (all vectors)", t_full))
     t_sv, sv = timed(lambda: torch.linalg.svdvals(x))
