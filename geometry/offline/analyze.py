@@ -259,6 +259,7 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     done: dict[int, _GroupOut] = {}
     error = None
     cpu = time.process_time()
+
     def measure(i: int) -> _GroupOut:
         out = _measure_group(run.label, base, ckpts, groups[i], cfg, device, hidden, bar)
         _trim()

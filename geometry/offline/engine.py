@@ -97,8 +97,8 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     k = base.k
     m, n = W0.shape[-2:]
     Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
-    # W_t's factors before the update is formed: their float64 copy of W_t is gone by then (measured, the 90M
-    # pair on 2 threads: peak RSS -xx MB)
+    # W_t's factors first (W_t widened to float64 a block at a time inside), then the update: at most one whole
+    # float64 matrix (D, or later d) is alive at a time
     top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
     angle_u, angle_v = M.angle_stats(Uk, top.U[..., :k]), M.angle_stats(Vk, top.V[..., :k])
     intruders = _intruders(base, top.U[..., :N_INTRUDER], cfg)
