@@ -594,3 +594,26 @@ def test_a_test_leaving_a_writer_thread_fails(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     assert "1 passed, 1 error" in out.stdout and "outlived the test" in out.stdout, out.stdout[-2000:]
+
+
+def test_check_store_reads_the_base_a_tensor_at_a_time(tmp_path):
+    """A reader checks base/ against the manifest without holding it whole: in a fresh process, 8 tensors of
+    16 MiB raise its peak memory by about one tensor, not by the base's 128 MiB."""
+    run = tmp_path / "run"
+    big = {f"layers.{i}.mlp.up_proj.weight": torch.full((2048, 2048), float(i)) for i in range(8)}
+    Store.open(run, big, settings=SETTINGS).close()
+    del big
+    code = textwrap.dedent(f"""
+        import re
+        def hwm():
+            return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+        from geometry.capture.store import check_store
+        before = hwm()
+        check_store({str(run)!r})
+        print(hwm() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert out.returncode == 0, out.stderr
+    grew = int(out.stdout.split()[-1])
+    assert grew < 64, f"checking a 128 MiB base raised peak memory by {grew} MiB"

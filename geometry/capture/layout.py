@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -66,6 +67,39 @@ def read_snapshot(run_dir: str | Path, step: int | None) -> dict[str, torch.Tens
         return load_file(path)
     except Exception as e:  # noqa: BLE001 - SafetensorError or OSError: the same problem for the user
         raise GeometryError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+
+
+class LazySnapshot(Mapping):
+    """A snapshot's tensors, each read from its file when asked: one in memory at a time (a store's whole
+    base is checked this way, never loaded whole)."""
+
+    def __init__(self, run_dir: str | Path, step: int | None):
+        self.path = snapshot_path(run_dir, step)
+        with self._open() as f:
+            self._names = sorted(f.keys())
+
+    def _open(self):
+        if not self.path.is_file():
+            raise GeometryError(f"{self.path}: missing (the base)")
+        try:
+            return safe_open(self.path, framework="pt")
+        except Exception as e:  # noqa: BLE001 - SafetensorError or OSError: the same problem for the user
+            raise GeometryError(f"{self.path}: unreadable ({' '.join(str(e).split())})") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        with self._open() as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # noqa: BLE001 - a truncated or corrupt tensor
+                raise GeometryError(f"{self.path}: unreadable ({' '.join(str(e).split())})") from None
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def missing_files(run_dir: str | Path, man: Manifest) -> list[Path]:

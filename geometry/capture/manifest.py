@@ -254,11 +254,18 @@ def read_manifest(run_dir: str | Path) -> Manifest:
 
 def base_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the tensors' raw bytes, in name order (dtype-exact: bf16 and fp32 bases differ)."""
-    h = hashlib.sha256()
+    return fingerprint(tensors)[0]
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> tuple[str, list[TensorInfo]]:
+    """``base_hash`` and ``tensor_infos`` in one pass, each tensor taken once: from a mapping that reads its
+    tensors from disk when asked (layout.LazySnapshot), one tensor is in memory at a time."""
+    h, infos = hashlib.sha256(), []
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        infos.append(TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+    return h.hexdigest(), infos
 
 
 def tensor_infos(tensors: Mapping[str, torch.Tensor]) -> list[TensorInfo]:

@@ -38,6 +38,7 @@ import torch
 from geometry.atomic import save_atomic, write_atomic
 from geometry.capture.layout import (
     CREATING,
+    LazySnapshot,
     check_free_space,
     check_writable,
     clean,
@@ -47,7 +48,7 @@ from geometry.capture.layout import (
     read_snapshot,
     save_folder,
 )
-from geometry.capture.manifest import MANIFEST, Manifest, base_hash, read_manifest, tensor_infos
+from geometry.capture.manifest import MANIFEST, Manifest, base_hash, fingerprint, read_manifest, tensor_infos
 from geometry.capture.trackfile import chunk_path, encode, merge, read_chunk, read_tracking, tracking_path
 from geometry.capture.tracking import Estimate
 from geometry.capture.writer import Writer
@@ -251,9 +252,10 @@ def iter_tracking(run_dir: str | Path, man: Manifest) -> Iterator[tuple[int, dic
 
 def check_store(run_dir: str | Path) -> Manifest:
     """A store as a reader may trust it: a valid manifest, every file it lists present, and the base it names
-    (sha256 and tensor list) in base/. GeometryError, one line, otherwise. Reads the whole base once."""
+    (sha256 and tensor list) in base/. GeometryError, one line, otherwise. Reads the whole base once, a tensor
+    at a time."""
     man = _listed_files_present(Path(run_dir), read_manifest(run_dir))
-    _check_base(Path(run_dir), man, read_snapshot(run_dir, None), given=False)
+    _check_base(Path(run_dir), man, LazySnapshot(run_dir, None), given=False)
     return man
 
 
@@ -267,12 +269,12 @@ def _listed_files_present(root: Path, man: Manifest) -> Manifest:
 
 
 def _check_base(root: Path, man: Manifest, base: Mapping[str, torch.Tensor], given: bool) -> None:
-    sha = base_hash(base)
+    sha, infos = fingerprint(base)
     if sha != man.base_sha256:
         what = "was made from another base" if given else "has a base/ other than the one its manifest names"
         raise GeometryError(f"store {root} {what} (sha256 {man.base_sha256[:12]}..., "
                             f"{'given' if given else 'base/ has'} {sha[:12]}...)")
-    if tensor_infos(base) != man.tensors:
+    if infos != man.tensors:
         raise GeometryError(f"store {root}: its manifest lists other tensors (names, shapes or dtypes) than "
                             f"{'the base given' if given else 'base/ holds'}")
 
@@ -302,7 +304,7 @@ def _create(root: Path, base_tensors: Mapping[str, torch.Tensor] | None, setting
 
 def _reopen(root: Path, base_tensors: Mapping[str, torch.Tensor] | None, settings: dict) -> Manifest:
     man = _listed_files_present(root, read_manifest(root))
-    _check_base(root, man, base_tensors if base_tensors is not None else read_snapshot(root, None),
+    _check_base(root, man, base_tensors if base_tensors is not None else LazySnapshot(root, None),
                 given=base_tensors is not None)
     norm = json.loads(json.dumps(settings))
     changed = sorted(k for k in set(norm) | set(man.settings) if norm.get(k) != man.settings.get(k))
