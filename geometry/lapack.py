@@ -155,8 +155,13 @@ def syevd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def syrk_add(c: np.ndarray, a: np.ndarray) -> None:
-    """C += A A^T in place, its upper triangle only (BLAS dsyrk): c (r, r) and a (r, b), column-major float64."""
-    c, a = _fortran(c), np.asfortranarray(a, dtype=np.float64)
+    """C += A A^T in place, its upper triangle only (BLAS dsyrk): c (r, r) column-major, a (r, b) float64 in
+    either order (a row-major a is its transpose in column-major order: syrk's "T" form, no copy)."""
+    c = _fortran(c)
     r, b = a.shape
     one = ctypes.c_double(1.0)
+    if not a.flags.f_contiguous and a.flags.c_contiguous and a.dtype == np.float64:
+        _call(cython_blas, "dsyrk", _char("U"), _char("T"), _int(r), _int(b), one, a, _int(b), one, c, _int(r))
+        return
+    a = np.asfortranarray(a, dtype=np.float64)
     _call(cython_blas, "dsyrk", _char("U"), _char("N"), _int(r), _int(b), one, a, _int(r), one, c, _int(r))
