@@ -7,6 +7,7 @@ No I/O here: ``geometry.analyze`` feeds the tensors and turns the results into r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -170,9 +171,12 @@ def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch
 def _counts(W0: torch.Tensor, D: torch.Tensor, cfg: AnalysisConfig) -> dict[str, torch.Tensor]:
     """Parameter count and the absolute sparsity variant (SPEC 1) of a float64 update D."""
     m, n = W0.shape[-2:]
+    # M.sparsity_abs without a float64 |D| copy, and its bool masks a band of rows at a time (whole, three of
+    # them are 150 MB for one 12288 x 4096 matrix)
+    rows = max(1, (4 << 20) // (n * max(1, math.prod(D.shape[:-2]))))
+    small = sum(M.count((band <= cfg.abs_tol) & (band >= -cfg.abs_tol)) for band in D.split(rows, dim=-2))
     return {"n_params": torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device),
-            # M.sparsity_abs without a float64 |D| copy: two bool masks
-            "sparsity_abs": M.fraction((D <= cfg.abs_tol) & (D >= -cfg.abs_tol))}
+            "sparsity_abs": small / (m * n)}
 
 
 def _decompose_update(D: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,

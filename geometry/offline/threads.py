@@ -65,9 +65,10 @@ def ordered_map(fn: Callable[[T], R], items: Sequence[T], threads: int, order: S
                 ) -> list[R]:
     """[fn(x) for x in items] on ``threads`` threads, started in ``order`` (indices; e.g. costliest first).
 
-    The first failure stops new items from starting and is raised once the running ones end (of the items that
-    ran, the earliest one's, as a loop would meet it). The threads are daemons: an interrupt of the caller (Ctrl-C while it waits) stops
-    new items and is raised at once, not held up by a matrix still being measured (``leave_if_busy``)."""
+    The first failure stops new items from starting and is raised once the running ones end (of the items
+    that ran, the earliest one's, as a loop would meet it). The threads are daemons: an interrupt of the
+    caller (Ctrl-C while it waits) stops new items and is raised at once, not held up by a matrix still
+    being measured (``leave_if_busy``)."""
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     results: list = [None] * len(items)
