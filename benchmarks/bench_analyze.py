@@ -25,6 +25,7 @@ contender in a fresh process (OMP_WAIT_POLICY=PASSIVE for all) and prints one ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -125,8 +126,8 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
     for key in base.names():
         by_shape.setdefault(tuple(base.shape(key)), []).append(key)
     sources = [open_source(c) for c in ckpts]
-    groups = [keys[i:i + group_size(shape, memory_mb)] for shape, keys in by_shape.items()
-              for i in range(0, len(keys), group_size(shape, memory_mb))]
+    sizes = {shape: group_size(shape, memory_mb) for shape in by_shape}
+    groups = [keys[i:i + sizes[shape]] for shape, keys in by_shape.items() for i in range(0, len(keys), sizes[shape])]
 
     def measure(group: list[str]) -> None:
         W0 = torch.stack([base.read(k) for k in group]).to(device).double()
@@ -140,12 +141,9 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
                 sym_eig(gram(x))
             prev = Wt
 
-    if device != "cpu":
-        for group in groups:
-            measure(group)
-        return
-    with th.kernels():
-        th.ordered_map(measure, groups, threads or th.cores())
+    cpu = device == "cpu"  # as ours: a GPU takes one group at a time
+    with th.kernels() if cpu else contextlib.nullcontext():
+        th.ordered_map(measure, groups, (threads or th.cores()) if cpu else 1)
 
 
 def ours(root: Path, ckpts: list[Path], device: str, memory_mb: float, out: Path, quick: bool = False,

@@ -53,6 +53,18 @@ def _check(info: ctypes.c_int, routine: str) -> None:
         raise torch.linalg.LinAlgError(f"LAPACK {routine} failed (info {info.value})")
 
 
+def _with_workspace(name: str, *args, integer: bool = False) -> None:
+    """Call LAPACK routine ``name`` whose arguments end in (work, lwork[, iwork, liwork], info): once asking
+    the workspace it wants (lwork = -1), then with it; raises on a nonzero info."""
+    info, query, iquery = ctypes.c_int(0), np.empty(1), np.empty(1, dtype=np.intc)
+    _call(cython_lapack, name, *args, query, _int(-1), *((iquery, _int(-1)) if integer else ()), info)
+    _check(info, name)
+    work = np.empty(max(1, int(query[0])))
+    iwork = np.empty(max(1, int(iquery[0])), dtype=np.intc)
+    _call(cython_lapack, name, *args, work, _int(work.size), *((iwork, _int(iwork.size)) if integer else ()), info)
+    _check(info, name)
+
+
 def _fortran(a: np.ndarray) -> np.ndarray:
     """An array LAPACK writes into: it must be that array itself, in the layout LAPACK reads."""
     if a.dtype != np.float64 or not a.flags.f_contiguous or not a.flags.writeable:
@@ -66,11 +78,7 @@ def sytrd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     a = _fortran(a)
     r = a.shape[0]
     d, e, tau = np.empty(r), np.empty(max(r - 1, 1)), np.empty(max(r - 1, 1))
-    info, query = ctypes.c_int(0), np.empty(1)
-    _call(cython_lapack, "dsytrd", _char("L"), _int(r), a, _int(r), d, e, tau, query, _int(-1), info)
-    work = np.empty(max(1, int(query[0])))
-    _call(cython_lapack, "dsytrd", _char("L"), _int(r), a, _int(r), d, e, tau, work, _int(work.size), info)
-    _check(info, "dsytrd")
+    _with_workspace("dsytrd", _char("L"), _int(r), a, _int(r), d, e, tau)
     return d, e[: r - 1], tau[: r - 1]
 
 
@@ -88,21 +96,12 @@ def stemr(d: np.ndarray, e: np.ndarray, il: int, iu: int) -> np.ndarray:
     r, k = d.size, iu - il + 1
     d, e = np.array(d, dtype=np.float64), np.append(np.asarray(e, dtype=np.float64), 0.0)  # e: r entries
     w, z, isuppz = np.empty(r), np.empty((r, k), order="F"), np.empty(2 * k, dtype=np.intc)
-    found, tryrac, info = ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(0)
+    found, tryrac = ctypes.c_int(0), ctypes.c_int(1)
     vl = vu = ctypes.c_double(0.0)
-    query, iquery = np.empty(1), np.empty(1, dtype=np.intc)
-
-    def run(work, iwork):
-        _call(cython_lapack, "dstemr", _char("V"), _char("I"), _int(r), d, e, vl, vu, _int(il), _int(iu), found,
-              w, z, _int(r), _int(k), isuppz, tryrac, work, _int(work.size if work is not query else -1), iwork,
-              _int(iwork.size if iwork is not iquery else -1), info)
-
-    run(query, iquery)
-    _check(info, "dstemr")
-    run(np.empty(max(1, int(query[0]))), np.empty(max(1, int(iquery[0])), dtype=np.intc))
+    _with_workspace("dstemr", _char("V"), _char("I"), _int(r), d, e, vl, vu, _int(il), _int(iu), found, w, z,
+                    _int(r), _int(k), isuppz, tryrac, integer=True)
     if found.value != k:
-        info.value = info.value or -1
-    _check(info, "dstemr")
+        raise torch.linalg.LinAlgError(f"LAPACK dstemr found {found.value} of {k} eigenvectors")
     return z
 
 
@@ -128,13 +127,8 @@ def ormtr(a: np.ndarray, tau: np.ndarray, z: np.ndarray) -> np.ndarray:
     column-major, in the tridiagonal's basis, goes back to A's."""
     z = _fortran(z)
     r, k = z.shape
-    info, query = ctypes.c_int(0), np.empty(1)
-    args = (_char("L"), _char("L"), _char("N"), _int(r), _int(k), _fortran(a), _int(r),
-            np.ascontiguousarray(tau, dtype=np.float64), z, _int(r))
-    _call(cython_lapack, "dormtr", *args, query, _int(-1), info)
-    work = np.empty(max(1, int(query[0])))
-    _call(cython_lapack, "dormtr", *args, work, _int(work.size), info)
-    _check(info, "dormtr")
+    _with_workspace("dormtr", _char("L"), _char("L"), _char("N"), _int(r), _int(k), _fortran(a), _int(r),
+                    np.ascontiguousarray(tau, dtype=np.float64), z, _int(r))
     return z
 
 
@@ -143,14 +137,8 @@ def syevd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     conquer, in place: ``a`` becomes the eigenvectors."""
     a = _fortran(a)
     r = a.shape[0]
-    w, info = np.empty(r), ctypes.c_int(0)
-    query, iquery = np.empty(1), np.empty(1, dtype=np.intc)
-    _call(cython_lapack, "dsyevd", _char("V"), _char("L"), _int(r), a, _int(r), w, query, _int(-1), iquery,
-          _int(-1), info)
-    work, iwork = np.empty(max(1, int(query[0]))), np.empty(max(1, int(iquery[0])), dtype=np.intc)
-    _call(cython_lapack, "dsyevd", _char("V"), _char("L"), _int(r), a, _int(r), w, work, _int(work.size), iwork,
-          _int(iwork.size), info)
-    _check(info, "dsyevd")
+    w = np.empty(r)
+    _with_workspace("dsyevd", _char("V"), _char("L"), _int(r), a, _int(r), w, integer=True)
     return w, a
 
 

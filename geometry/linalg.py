@@ -88,16 +88,20 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).view(*x.shape[:-2], r, r)
 
 
+def row_bands(n_rows: int, row_bytes: int, budget: int) -> list[slice]:
+    """The rows 0..n_rows in consecutive bands of at most ``budget`` bytes (``row_bytes`` a row), at least a row
+    each."""
+    step = max(1, budget // max(1, row_bytes))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
 def long_blocks(x: torch.Tensor):
     """(rows, float64 block (..., b, r)) over the rows of x's long side (x itself when m >= n, else x^T), each
     block within ``GRAM_BLOCK_BYTES``; a wide x's blocks are its columns, widened in their stored order (the
     block is then a transposed view: no copy)."""
     tall = x.shape[-2] >= x.shape[-1]
     n_rows, r = (x.shape[-2], x.shape[-1]) if tall else (x.shape[-1], x.shape[-2])
-    batch = max(1, math.prod(x.shape[:-2]))
-    step = max(1, GRAM_BLOCK_BYTES // (8 * r * batch))
-    for start in range(0, n_rows, step):
-        part = slice(start, min(start + step, n_rows))
+    for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2])), GRAM_BLOCK_BYTES):
         yield part, (x[..., part, :].double() if tall else x[..., :, part].double().mT)
 
 

@@ -12,11 +12,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from geometry.linalg import degrees, mm, principal_angles, subspace_sim
+from geometry.linalg import degrees, mm, principal_angles, row_bands, subspace_sim
 
 __all__ = [
-    "bf16_bits", "changed_mask", "fraction", "sparsity_bf16", "sparsity_abs", "angle_stats", "nss", "Overlap",
-    "overlap", "principal_mask", "lowmag_mask", "mask_overlap", "RankStats", "rank_stats", "intruders",
+    "bf16_bits", "changed_mask", "fraction", "sparsity_bf16", "sparsity_abs", "count_small", "angle_stats", "nss",
+    "Overlap", "overlap", "principal_mask", "lowmag_mask", "mask_overlap", "RankStats", "rank_stats", "intruders",
     "intruder_count", "subspace_sim", "HILL_K",
 ]
 
@@ -58,6 +58,15 @@ def sparsity_bf16(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
 def sparsity_abs(w0: torch.Tensor, wt: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
     """Older papers' variant: fraction of entries with |w_t - w_0| <= tol (computed in float64)."""
     return fraction((wt.double() - w0.double()).abs() <= tol)
+
+
+def count_small(d: torch.Tensor, tol: float) -> torch.Tensor:
+    """Entries of a float64 update d (..., m, n) with |d| <= tol, per matrix (the counts behind
+    ``sparsity_abs``): no |d| copy, and its bool masks a band of rows at a time (whole, three of them are 150 MB
+    for one 12288 x 4096 matrix)."""
+    m, n = d.shape[-2:]
+    bands = row_bands(m, n * max(1, math.prod(d.shape[:-2])), 4 << 20)
+    return sum(count((d[..., b, :] <= tol) & (d[..., b, :] >= -tol)) for b in bands)
 
 
 # --- 2. principal angles -----------------------------------------------------------------------

@@ -60,13 +60,11 @@ def save_folder(tensors: dict[str, torch.Tensor], dest: Path, config: dict | Non
 
 def read_snapshot(run_dir: str | Path, step: int | None) -> dict[str, torch.Tensor]:
     """The tracked tensors at a snapshot step, or the base (step None), in their stored dtype."""
-    path = snapshot_path(run_dir, step)
-    if not path.is_file():
-        raise GeometryError(f"{path}: missing ({'the base' if step is None else f'snapshot of step {step}'})")
+    path = _existing_snapshot(run_dir, step)
     try:
         return load_file(path)
     except Exception as e:  # noqa: BLE001 - SafetensorError or OSError: the same problem for the user
-        raise GeometryError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+        raise _unreadable(path, e) from None
 
 
 class LazySnapshot(Mapping):
@@ -74,17 +72,15 @@ class LazySnapshot(Mapping):
     base is checked this way, never loaded whole)."""
 
     def __init__(self, run_dir: str | Path, step: int | None):
-        self.path = snapshot_path(run_dir, step)
+        self.path = _existing_snapshot(run_dir, step)
         with self._open() as f:
             self._names = sorted(f.keys())
 
     def _open(self):
-        if not self.path.is_file():
-            raise GeometryError(f"{self.path}: missing (the base)")
         try:
             return safe_open(self.path, framework="pt")
         except Exception as e:  # noqa: BLE001 - SafetensorError or OSError: the same problem for the user
-            raise GeometryError(f"{self.path}: unreadable ({' '.join(str(e).split())})") from None
+            raise _unreadable(self.path, e) from None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
@@ -93,13 +89,24 @@ class LazySnapshot(Mapping):
             try:
                 return f.get_tensor(name)
             except Exception as e:  # noqa: BLE001 - a truncated or corrupt tensor
-                raise GeometryError(f"{self.path}: unreadable ({' '.join(str(e).split())})") from None
+                raise _unreadable(self.path, e) from None
 
     def __iter__(self):
         return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def _existing_snapshot(run_dir: str | Path, step: int | None) -> Path:
+    path = snapshot_path(run_dir, step)
+    if not path.is_file():
+        raise GeometryError(f"{path}: missing ({'the base' if step is None else f'snapshot of step {step}'})")
+    return path
+
+
+def _unreadable(path: Path, e: Exception) -> GeometryError:
+    return GeometryError(f"{path}: unreadable ({' '.join(str(e).split())})")
 
 
 def missing_files(run_dir: str | Path, man: Manifest) -> list[Path]:

@@ -253,7 +253,8 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     device = dist.local_device(cfg.torch_device(), w)
     hidden = hidden_size(base.config)
     groups = _groups(sel.matrices, cfg.memory_mb, device)
-    owner = dist.assign([dist.group_cost(g[0].shape, len(g)) for g in groups], w.size)
+    costs = [dist.group_cost(g[0].shape, len(g)) for g in groups]
+    owner = dist.assign(costs, w.size)
     mine = [i for i, r in enumerate(owner) if r == w.rank]
     bar = _progress(len(mine) * len(ckpts), f"analyze {run.label}", progress and w.rank == 0)
     done: dict[int, _GroupOut] = {}
@@ -268,8 +269,7 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     cpu_side = device.type == "cpu"  # a GPU measures one group at a time, with batched kernels
     n = threads.count(cfg.threads if cpu_side else 1, [group_mb(groups[i][0].shape, len(groups[i])) for i in mine],
                       cfg.memory_mb)
-    costs = [dist.group_cost(groups[i][0].shape, len(groups[i])) for i in mine]
-    costliest = sorted(range(len(mine)), key=lambda j: -costs[j])  # the longest first: the threads end together
+    costliest = sorted(range(len(mine)), key=lambda j: -costs[mine[j]])  # the longest first: the threads end together
     try:  # closed on an interrupt too: leave=False then clears its line for the message
         with threads.kernels() if cpu_side else nullcontext():
             done = dict(zip(mine, threads.ordered_map(measure, mine, n, costliest), strict=True))

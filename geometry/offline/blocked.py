@@ -15,7 +15,18 @@ from typing import NamedTuple
 import torch
 
 from geometry import metrics as M
-from geometry.linalg import BLOCK_BYTES, SVD, SymEig, add_gram, exact_svd, mm, singular_values, symmetric, top_eigvecs
+from geometry.linalg import (
+    BLOCK_BYTES,
+    SVD,
+    SymEig,
+    add_gram,
+    exact_svd,
+    mm,
+    row_bands,
+    singular_values,
+    symmetric,
+    top_eigvecs,
+)
 
 
 class Pass(NamedTuple):
@@ -38,7 +49,7 @@ class BlockedUpdate:
         # the long side as rows: D itself when tall, D^T (views, no copy) when wide
         self.W0, self.Wt = (W0, Wt) if self.tall else (W0.mT, Wt.mT)
         rows, cols = self.W0.shape[-2:]
-        self.step = max(1, BLOCK_BYTES // (8 * cols * max(1, W0.shape[0])))
+        self.bands = row_bands(rows, 8 * cols * max(1, W0.shape[0]), BLOCK_BYTES)
         self.rows = rows
         self._whole: torch.Tensor | None = None
 
@@ -48,8 +59,7 @@ class BlockedUpdate:
         if self._whole is not None:
             yield slice(0, self.rows), self.W0, self.Wt, self._whole
             return
-        for start in range(0, self.rows, self.step):
-            rows = slice(start, min(start + self.step, self.rows))
+        for rows in self.bands:
             w0, wt = self.W0[:, rows], self.Wt[:, rows]
             d = wt.to(torch.float64, copy=True)  # a copy even when W_t is float64 already: d is written next
             d -= w0  # in place, W0's block widened inside the kernel: no float64 copy of it
@@ -66,7 +76,7 @@ class BlockedUpdate:
         for _, w0, wt, d in self.blocks():
             add_gram(gram, d)
             changed += M.count(M.changed_mask(w0, wt)).cpu()
-            small += M.count((d <= abs_tol) & (d >= -abs_tol)).cpu()
+            small += M.count_small(d, abs_tol).cpu()
         return Pass(symmetric(gram), changed, small)
 
     def long(self, X: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ No I/O here: ``geometry.analyze`` feeds the tensors and turns the results into r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -118,9 +117,10 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     out["overlap_2s"], out["overlap_2s_ratio"] = ov.two_sided, ov.two_sided_ratio
     out["overlap_left"], out["overlap_right"] = ov.left, ov.right
     out["overlap_left_ratio"], out["overlap_right_ratio"] = ov.left * (m / k), ov.right * (n / k)  # baselines k/m, k/n
-    d = D if first else None
-    del D  # its last use: a later checkpoint's interval update takes its place
-    d = _difference(Wt, Wprev) if d is None else d
+    if not first:  # the interval update, in the place of the cumulative one (whose last use was above)
+        del D
+        D = _difference(Wt, Wprev)
+    d = D
     ov_int = ov if first else M.overlap(d, Uk, Vk)
     out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
     out["overlap_left_interval"], out["overlap_right_interval"] = ov_int.left, ov_int.right
@@ -160,7 +160,7 @@ def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch
                "sparsity_bf16": 1.0 - gathered.changed / (m * n), "sparsity_abs": gathered.small / (m * n)}
         upd = update_svd(blocks, min(cfg.lock_k, m, n), warm, cfg.seed, gathered.gram)
     else:
-        D = Wt.double() - W0.double()
+        D = _difference(Wt, W0)
         out = _counts(W0, D, cfg)
         out["sparsity_bf16"] = 1.0 - M.fraction(M.changed_mask(W0, Wt))
         upd = _decompose_update(D, cfg, warm, update)
@@ -171,12 +171,8 @@ def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch
 def _counts(W0: torch.Tensor, D: torch.Tensor, cfg: AnalysisConfig) -> dict[str, torch.Tensor]:
     """Parameter count and the absolute sparsity variant (SPEC 1) of a float64 update D."""
     m, n = W0.shape[-2:]
-    # M.sparsity_abs without a float64 |D| copy, and its bool masks a band of rows at a time (whole, three of
-    # them are 150 MB for one 12288 x 4096 matrix)
-    rows = max(1, (4 << 20) // (n * max(1, math.prod(D.shape[:-2]))))
-    small = sum(M.count((band <= cfg.abs_tol) & (band >= -cfg.abs_tol)) for band in D.split(rows, dim=-2))
     return {"n_params": torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device),
-            "sparsity_abs": small / (m * n)}
+            "sparsity_abs": M.count_small(D, cfg.abs_tol) / (m * n)}
 
 
 def _decompose_update(D: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
@@ -258,7 +254,8 @@ def group_size(shape: tuple[int, int], memory_mb: float) -> int:
 
 
 def group_mb(shape: tuple[int, int], count: int = 1) -> float:
-    """Working memory of measuring ``count`` (m, n) matrices together, in MiB: ~12 float64 working copies
-    per matrix (W0, its factors and masks, W_t, W_s, D, d, Gram matrices)."""
+    """Working memory of measuring ``count`` (m, n) matrices together, in MiB, a bound: ~12 float64 copies'
+    worth per matrix (W0 and W_t as stored, W0's factors and masks, the updates, Gram matrices and their
+    eigensolvers' copies)."""
     m, n = shape
     return count * (12 * 8 * m * n + 8 * (m + n) ** 2) / 2**20
