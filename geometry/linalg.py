@@ -95,14 +95,38 @@ def row_bands(n_rows: int, row_bytes: int, budget: int) -> list[slice]:
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
+class Scratch:
+    """One float64 buffer that the blocks of a matrix are widened into in turn (``widen``). A new tensor per block
+    fragments the heap: a small allocation between two blocks takes a piece of the freed one, and the next block
+    extends the heap instead (measured, the 90M pair on one thread: the heap grew by a block, 4 MiB, at nearly
+    every block). A block is valid until the next one is widened."""
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+
+    def widen(self, src: torch.Tensor) -> torch.Tensor:
+        """src as float64, copied in its stored order (a transposed view's copy is the transpose of a copy)."""
+        flip = src.stride(-2) < src.stride(-1)
+        if flip:
+            src = src.mT
+        size = src.numel()
+        if self._buf is None or self._buf.numel() < size:
+            self._buf = None  # the smaller one goes back before the larger is taken
+            self._buf = torch.empty(size, dtype=torch.float64, device=src.device)
+        out = self._buf[:size].view(src.shape)
+        out.copy_(src)
+        return out.mT if flip else out
+
+
 def long_blocks(x: torch.Tensor):
     """(rows, float64 block (..., b, r)) over the rows of x's long side (x itself when m >= n, else x^T), each
-    block within ``GRAM_BLOCK_BYTES``; a wide x's blocks are its columns, widened in their stored order (the
-    block is then a transposed view: no copy)."""
+    block within ``GRAM_BLOCK_BYTES`` and valid until the next (``Scratch``); a wide x's blocks are its columns,
+    widened in their stored order (the block is then a transposed view: no copy)."""
     tall = x.shape[-2] >= x.shape[-1]
     n_rows, r = (x.shape[-2], x.shape[-1]) if tall else (x.shape[-1], x.shape[-2])
+    scratch = Scratch()
     for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2])), GRAM_BLOCK_BYTES):
-        yield part, (x[..., part, :].double() if tall else x[..., :, part].double().mT)
+        yield part, scratch.widen(x[..., part, :] if tall else x[..., :, part].mT)
 
 
 def long_product(x: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ Outputs are float64 tensors of shape ``(...)``: one value per matrix. No I/O, no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -166,18 +167,82 @@ def _bracketed(a: np.ndarray, k: int):
     (measured, 2.9M float64 entries: 12 against 27 ms). None when the bounds miss it (a sample unlike the
     whole array)."""
     n = a.size
-    sample = np.sort(a[np.random.default_rng(0).integers(0, n, SELECT_SAMPLE)])
-    at, margin = (1 - k / n) * SELECT_SAMPLE, 5 * math.sqrt(SELECT_SAMPLE)  # ~10 standard deviations of its rank
-    lo = sample[max(0, math.floor(at - margin))]
-    hi = sample[min(SELECT_SAMPLE - 1, math.ceil(at + margin))]
-    above = np.count_nonzero(a > hi)
-    if above >= k:
+    lo, hi = _bounds(a[np.random.default_rng(0).integers(0, n, SELECT_SAMPLE)], k, n)
+    return _within(np.count_nonzero(a > hi), a[(a >= lo) & (a <= hi)], k)
+
+
+def _bounds(sample: np.ndarray, k: int, n: int) -> tuple:
+    """Two values around the k-th largest of n entries, from a uniform sample of them: ~10 standard deviations
+    of its rank in the sample apart."""
+    sample = np.sort(sample)
+    size = sample.size
+    at, margin = (1 - k / n) * size, 5 * math.sqrt(size)
+    return sample[max(0, math.floor(at - margin))], sample[min(size - 1, math.ceil(at + margin))]
+
+
+def _within(above: int, between: np.ndarray, k: int):
+    """The k-th largest of an array from the count of its entries above two bounds and those between them;
+    None when the bounds miss it."""
+    if above >= k or above + between.size < k:
         return None
-    between = a[(a >= lo) & (a <= hi)]
-    if above + between.size < k:
-        return None
-    j = k - above  # the k-th largest of a is the j-th largest of those between the bounds
+    j = k - above  # the k-th largest of the array is the j-th largest of those between the bounds
     return np.partition(between, between.size - j)[between.size - j]
+
+
+SCORE_BYTES = 8 << 20  # a band of rows of a mask's score, in float64, computed at a time (``_top_fraction_banded``)
+
+
+def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int, alpha: float) -> torch.Tensor:
+    """``_top_fraction`` of a score (..., m, n) given a band of rows at a time (``score(rows)`` -> (..., b, n)),
+    the same mask, bit for bit, without the whole score: on the CPU, bands within ``SCORE_BYTES``, three passes
+    (a seeded sample; the counts above two bounds from it and the entries between them, whose selection gives
+    the threshold; the mask, ties taken in position order as a stable sort takes them). A score whose bounds
+    miss, or that holds NaN, is formed whole for ``_top_fraction`` (a 12288 x 4096 score is 400 MB)."""
+    first = score(slice(0, 1))
+    batch = first.shape[:-2]
+    L = math.prod(batch)
+    bands = row_bands(m, 8 * n * max(1, L), SCORE_BYTES)
+    if len(bands) == 1:
+        return _top_fraction(score(bands[0]), alpha)
+    if first.device.type != "cpu":
+        return _top_fraction(torch.cat([score(rows) for rows in bands], -2), alpha)
+    total = m * n
+    count = math.ceil(alpha * total * (1 - 1e-12))  # as _top_fraction counts
+    if count <= 0:
+        return torch.zeros(*batch, m, n, dtype=torch.bool)
+
+    def visit():
+        for rows in bands:
+            yield rows, score(rows).reshape(L, -1, n).numpy()
+
+    pos = np.sort(np.random.default_rng(0).integers(0, total, SELECT_SAMPLE))  # flat positions, row-major
+    sample = np.empty((L, SELECT_SAMPLE), dtype=first.numpy().dtype)
+    for rows, s in visit():
+        if np.isnan(s).any():
+            return _top_fraction(torch.cat([score(rows) for rows in bands], -2), alpha)
+        a, b = np.searchsorted(pos, (rows.start * n, rows.stop * n))
+        sample[:, a:b] = s.reshape(L, -1)[:, pos[a:b] - rows.start * n]
+    lohi = [_bounds(sample[i], count, total) for i in range(L)]
+    above, between = np.zeros(L, dtype=np.int64), [[] for _ in range(L)]
+    for _, s in visit():
+        for i, (lo, hi) in enumerate(lohi):
+            above[i] += np.count_nonzero(s[i] > hi)
+            between[i].append(s[i][(s[i] >= lo) & (s[i] <= hi)])
+    between = [np.concatenate(parts) for parts in between]
+    thr = [_within(int(above[i]), between[i], count) for i in range(L)]
+    if any(t is None for t in thr):
+        return _top_fraction(torch.cat([score(rows) for rows in bands], -2), alpha)
+    # ties at the threshold that fit: count less the entries above it
+    room = [count - int(above[i]) - np.count_nonzero(between[i] > thr[i]) for i in range(L)]
+    mask = np.empty((L, m, n), dtype=bool)
+    for rows, s in visit():
+        for i in range(L):
+            np.greater(s[i], thr[i], out=mask[i, rows])
+            if room[i] > 0:
+                ties = np.flatnonzero(s[i] == thr[i])[: room[i]]
+                mask[i, rows].reshape(-1)[ties] = True  # a band of rows of a C-order array: a view
+                room[i] -= ties.size
+    return torch.from_numpy(mask).view(*batch, m, n)
 
 
 def _top_fraction_sorted(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -188,14 +253,23 @@ def _top_fraction_sorted(score: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def principal_mask(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int, alpha: float = 0.5) -> torch.Tensor:
-    """Top-alpha fraction of entries of |rank-r reconstruction of W0| (SPEC item 5)."""
-    recon = mm(U[..., :r] * S[..., None, :r], V[..., :r].mT)  # (..., m, n)
-    return _top_fraction(recon.abs(), alpha)
+    """Top-alpha fraction of entries of |rank-r reconstruction of W0| (SPEC item 5), the reconstruction a band of
+    rows at a time (``_top_fraction_banded``)."""
+    left, right = U[..., :r] * S[..., None, :r], V[..., :r].mT
+
+    def score(rows: slice) -> torch.Tensor:
+        return mm(left[..., rows, :], right).abs_()  # (..., b, n), in place
+
+    return _top_fraction_banded(score, U.shape[-2], V.shape[-2], alpha)
 
 
 def lowmag_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Bottom-alpha fraction of entries of |W0| (SPEC item 5)."""
-    return _top_fraction(-w0.abs().float(), alpha)
+    """Bottom-alpha fraction of entries of |W0| (SPEC item 5), scored a band of rows at a time."""
+
+    def score(rows: slice) -> torch.Tensor:
+        return w0[..., rows, :].abs().float().neg_()  # abs() copies: the negation is in place
+
+    return _top_fraction_banded(score, *w0.shape[-2:], alpha)
 
 
 def mask_overlap(update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

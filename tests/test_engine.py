@@ -144,22 +144,31 @@ def test_quick_suite_measures_the_update_alone_as_the_full_one_does():
     assert torch.equal(fast.VK, full.VK) and fast.angles_u is None and fast.spectrum is None
 
 
+COUNTS = {"n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99", "r90_interval", "r99_interval", "intruders",
+          "mask_overlap_principal", "mask_overlap_lowmag", "mask_overlap_principal_ratio", "mask_overlap_lowmag_ratio"}
+
+
+@pytest.mark.parametrize("quick", [False, True])
 @pytest.mark.parametrize("m, n", [(90, 40), (40, 90)])
-def test_quick_suite_in_blocks_agrees_with_the_whole_update(m, n, monkeypatch):
-    # blocks of 7 rows (or columns) of the update: the Gram matrix is summed in another order, nothing else
+def test_updates_in_blocks_agree_with_the_whole_update(m, n, quick, monkeypatch):
+    # blocks of 7 rows (or columns) of the updates D_t and d_t against each formed whole (one block), and the
+    # masks' scores in bands: the Gram matrices and projections are summed in another order, nothing else
     import geometry.offline.blocked as blocked
 
-    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * max(m, n) * 7 * 2)
-    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")
-    quick = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=True)
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=quick)
     W0, Ws, Wt = _stack(6, 2, m, n)
-    full = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
-    fast = measure_step(decompose_base(W0, quick), Wt, Ws, quick)
-    for name in ("n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99"):
-        assert torch.equal(fast.values[name], full.values[name]), name  # counts: exact
-    for name in QUICK - {"n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99"}:
-        np.testing.assert_allclose(fast.values[name].numpy(), full.values[name].numpy(), rtol=1e-10, err_msg=name)
-    assert (1 - subspace_sim(fast.VK, full.VK) < 1e-12).all() and (1 - subspace_sim(fast.UK, full.UK) < 1e-12).all()
+    whole = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * min(m, n) * 2 * 7)  # 7 rows of the long side, 2 matrices
+    monkeypatch.setattr(M, "SCORE_BYTES", 8 * n * 2 * 5)  # the masks' scores 5 rows at a time
+    assert len(blocked.BlockedUpdate(W0, Wt).bands) == math.ceil(max(m, n) / 7)
+    parts = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
+    assert set(parts.values) == (QUICK if quick else set(whole.values))
+    for name, value in parts.values.items():
+        if name in COUNTS:
+            assert torch.equal(value, whole.values[name]), name  # counts: exact
+        else:
+            np.testing.assert_allclose(value.numpy(), whole.values[name].numpy(), rtol=1e-10, err_msg=name)
+    assert (1 - subspace_sim(parts.VK, whole.VK) < 1e-12).all() and (1 - subspace_sim(parts.UK, whole.UK) < 1e-12).all()
 
 
 def test_quick_suite_takes_the_exact_svd_when_the_gram_matrix_cannot_resolve_the_top_K():

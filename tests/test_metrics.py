@@ -213,6 +213,35 @@ def test_mask_selection_equals_stable_sort_on_ties(alpha):
     np.testing.assert_array_equal(M._top_fraction(W0, alpha).numpy(), M._top_fraction_sorted(W0, count).numpy())
 
 
+@pytest.mark.parametrize("alpha", [0.3, 0.07, 0.999])
+@pytest.mark.parametrize("kind", ["normal", "bf16 ties", "constant", "nan", "bounds miss"])
+def test_mask_selection_in_bands_equals_the_stable_sort(kind, alpha, monkeypatch):
+    # the score given 7 rows at a time, never whole: the same mask as the stable sort of the whole score, ties
+    # taken in position order across bands; NaN, and bounds that miss the threshold, take the whole score
+    rng = np.random.default_rng(12)
+    L, m, n = 2, 300, 170
+    score = {"normal": rng.standard_normal((L, m, n)),
+             "bf16 ties": torch.tensor(rng.integers(-6, 7, size=(L, m, n)) * 0.125, dtype=torch.bfloat16).double(),
+             "constant": np.full((L, m, n), 0.5),
+             "nan": np.where(rng.random((L, m, n)) < 1e-3, np.nan, rng.standard_normal((L, m, n))),
+             "bounds miss": rng.standard_normal((L, m, n))}[kind]
+    score = torch.as_tensor(score, dtype=torch.float64)
+    monkeypatch.setattr(M, "SCORE_BYTES", 8 * n * L * 7)
+    if kind == "bounds miss":
+        monkeypatch.setattr(M, "_bounds", lambda sample, k, total: (math.inf, math.inf))
+    seen, whole = [], []
+    monkeypatch.setattr(M, "_top_fraction", lambda s, a, f=M._top_fraction: whole.append(s.shape) or f(s, a))
+
+    def bands(rows):
+        seen.append(rows.stop - rows.start)
+        return score[..., rows, :].clone()
+
+    got = M._top_fraction_banded(bands, m, n, alpha)
+    count = math.ceil(alpha * m * n * (1 - 1e-12))
+    np.testing.assert_array_equal(got.numpy(), M._top_fraction_sorted(score, count).numpy())
+    assert max(seen) == 7 and bool(whole) == (kind in ("nan", "bounds miss"))  # whole only where it must
+
+
 def test_principal_mask_of_rank_one_base_is_its_support():
     # W0 = a b^T with a nonzero on the first half of the rows only: exactly half the entries are nonzero,
     # so the top-half principal mask is those rows, whatever the reconstruction rank.

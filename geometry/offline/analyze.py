@@ -336,9 +336,7 @@ def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: lis
                        device: torch.device, bar) -> list[StepResult]:
     results, prev = [], factors.W0
     for ckpt in ckpts:
-        Wt = _read_group(ckpt.source, group, device)
-        if not cfg.quick:  # float64 once: it is the next step's W_s too (the quick suite needs no W_s)
-            Wt = Wt.double()
+        Wt = _read_group(ckpt.source, group, device)  # as stored: widened a block at a time where measured
         m, n = factors.W0.shape[-2:]
         warm = None if not results else (results[-1].VK if m >= n else results[-1].UK)
         results.append(measure_step(factors, Wt, prev, cfg, warm, _update_factors(ckpt.source, group, device)))

@@ -1,10 +1,10 @@
 """The update D_t = W_t - W0 of a group, formed in float64 a block at a time and never whole.
 
-The quick suite (``AnalysisConfig.quick``) needs of the update only its Gram matrix, its products with thin
-matrices and a few counts. Taken a block of the long side at a time from W0 and W_t as stored, its memory is
-the two stored matrices, one r x r Gram matrix and a block, whatever the matrices' size (a 12288 x 4096
-float64 update alone is 400 MB). Summing the blocks' Gram matrices changes the order of the additions,
-nothing else: the result agrees with the dense path to rounding (tests/test_engine.py).
+Both suites need of an update only its Gram matrix, its products with thin matrices and a few counts (the
+spectrum and top-K subspaces, SPEC 1, 4-7). Taken a block of the long side at a time from the two stored
+matrices, its memory is those two, one r x r Gram matrix and a block, whatever the matrices' size (a
+12288 x 4096 float64 update alone is 400 MB). Summing the blocks' Gram matrices changes the order of the
+additions, nothing else: the result agrees with the dense path to rounding (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from geometry import metrics as M
 from geometry.linalg import (
     BLOCK_BYTES,
     SVD,
+    Scratch,
     SymEig,
     add_gram,
     exact_svd,
@@ -33,8 +34,10 @@ class Pass(NamedTuple):
     """What one pass over the update's blocks gathers, per matrix (L,)."""
 
     gram: torch.Tensor  # (L, r, r) D^T D (m >= n) or D D^T
-    changed: torch.Tensor  # entries whose bf16 bit pattern changed (SPEC 1)
-    small: torch.Tensor  # entries with |D| <= tol (the absolute variant of SPEC 1)
+    changed: torch.Tensor | None  # entries whose bf16 bit pattern changed (SPEC 1); None: not counted
+    small: torch.Tensor | None  # entries with |D| <= tol (the absolute variant of SPEC 1)
+    within: tuple[torch.Tensor, ...]  # changed entries inside each mask given (SPEC 5)
+    projected: torch.Tensor | None  # (L, k, r) X^T times the long side, X the long-side basis given (SPEC 4)
 
 
 class BlockedUpdate:
@@ -52,32 +55,49 @@ class BlockedUpdate:
         self.bands = row_bands(rows, 8 * cols * max(1, W0.shape[0]), BLOCK_BYTES)
         self.rows = rows
         self._whole: torch.Tensor | None = None
+        self._scratch, self._scratch0 = Scratch(), Scratch()
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(rows, W0 block, W_t block as stored, D block in float64 (L, b, r)). An update that is one block is
-        formed once and kept (it is within the block budget)."""
+        """(rows, W0 block, W_t block as stored, D block in float64 (L, b, r)), each D block valid until the next
+        (``linalg.Scratch``). An update that is one block is formed once and kept (it is within the block
+        budget)."""
         if self._whole is not None:
             yield slice(0, self.rows), self.W0, self.Wt, self._whole
             return
         for rows in self.bands:
             w0, wt = self.W0[:, rows], self.Wt[:, rows]
-            d = wt.to(torch.float64, copy=True)  # a copy even when W_t is float64 already: d is written next
-            d -= w0  # in place, W0's block widened inside the kernel: no float64 copy of it
+            d = self._scratch.widen(wt)  # a copy even when W_t is float64 already: d is written next
+            d -= self._scratch0.widen(w0)  # both float64: torch widens a mixed operand into a new temporary
             if rows.stop - rows.start == self.rows:
                 self._whole = d
             yield rows, w0, wt, d
 
-    def gather(self, abs_tol: float) -> Pass:
-        """Gram matrix, bf16 changes and small entries, in one pass."""
+    def gather(self, abs_tol: float | None = None, masks: tuple[torch.Tensor, ...] = (),
+               basis: torch.Tensor | None = None) -> Pass:
+        """The Gram matrix, and in the same pass: with ``abs_tol``, the bf16 changes, the small entries and the
+        changes inside each of ``masks`` ((L, m, n) bool); with ``basis`` (L, long side, k), its product with
+        the long side (what ``overlap`` needs besides the Gram matrix)."""
         L, r = self.W0.shape[0], self.W0.shape[-1]
         gram = torch.zeros(L, r, r, dtype=torch.float64, device=self.W0.device)
-        changed = torch.zeros(L, dtype=torch.float64)
-        small = torch.zeros(L, dtype=torch.float64)
-        for _, w0, wt, d in self.blocks():
+        counted = abs_tol is not None
+        changed, small = (torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)) if counted \
+            else (None, None)
+        within = tuple(torch.zeros(L, dtype=torch.float64) for _ in masks) if counted else ()
+        masks = tuple(mask if self.tall else mask.mT for mask in masks)  # the long side as rows, as the blocks
+        projected = None
+        if basis is not None:
+            projected = torch.zeros(L, basis.shape[-1], r, dtype=torch.float64, device=basis.device)
+        for rows, w0, wt, d in self.blocks():
             add_gram(gram, d)
-            changed += M.count(M.changed_mask(w0, wt)).cpu()
-            small += M.count_small(d, abs_tol).cpu()
-        return Pass(symmetric(gram), changed, small)
+            if counted:
+                moved = M.changed_mask(w0, wt)
+                changed += M.count(moved).cpu()
+                small += M.count_small(d, abs_tol).cpu()
+                for acc, mask in zip(within, masks, strict=True):
+                    acc += M.count(moved & mask[:, rows]).cpu()
+            if basis is not None:
+                projected += mm(basis[:, rows].mT, d)
+        return Pass(symmetric(gram), changed, small, within, projected)
 
     def long(self, X: torch.Tensor) -> torch.Tensor:
         """(L, rows, k): the long side times X (L, r, k), a block at a time."""
@@ -88,8 +108,24 @@ class BlockedUpdate:
 
     def dense(self) -> torch.Tensor:
         """D whole, (L, m, n) float64: for the exact fallback only."""
-        D = torch.cat([d for _, _, _, d in self.blocks()], dim=1)
+        D = torch.empty(self.W0.shape, dtype=torch.float64, device=self.W0.device)
+        for rows, _, _, d in self.blocks():
+            D[:, rows] = d
         return D if self.tall else D.mT
+
+
+def overlap(p: Pass, short: torch.Tensor, m: int, n: int) -> M.Overlap:
+    """SPEC 4 (``metrics.overlap``) from a pass given the long side's principal basis, ``short`` (L, r, k) the
+    other side's: ||D||_F^2 is the Gram matrix's trace, the short side's energy ||D Y||_F^2 = tr(Y^T G Y)
+    (Y = V_k of a tall D), the long side's ||X^T D||_F^2 and the two-sided ||X^T D Y||_F^2 from the product
+    gathered. Agrees with the dense formula to rounding (tests/test_engine.py)."""
+    k = short.shape[-1]
+    total = p.gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    long = p.projected.square().sum((-2, -1))
+    side = (mm(p.gram, short) * short).sum((-2, -1))
+    two = mm(p.projected, short).square().sum((-2, -1)) / total
+    left, right = (long, side) if m >= n else (side, long)
+    return M.Overlap(two, two / (k * k / (m * n)), left / total, right / total)
 
 
 def update_svd(upd: BlockedUpdate, K: int, warm: torch.Tensor | None, seed: int, gram: torch.Tensor) -> SVD:

@@ -19,7 +19,6 @@ from geometry.linalg import (
     factored_svd,
     gram,
     gram_svd,
-    gram_top,
     mm,
     randomized_svd,
     singular_values,
@@ -27,7 +26,7 @@ from geometry.linalg import (
     sym_eig,
 )
 from geometry.locking import step_sims
-from geometry.offline.blocked import BlockedUpdate, update_svd
+from geometry.offline.blocked import BlockedUpdate, Pass, overlap, update_svd
 from geometry.offline.config import AnalysisConfig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
@@ -37,7 +36,6 @@ class BaseFactors(NamedTuple):
     """What every checkpoint of a group is measured against, computed once."""
 
     W0: torch.Tensor  # (L, m, n) as stored: updates are formed from it exactly, in float64
-    bits: torch.Tensor | None  # (L, m, n) int16: W0's bf16 bit patterns, for the update mask (SPEC 1)
     norm: torch.Tensor  # (L,) ||W0||_F in float64
     svd: SVD | None  # the full spectrum S (L, min(m, n)), top max(k, r) vectors U, V; Gram (checked) or exact;
     #                  None with cfg.quick (then principal and lowmag are None too)
@@ -65,17 +63,17 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
     With ``cfg.quick`` only W0 as stored and its norm: the quick suite measures the update alone."""
     shape = tuple(W0.shape[-2:])
     k, r = cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)
+    norm = torch.stack([torch.linalg.matrix_norm(w.double()) for w in W0])  # one float64 copy at a time
     if cfg.quick:
-        norm = torch.stack([torch.linalg.matrix_norm(w.double()) for w in W0])  # one float64 copy at a time
-        return BaseFactors(W0, None, norm, None, k, r, None, None, {})
+        return BaseFactors(W0, norm, None, k, r, None, None, {})
     # the Gram matrix's eigenvalues and top vectors, cheaper than an SVD; an ill-conditioned base takes the exact
     # SVD. Only the top max(k, r) vectors: intruders (SPEC 8) are mostly decided by them (metrics.intruders)
     top = max(k, r, N_INTRUDER)
     svd = gram_svd(W0, top) if cfg.update_svd != "exact" else exact_svd(W0, top)
     # W0 is kept as stored: a float64 copy of it would be a third of a group's working memory, and every
     # update is formed exactly from it (float64 = stored + the update, promoted entry by entry)
-    return BaseFactors(W0, M.bf16_bits(W0), torch.linalg.matrix_norm(W0.double()), svd, k, r,
-                       M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha), M.lowmag_mask(W0, cfg.alpha), {})
+    return BaseFactors(W0, norm, svd, k, r, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha),
+                       M.lowmag_mask(W0, cfg.alpha), {})
 
 
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
@@ -97,93 +95,94 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     k = base.k
     m, n = W0.shape[-2:]
     Uk, Vk = base.svd.U[..., :k], base.svd.V[..., :k]
-    # W_t's factors first (W_t widened to float64 a block at a time inside), then the update: at most one whole
-    # float64 matrix (D, or later d) is alive at a time
+    long, short = (Uk, Vk) if m >= n else (Vk, Uk)  # the bases of W0's long and short sides
+    # W_t's factors first (W_t widened to float64 a block at a time inside), then the updates, never whole: each
+    # visited a block at a time from the stored matrices (geometry.offline.blocked)
     top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
     angle_u, angle_v = M.angle_stats(Uk, top.U[..., :k]), M.angle_stats(Vk, top.V[..., :k])
     intruders = _intruders(base, top.U[..., :N_INTRUDER], cfg)
 
-    D = _difference(Wt, W0)
-    out = _counts(W0, D, cfg)
-    changed = base.bits != M.bf16_bits(Wt)  # M.changed_mask with W0's bits computed once
-    out["sparsity_bf16"] = 1.0 - M.fraction(changed)
-    upd = _decompose_update(D, cfg, warm, update)
+    blocks = BlockedUpdate(W0, Wt)
+    p = blocks.gather(cfg.abs_tol, (base.principal, base.lowmag), long)
+    out = _counts(p, m, n)
+    ov = overlap(p, short, m, n)
+    upd = _decompose_update(blocks, p.gram, cfg, warm, update)
     _rank(out, upd.S, base.norm)
     out["angle_max_u"], out["angle_mean_u"], angles_u = angle_u
     out["angle_max_v"], out["angle_mean_v"], angles_v = angle_v
     out["nss"] = M.nss(base.svd.S, top.S)
 
-    ov = M.overlap(D, Uk, Vk)
     out["overlap_2s"], out["overlap_2s_ratio"] = ov.two_sided, ov.two_sided_ratio
     out["overlap_left"], out["overlap_right"] = ov.left, ov.right
     out["overlap_left_ratio"], out["overlap_right_ratio"] = ov.left * (m / k), ov.right * (n / k)  # baselines k/m, k/n
-    if not first:  # the interval update, in the place of the cumulative one (whose last use was above)
-        del D
-        D = _difference(Wt, Wprev)
-    d = D
-    ov_int = ov if first else M.overlap(d, Uk, Vk)
+    S_int = upd.S
+    ov_int = ov
+    if not first:  # the interval update d_t = W_t - W_s
+        interval = BlockedUpdate(Wprev, Wt)
+        p_int = interval.gather(basis=long)
+        ov_int = overlap(p_int, short, m, n)
+        S_int = _spectrum(interval, p_int.gram)
     out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
     out["overlap_left_interval"], out["overlap_right_interval"] = ov_int.left, ov_int.right
 
-    out["mask_overlap_principal"] = M.mask_overlap(changed, base.principal)
-    out["mask_overlap_lowmag"] = M.mask_overlap(changed, base.lowmag)
+    # changed entries inside each mask over all changed (M.mask_overlap): NaN for an empty update
+    out["mask_overlap_principal"], out["mask_overlap_lowmag"] = (c / p.changed for c in p.within)
     out["mask_overlap_principal_ratio"] = out["mask_overlap_principal"] / cfg.alpha  # random baseline: alpha
     out["mask_overlap_lowmag_ratio"] = out["mask_overlap_lowmag"] / cfg.alpha
 
-    interval = M.rank_stats(upd.S if first else spectrum(d, small_values=False))
+    stats = M.rank_stats(S_int)
     for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm"):
-        out[f"{name}_interval"] = getattr(interval, name)
+        out[f"{name}_interval"] = getattr(stats, name)
 
     out["intruders"] = intruders
 
     return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
 
 
-def _difference(Wt: torch.Tensor, Ws: torch.Tensor) -> torch.Tensor:
-    """W_t - W_s in float64 from the stored tensors, exactly, with no float64 copy of either beside it."""
-    out = Wt.to(torch.float64, copy=True)
-    out -= Ws  # Ws widened inside the kernel
-    return out
-
-
 def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
            update: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], SVD]:
     """The quick suite: bf16 and absolute sparsity (SPEC 1), the update's rank metrics (SPEC 6), its norm
-    relative to W0's and its top-K subspaces (SPEC 7), from W0 and W_t as stored. By default the update is
-    formed a block at a time (geometry.offline.blocked); LoRA factors, or another ``update_svd``, take it whole."""
-    W0 = base.W0
-    m, n = W0.shape[-2:]
-    if update is None and cfg.update_svd == "gram":
-        blocks = BlockedUpdate(W0, Wt)
-        gathered = blocks.gather(cfg.abs_tol)
-        out = {"n_params": torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64),
-               "sparsity_bf16": 1.0 - gathered.changed / (m * n), "sparsity_abs": gathered.small / (m * n)}
-        upd = update_svd(blocks, min(cfg.lock_k, m, n), warm, cfg.seed, gathered.gram)
-    else:
-        D = _difference(Wt, W0)
-        out = _counts(W0, D, cfg)
-        out["sparsity_bf16"] = 1.0 - M.fraction(M.changed_mask(W0, Wt))
-        upd = _decompose_update(D, cfg, warm, update)
+    relative to W0's and its top-K subspaces (SPEC 7), from W0 and W_t as stored, the update a block at a time
+    (geometry.offline.blocked)."""
+    m, n = base.W0.shape[-2:]
+    blocks = BlockedUpdate(base.W0, Wt)
+    p = blocks.gather(cfg.abs_tol)
+    out = _counts(p, m, n)
+    upd = _decompose_update(blocks, p.gram, cfg, warm, update)
     _rank(out, upd.S, base.norm.to(upd.S.device))
     return out, upd
 
 
-def _counts(W0: torch.Tensor, D: torch.Tensor, cfg: AnalysisConfig) -> dict[str, torch.Tensor]:
-    """Parameter count and the absolute sparsity variant (SPEC 1) of a float64 update D."""
-    m, n = W0.shape[-2:]
-    return {"n_params": torch.full(W0.shape[:-2], float(m * n), dtype=torch.float64, device=W0.device),
-            "sparsity_abs": M.count_small(D, cfg.abs_tol) / (m * n)}
+def _counts(p: Pass, m: int, n: int) -> dict[str, torch.Tensor]:
+    """Parameter count and both sparsity variants (SPEC 1) from a pass's counts."""
+    return {"n_params": torch.full_like(p.changed, float(m * n)), "sparsity_bf16": 1.0 - p.changed / (m * n),
+            "sparsity_abs": p.small / (m * n)}
 
 
-def _decompose_update(D: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
+def _decompose_update(blocks: BlockedUpdate, G: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
                       update: tuple[torch.Tensor, torch.Tensor] | None) -> SVD:
-    """The update's full spectrum and top-K subspaces (SPEC 6, 7)."""
-    m, n = D.shape[-2:]
-    K = min(cfg.lock_k, m, n)
+    """The update's full spectrum and top-K subspaces (SPEC 6, 7): from its factors when known, else by the
+    configured path (AnalysisConfig.update_svd): its Gram matrix G, or the update formed whole."""
+    K = min(cfg.lock_k, blocks.m, blocks.n)
     if update is not None and K <= update[0].shape[-1]:
         return factored_svd(*update, K)  # exact, D never decomposed densely
     # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
-    return _update_factors(D, K, cfg, warm)
+    if cfg.update_svd == "gram":
+        return update_svd(blocks, K, warm, cfg.seed, G)
+    D = blocks.dense()
+    if cfg.update_svd == "exact":
+        return exact_svd(D, K)
+    sD = spectrum(D, small_values=False)
+    return randomized_svd(D, K, oversample=cfg.oversample, n_iter=cfg.n_iter, seed=cfg.seed, check=sD)
+
+
+def _spectrum(blocks: BlockedUpdate, G: torch.Tensor) -> torch.Tensor:
+    """An update's singular values from its Gram matrix G, those below its resolution zero (as ``linalg.spectrum``
+    without small values); the update formed whole for an exact SVD if LAPACK fails on G."""
+    try:
+        return singular_values(sym_eig(G, overwrite=True)[0], resolved_only=True)
+    except torch.linalg.LinAlgError:
+        return torch.linalg.svdvals(blocks.dense())
 
 
 def _rank(out: dict[str, torch.Tensor], S: torch.Tensor, base_norm: torch.Tensor) -> None:
@@ -220,16 +219,6 @@ def _all_left(base: BaseFactors, i: int) -> tuple[torch.Tensor, bool]:
     if W0.shape[0] < W0.shape[1]:
         return vecs, False
     return vecs / singular_values(evals), True
-
-
-def _update_factors(D: torch.Tensor, K: int, cfg: AnalysisConfig, warm: torch.Tensor | None = None) -> SVD:
-    """Spectrum and top-K subspaces of an update by the configured path (AnalysisConfig.update_svd)."""
-    if cfg.update_svd == "exact":
-        return exact_svd(D, K)
-    if cfg.update_svd == "randomized":
-        sD = spectrum(D, small_values=False)
-        return randomized_svd(D, K, oversample=cfg.oversample, n_iter=cfg.n_iter, seed=cfg.seed, check=sD)
-    return gram_top(D, K, warm=warm, seed=cfg.seed)
 
 
 def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:
