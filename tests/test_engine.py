@@ -15,7 +15,7 @@ from geometry.linalg import subspace_sim
 from geometry.locking import locking_onset, median_onset
 from geometry.offline.analyze import analyze
 from geometry.offline.config import AnalysisConfig
-from geometry.offline.engine import decompose_base, group_size, locking_sims, measure_step
+from geometry.offline.engine import decompose_base, group_mb, group_size, locking_sims, measure_step
 
 
 def _orthonormal(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
@@ -367,8 +367,51 @@ def test_locking_sims_match_exact_subspaces():
     assert torch.isnan(sims[0]["sim_prev_u"]).all()  # no previous step
 
 
-def test_group_size_fits_the_budget():
-    assert group_size((64, 48), 1.0) == 1 * 2**20 // (12 * 8 * 64 * 48 + 8 * 112 ** 2)
+MEASURE_ONE_MATRIX = """
+import sys
+import torch
+from geometry.offline.analyze import _return_freed_memory
+from geometry.offline.config import AnalysisConfig
+from geometry.offline.engine import decompose_base, measure_step
+from geometry.offline import threads
+
+def status(key):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key))) / 1024
+
+_return_freed_memory()  # as analyze sets the allocator up, and its kernels on one thread
+threads.kernels().__enter__()
+cfg = AnalysisConfig(device="cpu")
+m, n = int(sys.argv[1]), int(sys.argv[2])
+def run(m, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.empty(1, m, n).normal_(generator=g)  # filled in place: no temporaries
+    Ws = torch.empty(1, m, n).normal_(generator=g).mul_(1e-3).add_(W0)
+    Wt = torch.empty(1, m, n).normal_(generator=g).mul_(1e-3).add_(Ws)
+    base = decompose_base(W0, cfg, hidden=int(sys.argv[3]))
+    first = measure_step(base, Ws, W0, cfg)
+    measure_step(base, Wt, Ws, cfg, first.VK)
+run(64, 48, 0)  # the libraries' own buffers, before the measured part
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here
+run(m, n, 1)
+print(status("VmHWM:") - before)
+"""
+
+
+def test_group_memory_bound_holds_for_a_measured_matrix():
+    # base + two checkpoints of one float32 matrix in a fresh process: the memory it takes above the libraries is
+    # within the bound that sizes batches and threads, and not far below it
+    import subprocess
+    import sys
+
+    cfg = AnalysisConfig(device="cpu")
+    for shape, hidden in (((3072, 1024), 1024), ((1024, 4096), 4096)):  # an MLP and a wide k/v-like matrix
+        k = cfg.principal_size(shape, hidden)
+        out = subprocess.run([sys.executable, "-c", MEASURE_ONE_MATRIX, *map(str, (*shape, hidden))],
+                             capture_output=True, text=True, check=True).stdout
+        used, bound = float(out.split()[-1]), group_mb(shape, 1, k)
+        assert 0.5 * bound < used <= bound, (shape, used, bound)
+        assert group_size(shape, group_mb(shape, 3, k), k) == 3
     assert group_size((4096, 4096), 1.0) == 1  # at least one
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from itertools import groupby
 from pathlib import Path
@@ -191,8 +191,8 @@ def _open_checkpoints(run: Run, cfg: AnalysisConfig, base: TensorSource | None =
 CPU_BATCH_BYTES = 4 << 20
 
 
-def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | None = None
-            ) -> list[list[MatrixSpec]]:
+def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | None = None,
+            k_of: Callable[[tuple[int, int]], int] | None = None) -> list[list[MatrixSpec]]:
     """Same-shape matrices batched together, each batch within the memory budget."""
     out = []
     cap = CPU_BATCH_BYTES if device is None or device.type == "cpu" else MMAP_THRESHOLD
@@ -200,7 +200,7 @@ def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | No
         same = list(same)
         # within the budget, and each (L, m, n) float64 tensor under the cap (and so under the mmap threshold:
         # heap-reused, see above)
-        size = min(group_size(shape, memory_mb), max(1, cap // (8 * shape[0] * shape[1])))
+        size = min(group_size(shape, memory_mb, k_of and k_of(shape)), max(1, cap // (8 * shape[0] * shape[1])))
         out += [same[i:i + size] for i in range(0, len(same), size)]
     return out
 
@@ -252,7 +252,10 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     sel = _adapted_only(run.label, sel, ckpts, notes)
     device = dist.local_device(cfg.torch_device(), w)
     hidden = hidden_size(base.config)
-    groups = _groups(sel.matrices, cfg.memory_mb, device)
+    def k_of(shape: tuple[int, int]) -> int:
+        return cfg.principal_size(shape, hidden)
+
+    groups = _groups(sel.matrices, cfg.memory_mb, device, k_of)
     costs = [dist.group_cost(g[0].shape, len(g)) for g in groups]
     owner = dist.assign(costs, w.size)
     mine = [i for i, r in enumerate(owner) if r == w.rank]
@@ -267,8 +270,8 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
         return out
 
     cpu_side = device.type == "cpu"  # a GPU measures one group at a time, with batched kernels
-    n = threads.count(cfg.threads if cpu_side else 1, [group_mb(groups[i][0].shape, len(groups[i])) for i in mine],
-                      cfg.memory_mb)
+    need = [group_mb(groups[i][0].shape, len(groups[i]), k_of(groups[i][0].shape)) for i in mine]
+    n = threads.count(cfg.threads if cpu_side else 1, need, cfg.memory_mb)
     costliest = sorted(range(len(mine)), key=lambda j: -costs[mine[j]])  # the longest first: the threads end together
     try:  # closed on an interrupt too: leave=False then clears its line for the message
         with threads.kernels() if cpu_side else nullcontext():

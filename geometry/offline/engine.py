@@ -237,14 +237,29 @@ def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]
     return sims
 
 
-def group_size(shape: tuple[int, int], memory_mb: float) -> int:
-    """How many (m, n) matrices fit in one batch within ``memory_mb``, at least one."""
-    return max(1, int(memory_mb // group_mb(shape)))
+def group_size(shape: tuple[int, int], memory_mb: float, k: int | None = None) -> int:
+    """How many (m, n) matrices fit in one batch within ``memory_mb``, at least one (``group_mb``)."""
+    return max(1, int((memory_mb - BLOCKS_MB) // (_matrix_bytes(shape, k) / 2**20)))
 
 
-def group_mb(shape: tuple[int, int], count: int = 1) -> float:
-    """Working memory of measuring ``count`` (m, n) matrices together, in MiB, a bound: ~12 float64 copies'
-    worth per matrix (W0 and W_t as stored, W0's factors and masks, the updates, Gram matrices and their
-    eigensolvers' copies)."""
+# the float64 blocks a group's updates, Gram matrices and mask scores are formed in, whatever its size
+# (offline.blocked, linalg.long_blocks, metrics._top_fraction_banded), with room for the allocator's slack
+BLOCKS_MB = 48
+
+
+def group_mb(shape: tuple[int, int], count: int = 1, k: int | None = None) -> float:
+    """Working memory of measuring ``count`` (m, n) matrices together with principal size ``k`` (default: an
+    eighth of the smaller side, as where that side is the hidden size), in MiB, a bound: ``BLOCKS_MB`` and per
+    matrix ``_matrix_bytes``. Measured on the CPU, one thread: a 12288 x 4096 float32 pair at k = 512 1243 MB
+    above the process's libraries (bound 1424); tests/test_engine.py measures others."""
+    return BLOCKS_MB + count * _matrix_bytes(shape, k) / 2**20
+
+
+def _matrix_bytes(shape: tuple[int, int], k: int | None) -> int:
+    """One matrix's share: W0, W_t and W_s as stored (float32 counted) and the two bool masks, 14 mn bytes; three
+    r x r float64 matrices (a Gram matrix, LAPACK's copy of it, all of W0's singular vectors where intruders need
+    them); W0's and W_t's top-k singular vectors, their products and the angles' working copies, 40 (m + n) k."""
     m, n = shape
-    return count * (12 * 8 * m * n + 8 * (m + n) ** 2) / 2**20
+    r = min(m, n)
+    k = r // 8 if k is None else min(k, r)
+    return 14 * m * n + 24 * r * r + 40 * (m + n) * k
