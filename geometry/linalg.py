@@ -26,6 +26,7 @@ On a GPU both stay torch's batched kernels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -339,24 +340,31 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
 def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: float = 1e-7, max_iter: int = 60,
              seed: int = 0, iterate: bool | None = None) -> SVD:
     """Top-k singular vectors and the full spectrum, for a matrix whose small singular values need not be
-    resolved (an update): all eigenvalues of the float64 Gram matrix, then its top-k eigenvectors by
-    ``top_eigvecs`` (certified subspace iteration, or an eigh where that is cheaper). A Gram matrix that
-    cannot resolve the top k (LAPACK failure, s_k below ~1e-6 s1) sends x to ``exact_svd``.
-    """
-    x = x.double()
+    resolved (an update): ``top_from_gram`` on its float64 Gram matrix (the blocked update's path, whole)."""
     m, n = x.shape[-2:]
-    tall = m >= n
+    return top_from_gram(gram(x), k, lambda X: long_product(x, X), lambda: x.double(), tall=m >= n, warm=warm,
+                         tol=tol, max_iter=max_iter, seed=seed, iterate=iterate)
+
+
+def top_from_gram(G: torch.Tensor, k: int, long: Callable[[torch.Tensor], torch.Tensor],
+                  dense: Callable[[], torch.Tensor], *, tall: bool, warm: torch.Tensor | None = None,
+                  tol: float = 1e-7, max_iter: int = 60, seed: int = 0, iterate: bool | None = None) -> SVD:
+    """Top-k singular vectors and the full spectrum of a matrix x from its Gram matrix G (of the smaller side):
+    all eigenvalues, then the top-k eigenvectors by ``top_eigvecs`` (certified subspace iteration, or the
+    eigensolver's own where that is cheaper); the long side's vectors by ``long(X)`` (x X when ``tall``, else
+    x^T X). A Gram matrix that cannot resolve the top k (LAPACK failure, s_k below ~1e-6 s1) sends ``dense()``
+    (x whole, float64) to ``exact_svd``, method "subspace->exact"."""
     try:
-        eig = SymEig(gram(x))
+        eig = SymEig(G)
         found = top_eigvecs(eig, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed, iterate=iterate)
     except torch.linalg.LinAlgError:
         found = None
     if found is None:
-        return _fallback(x, k, "subspace")
+        return _fallback(dense(), k, "subspace")
     X, method = found
     S = singular_values(eig.values, resolved_only=True)
     # a zero matrix has zero vectors here rather than NaN: callers mask zero updates out
-    big = mm(x if tall else x.mT, X) / S[..., None, :k].clamp_min(torch.finfo(x.dtype).tiny)
+    big = long(X) / S[..., None, :k].clamp_min(torch.finfo(S.dtype).tiny)
     U, V = (big, X) if tall else (X, big)
     return SVD(U, S, V, method)
 

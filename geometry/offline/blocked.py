@@ -17,16 +17,11 @@ import torch
 from geometry import metrics as M
 from geometry.linalg import (
     BLOCK_BYTES,
-    SVD,
     Scratch,
-    SymEig,
     add_gram,
-    exact_svd,
     mm,
     row_bands,
-    singular_values,
     symmetric,
-    top_eigvecs,
 )
 
 
@@ -126,21 +121,3 @@ def overlap(p: Pass, short: torch.Tensor, m: int, n: int) -> M.Overlap:
     two = mm(p.projected, short).square().sum((-2, -1)) / total
     left, right = (long, side) if m >= n else (side, long)
     return M.Overlap(two, two / (k * k / (m * n)), left / total, right / total)
-
-
-def update_svd(upd: BlockedUpdate, K: int, warm: torch.Tensor | None, seed: int, gram: torch.Tensor) -> SVD:
-    """The update's full spectrum and top-K subspaces from its Gram matrix (``linalg.top_eigvecs``, certified),
-    the long side's vectors a block at a time; D is formed whole only when the Gram matrix cannot resolve
-    the top K (the exact SVD, method "subspace->exact")."""
-    try:
-        eig = SymEig(gram)
-        found = top_eigvecs(eig, K, warm=warm, seed=seed)
-    except torch.linalg.LinAlgError:
-        found = None
-    if found is None:
-        return exact_svd(upd.dense(), K)._replace(method="subspace->exact")
-    X, method = found
-    S = singular_values(eig.values, resolved_only=True)
-    big = upd.long(X) / S[..., None, :K].clamp_min(torch.finfo(S.dtype).tiny)
-    U, V = (big, X) if upd.tall else (X, big)
-    return SVD(U, S, V, method)

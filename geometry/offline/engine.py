@@ -24,9 +24,10 @@ from geometry.linalg import (
     singular_values,
     spectrum,
     sym_eig,
+    top_from_gram,
 )
 from geometry.locking import step_sims
-from geometry.offline.blocked import BlockedUpdate, Pass, overlap, update_svd
+from geometry.offline.blocked import BlockedUpdate, Pass, overlap
 from geometry.offline.config import AnalysisConfig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
@@ -168,7 +169,7 @@ def _decompose_update(blocks: BlockedUpdate, G: torch.Tensor, cfg: AnalysisConfi
         return factored_svd(*update, K)  # exact, D never decomposed densely
     # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
     if cfg.update_svd == "gram":
-        return update_svd(blocks, K, warm, cfg.seed, G)
+        return top_from_gram(G, K, blocks.long, blocks.dense, tall=blocks.tall, warm=warm, seed=cfg.seed)
     D = blocks.dense()
     if cfg.update_svd == "exact":
         return exact_svd(D, K)
