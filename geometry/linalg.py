@@ -130,6 +130,17 @@ def long_blocks(x: torch.Tensor):
         yield part, scratch.widen(x[..., part, :] if tall else x[..., :, part].mT)
 
 
+def fro_norm(x: torch.Tensor) -> torch.Tensor:
+    """||x||_F of each matrix (...), float64; a matrix stored narrower widened a block at a time
+    (``long_blocks``): no float64 copy of it (torch's norm with a float64 dtype makes one)."""
+    if x.dtype == torch.float64 or x.device.type != "cpu":
+        return torch.linalg.matrix_norm(x.double())
+    total = torch.zeros(x.shape[:-2], dtype=torch.float64)
+    for _, block in long_blocks(x):
+        total += torch.linalg.matrix_norm(block).square()
+    return total.sqrt()
+
+
 def long_product(x: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """x's long side times thin X (..., r, k) in float64: x X when m >= n, else x^T X; a narrower x a block at
     a time (``long_blocks``)."""
@@ -185,27 +196,29 @@ class SymEig:
     (sterf), and k eigenvectors from T (stemr, MRRR) taken back by Q (ormqr). Elsewhere torch's eigvalsh, then
     its eigh when vectors are asked. Raises torch.linalg.LinAlgError when LAPACK fails or G is not finite.
     ``overwrite``: G (float64, contiguous) may be destroyed, saving LAPACK a copy of it (CPU; then ``G`` is
-    gone and ``top`` works from the kept tridiagonalisation alone).
+    None and ``top`` works from the kept tridiagonalisation alone).
     """
 
     def __init__(self, G: torch.Tensor, *, overwrite: bool = False):
         G = _finite(G.double())
-        self.G, self.r, self.batch = G, G.shape[-1], G.shape[:-2]
+        self.G, self.r, self.batch, self.device = G, G.shape[-1], G.shape[:-2], G.device
         if G.device.type != "cpu":
             self.values = torch.linalg.eigvalsh(G).flip(-1)
             return
         self._tri = [_tridiagonal(g, overwrite) for g in G.reshape(-1, self.r, self.r).numpy()]
         self.values = torch.from_numpy(np.stack([t.values for t in self._tri])).view(*self.batch, self.r)
+        if overwrite:
+            self.G = None
 
     def vector_flops(self, k: int) -> float:
         """What ``top(k)`` costs a matrix: on the CPU the back-transformation of k vectors (~4 r^2 k flops; the
         kept tridiagonal gives them by inverse iteration, O(r k)); elsewhere a full eigh (~9 r^3)."""
-        return 4.0 * self.r * self.r * k if self.G.device.type == "cpu" else 9.0 * self.r ** 3
+        return 4.0 * self.r * self.r * k if self.device.type == "cpu" else 9.0 * self.r ** 3
 
     def top(self, k: int) -> torch.Tensor:
         """The top-k eigenvectors (..., r, k), descending (all r when k > r)."""
         k = min(k, self.r)
-        if self.G.device.type != "cpu":
+        if self.device.type != "cpu":
             return torch.linalg.eigh(self.G)[1].flip(-1)[..., :k]
         return torch.from_numpy(np.stack([t.top(k) for t in self._tri])).view(*self.batch, self.r, k)
 
@@ -348,14 +361,16 @@ def gram_top(x: torch.Tensor, k: int, *, warm: torch.Tensor | None = None, tol: 
 
 def top_from_gram(G: torch.Tensor, k: int, long: Callable[[torch.Tensor], torch.Tensor],
                   dense: Callable[[], torch.Tensor], *, tall: bool, warm: torch.Tensor | None = None,
-                  tol: float = 1e-7, max_iter: int = 60, seed: int = 0, iterate: bool | None = None) -> SVD:
+                  tol: float = 1e-7, max_iter: int = 60, seed: int = 0, iterate: bool | None = None,
+                  overwrite: bool = False) -> SVD:
     """Top-k singular vectors and the full spectrum of a matrix x from its Gram matrix G (of the smaller side):
     all eigenvalues, then the top-k eigenvectors by ``top_eigvecs`` (certified subspace iteration, or the
     eigensolver's own where that is cheaper); the long side's vectors by ``long(X)`` (x X when ``tall``, else
     x^T X). A Gram matrix that cannot resolve the top k (LAPACK failure, s_k below ~1e-6 s1) sends ``dense()``
-    (x whole, float64) to ``exact_svd``, method "subspace->exact"."""
+    (x whole, float64) to ``exact_svd``, method "subspace->exact". ``overwrite``: G may be destroyed (``SymEig``;
+    on the CPU the eigensolver's own vectors are then taken)."""
     try:
-        eig = SymEig(G)
+        eig = SymEig(G, overwrite=overwrite)
         found = top_eigvecs(eig, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed, iterate=iterate)
     except torch.linalg.LinAlgError:
         found = None
@@ -387,8 +402,8 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
     products instead of a full eigh.
     """
     G, evals = eig.G, eig.values
-    r = G.shape[-1]
-    tiny = torch.finfo(G.dtype).tiny
+    r = eig.r
+    tiny = torch.finfo(evals.dtype).tiny
 
     def eigh(method: str):
         if not _well_conditioned(singular_values(evals[..., :k])):
@@ -398,6 +413,17 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
     if 2 * k + 8 >= r:  # no room for a block much wider than k: eigh is as cheap
         return eigh("gram")
     p = 2 * k  # block size: convergence goes as (lambda_{p+1} / lambda_k) per step
+    scale = evals[..., :1].clamp_min(tiny)  # (..., 1)
+    gap = (evals[..., k - 1] - evals[..., k]) / scale[..., 0]  # relative gap lambda_k - lambda_{k+1}
+    if not bool((gap > 1e3 * torch.finfo(evals.dtype).eps).all()):
+        return eigh("subspace->gram")
+    # steps to converge from a random start go as log(tol) / log(lambda_{p+1} / lambda_k); past what the vectors
+    # cost ``eig`` (against ~3 r^2 p flops a step) the iteration cannot win: its vectors at once. Nor can it
+    # run without G (an eigenproblem solved in G's place, ``SymEig(overwrite=True)``)
+    rate = (evals[..., p] / evals[..., k - 1].clamp_min(tiny)).max().item()
+    steps = math.log(tol) / math.log(rate) if 0 < rate < 1 else math.inf
+    if G is None or steps > (max_iter if iterate else min(max_iter, eig.vector_flops(k) / (3 * r * r * p))):
+        return eigh("gram")
     gen = torch.Generator(device=G.device).manual_seed(seed)
     if warm is not None and warm.shape[-2] == r and warm.shape[-1] >= k:
         Q = warm[..., :p].double()
@@ -406,16 +432,6 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
             Q = torch.cat([Q, extra], -1)
     else:
         Q = torch.randn(*G.shape[:-1], p, generator=gen, device=G.device, dtype=G.dtype)  # (..., r, p)
-    scale = evals[..., :1].clamp_min(tiny)  # (..., 1)
-    gap = (evals[..., k - 1] - evals[..., k]) / scale[..., 0]  # relative gap lambda_k - lambda_{k+1}
-    if not bool((gap > 1e3 * torch.finfo(G.dtype).eps).all()):
-        return eigh("subspace->gram")
-    # steps to converge from a random start go as log(tol) / log(lambda_{p+1} / lambda_k); past what the vectors
-    # cost ``eig`` (against ~3 r^2 p flops a step) the iteration cannot win: its vectors at once
-    rate = (evals[..., p] / evals[..., k - 1].clamp_min(tiny)).max().item()
-    steps = math.log(tol) / math.log(rate) if 0 < rate < 1 else math.inf
-    if steps > (max_iter if iterate else min(max_iter, eig.vector_flops(k) / (3 * r * r * p))):
-        return eigh("gram")
     Q = torch.linalg.qr(Q).Q
     for _ in range(max_iter):
         Z = mm(G, Q)  # (..., r, p) the one product per step: Rayleigh-Ritz, residual and next step share it

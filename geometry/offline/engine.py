@@ -17,6 +17,7 @@ from geometry.linalg import (
     SVD,
     exact_svd,
     factored_svd,
+    fro_norm,
     gram,
     gram_svd,
     mm,
@@ -64,7 +65,7 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
     With ``cfg.quick`` only W0 as stored and its norm: the quick suite measures the update alone."""
     shape = tuple(W0.shape[-2:])
     k, r = cfg.principal_size(shape, hidden), cfg.mask_size(shape, hidden)
-    norm = torch.stack([torch.linalg.matrix_norm(w.double()) for w in W0])  # one float64 copy at a time
+    norm = fro_norm(W0)
     if cfg.quick:
         return BaseFactors(W0, norm, None, k, r, None, None, {})
     # the Gram matrix's eigenvalues and top vectors, cheaper than an SVD; an ill-conditioned base takes the exact
@@ -163,13 +164,15 @@ def _counts(p: Pass, m: int, n: int) -> dict[str, torch.Tensor]:
 def _decompose_update(blocks: BlockedUpdate, G: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
                       update: tuple[torch.Tensor, torch.Tensor] | None) -> SVD:
     """The update's full spectrum and top-K subspaces (SPEC 6, 7): from its factors when known, else by the
-    configured path (AnalysisConfig.update_svd): its Gram matrix G, or the update formed whole."""
+    configured path (AnalysisConfig.update_svd): its Gram matrix G (destroyed), or the update formed whole."""
     K = min(cfg.lock_k, blocks.m, blocks.n)
     if update is not None and K <= update[0].shape[-1]:
         return factored_svd(*update, K)  # exact, D never decomposed densely
     # no factors, or K above the adapter's rank: D's top-K subspace reaches past its range
     if cfg.update_svd == "gram":
-        return top_from_gram(G, K, blocks.long, blocks.dense, tall=blocks.tall, warm=warm, seed=cfg.seed)
+        # G is not needed after: the eigensolver may work in its place
+        return top_from_gram(G, K, blocks.long, blocks.dense, tall=blocks.tall, warm=warm, seed=cfg.seed,
+                             overwrite=True)
     D = blocks.dense()
     if cfg.update_svd == "exact":
         return exact_svd(D, K)
