@@ -102,7 +102,8 @@ class BlockedUpdate:
         return out
 
     def dense(self) -> torch.Tensor:
-        """D whole, (L, m, n) float64: for the exact fallback only."""
+        """D whole, (L, m, n) float64: for the paths that decompose it whole (``--update-svd exact`` or
+        ``randomized``, and the exact fallback)."""
         D = torch.empty(self.W0.shape, dtype=torch.float64, device=self.W0.device)
         for rows, _, _, d in self.blocks():
             D[:, rows] = d
