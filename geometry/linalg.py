@@ -60,10 +60,13 @@ class SVD(NamedTuple):
 FULL_EIGH_SHARE = 0.5
 
 
-BLOCK_BYTES = 4 << 20  # one float64 block of rows of an update formed a block at a time (offline.blocked)
-# one float64 block of a matrix stored narrower (float32, bf16), widened for its Gram matrix: measured, a
-# 2816 x 1024 float32 matrix: 4 MiB blocks 74 ms, 8 MiB 65 ms, the whole matrix widened at once 65 ms
-GRAM_BLOCK_BYTES = 8 << 20
+# Matrices are widened, differenced and scored a band of rows at a time (``long_blocks``, offline.blocked, the
+# masks' scores): BLOCK_BYTES of float64 a band, but at least BLOCK_ROWS rows, from where the bands' Gram matrices
+# summed by syrk are as fast as the whole matrix's (measured, one core, float32 stored, widened into one reused
+# buffer: 2816 x 1024 46 ms from 128 rows up, 76 ms at 64; 12288 x 4096 2.32 s at 256 rows, 2.50 s at 128, 2.17 s
+# at 1024). Smaller bands leave the heap less to fragment: the 90M pair's peak RSS 375 MB with 8 MiB bands, 351
+# with these, on one thread in the same time (462 and 407 on two).
+BLOCK_BYTES, BLOCK_ROWS = 1 << 20, 256
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -89,10 +92,10 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).view(*x.shape[:-2], r, r)
 
 
-def row_bands(n_rows: int, row_bytes: int, budget: int) -> list[slice]:
-    """The rows 0..n_rows in consecutive bands of at most ``budget`` bytes (``row_bytes`` a row), at least a row
-    each."""
-    step = max(1, budget // max(1, row_bytes))
+def row_bands(n_rows: int, row_bytes: int) -> list[slice]:
+    """The rows 0..n_rows in consecutive bands of ``BLOCK_BYTES`` (``row_bytes`` a row), at least ``BLOCK_ROWS``
+    rows each (read when called: tests shrink them)."""
+    step = max(1, BLOCK_ROWS, BLOCK_BYTES // max(1, row_bytes))
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
@@ -121,12 +124,12 @@ class Scratch:
 
 def long_blocks(x: torch.Tensor):
     """(rows, float64 block (..., b, r)) over the rows of x's long side (x itself when m >= n, else x^T), each
-    block within ``GRAM_BLOCK_BYTES`` and valid until the next (``Scratch``); a wide x's blocks are its columns,
+    block a band of ``row_bands`` and valid until the next (``Scratch``); a wide x's blocks are its columns,
     widened in their stored order (the block is then a transposed view: no copy)."""
     tall = x.shape[-2] >= x.shape[-1]
     n_rows, r = (x.shape[-2], x.shape[-1]) if tall else (x.shape[-1], x.shape[-2])
     scratch = Scratch()
-    for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2])), GRAM_BLOCK_BYTES):
+    for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2]))):
         yield part, scratch.widen(x[..., part, :] if tall else x[..., :, part].mT)
 
 

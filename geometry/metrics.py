@@ -66,7 +66,7 @@ def count_small(d: torch.Tensor, tol: float) -> torch.Tensor:
     ``sparsity_abs``): no |d| copy, and its bool masks a band of rows at a time (whole, three of them are 150 MB
     for one 12288 x 4096 matrix)."""
     m, n = d.shape[-2:]
-    bands = row_bands(m, n * max(1, math.prod(d.shape[:-2])), 4 << 20)
+    bands = row_bands(m, 8 * n * max(1, math.prod(d.shape[:-2])))
     return sum(count((d[..., b, :] <= tol) & (d[..., b, :] >= -tol)) for b in bands)
 
 
@@ -189,19 +189,16 @@ def _within(above: int, between: np.ndarray, k: int):
     return np.partition(between, between.size - j)[between.size - j]
 
 
-SCORE_BYTES = 8 << 20  # a band of rows of a mask's score, in float64, computed at a time (``_top_fraction_banded``)
-
-
 def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int, alpha: float) -> torch.Tensor:
     """``_top_fraction`` of a score (..., m, n) given a band of rows at a time (``score(rows)`` -> (..., b, n)),
-    the same mask, bit for bit, without the whole score: on the CPU, bands within ``SCORE_BYTES``, three passes
+    the same mask, bit for bit, without the whole score: on the CPU, bands of ``linalg.row_bands``, three passes
     (a seeded sample; the counts above two bounds from it and the entries between them, whose selection gives
     the threshold; the mask, ties taken in position order as a stable sort takes them). A score whose bounds
     miss, or that holds NaN, is formed whole for ``_top_fraction`` (a 12288 x 4096 score is 400 MB)."""
     first = score(slice(0, 1))
     batch = first.shape[:-2]
     L = math.prod(batch)
-    bands = row_bands(m, 8 * n * max(1, L), SCORE_BYTES)
+    bands = row_bands(m, 8 * n * max(1, L))
     if len(bands) == 1:
         return _top_fraction(score(bands[0]), alpha)
     if first.device.type != "cpu":

@@ -62,9 +62,10 @@ def test_mask_selection_on_cuda_equals_the_sort():
 @pytest.mark.parametrize("m, n", [(96, 64), (64, 96)])
 def test_quick_suite_on_cuda_matches_cpu(m, n, monkeypatch):
     # the blocked update (several blocks) and SymEig's CUDA branch, against the same on the CPU
-    import geometry.offline.blocked as blocked
+    import geometry.linalg as linalg
 
-    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * max(m, n) * 3 * 10)
+    monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(linalg, "BLOCK_ROWS", 10)
     cfg = AnalysisConfig(principal_k=8, lock_k=4, mask_rank=4, quick=True)
     W0, _, Wt = _stack(3, 3, m, n)
     res = {dev: measure_step(decompose_base(W0.to(dev), cfg), Wt.to(dev), W0.to(dev), cfg) for dev in ("cpu", "cuda")}

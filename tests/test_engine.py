@@ -153,13 +153,14 @@ COUNTS = {"n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99", "r90_interv
 def test_updates_in_blocks_agree_with_the_whole_update(m, n, quick, monkeypatch):
     # blocks of 7 rows (or columns) of the updates D_t and d_t against each formed whole (one block), and the
     # masks' scores in bands: the Gram matrices and projections are summed in another order, nothing else
+    import geometry.linalg as linalg
     import geometry.offline.blocked as blocked
 
     cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=quick)
     W0, Ws, Wt = _stack(6, 2, m, n)
     whole = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
-    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * min(m, n) * 2 * 7)  # 7 rows of the long side, 2 matrices
-    monkeypatch.setattr(M, "SCORE_BYTES", 8 * n * 2 * 5)  # the masks' scores 5 rows at a time
+    monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(linalg, "BLOCK_ROWS", 7)  # bands of 7 rows
     assert len(blocked.BlockedUpdate(W0, Wt).bands) == math.ceil(max(m, n) / 7)
     parts = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
     assert set(parts.values) == (QUICK if quick else set(whole.values))

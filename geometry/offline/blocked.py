@@ -16,7 +16,6 @@ import torch
 
 from geometry import metrics as M
 from geometry.linalg import (
-    BLOCK_BYTES,
     Scratch,
     add_gram,
     mm,
@@ -47,7 +46,7 @@ class BlockedUpdate:
         # the long side as rows: D itself when tall, D^T (views, no copy) when wide
         self.W0, self.Wt = (W0, Wt) if self.tall else (W0.mT, Wt.mT)
         rows, cols = self.W0.shape[-2:]
-        self.bands = row_bands(rows, 8 * cols * max(1, W0.shape[0]), BLOCK_BYTES)
+        self.bands = row_bands(rows, 8 * cols * max(1, W0.shape[0]))
         self.rows = rows
         self._whole: torch.Tensor | None = None
         self._scratch, self._scratch0 = Scratch(), Scratch()
