@@ -118,8 +118,7 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
     (0: a core each) with single-threaded kernels, as ours. Nothing else."""
     from geometry.linalg import gram, sym_eig
     from geometry.offline import threads as th
-    from geometry.offline.analyze import CPU_BATCH_BYTES, MMAP_THRESHOLD
-    from geometry.offline.engine import group_size
+    from geometry.offline.analyze import batch_size
     from geometry.offline.sources import open_source
 
     base = open_source(root / "base")
@@ -127,9 +126,7 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
     for key in base.names():
         by_shape.setdefault(tuple(base.shape(key)), []).append(key)
     sources = [open_source(c) for c in ckpts]
-    # ours' batches: on the CPU a float64 batch within CPU_BATCH_BYTES (a matrix at a time, past small ones)
-    cap = CPU_BATCH_BYTES if device == "cpu" else MMAP_THRESHOLD
-    sizes = {shape: min(group_size(shape, memory_mb), max(1, cap // (8 * shape[0] * shape[1]))) for shape in by_shape}
+    sizes = {shape: batch_size(shape, memory_mb, torch.device(device)) for shape in by_shape}  # ours' batches
     groups = [keys[i:i + sizes[shape]] for shape, keys in by_shape.items() for i in range(0, len(keys), sizes[shape])]
 
     def measure(group: list[str]) -> None:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from geometry.capture.layout import save_folder
-from geometry.capture.manifest import MANIFEST, Manifest, base_hash, tensor_infos
+from geometry.capture.manifest import MANIFEST, Manifest, fingerprint
 from geometry.capture.store import CHUNK_STEPS, Store, check_store, iter_tracking, read_manifest, read_tracking
 from geometry.capture.trackfile import chunk_path, encode, join, tracking_path
 from geometry.capture.tracking import Estimate
@@ -49,7 +49,7 @@ def build(root: Path, steps: int, chunk: int) -> None:
     save_folder(base, root / "base", None)
     (root / "tracking").mkdir()
     encoded = encode(records(1), torch.float16)  # the same state at every step: the layout is what is timed
-    man = Manifest("base", base_hash(base), tensor_infos(base), SETTINGS, version=3 if chunk else 2)
+    man = Manifest("base", *fingerprint(base), SETTINGS, version=3 if chunk else 2)
     man.tracking_steps = list(range(1, steps + 1))
     loose_from = steps - steps % chunk + 1 if chunk else 1
     if chunk:

@@ -258,17 +258,12 @@ def base_hash(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> tuple[str, list[TensorInfo]]:
-    """``base_hash`` and ``tensor_infos`` in one pass, each tensor taken once: from a mapping that reads its
-    tensors from disk when asked (layout.LazySnapshot), one tensor is in memory at a time."""
+    """``base_hash`` and what the manifest lists of the tensors (name, shape, dtype; name order), in one pass:
+    from a mapping that reads its tensors from disk when asked (layout.LazySnapshot), one is in memory at a
+    time."""
     h, infos = hashlib.sha256(), []
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         infos.append(TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
     return h.hexdigest(), infos
-
-
-def tensor_infos(tensors: Mapping[str, torch.Tensor]) -> list[TensorInfo]:
-    """What the manifest lists of these tensors, in name order."""
-    return [TensorInfo(n, tuple(tensors[n].shape), str(tensors[n].dtype).removeprefix("torch."))
-            for n in sorted(tensors)]

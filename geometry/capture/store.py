@@ -48,7 +48,7 @@ from geometry.capture.layout import (
     read_snapshot,
     save_folder,
 )
-from geometry.capture.manifest import MANIFEST, Manifest, base_hash, fingerprint, read_manifest, tensor_infos
+from geometry.capture.manifest import MANIFEST, Manifest, base_hash, fingerprint, read_manifest
 from geometry.capture.trackfile import chunk_path, encode, merge, read_chunk, read_tracking, tracking_path
 from geometry.capture.tracking import Estimate
 from geometry.capture.writer import Writer
@@ -296,7 +296,7 @@ def _create(root: Path, base_tensors: Mapping[str, torch.Tensor] | None, setting
     write_atomic(root / CREATING, b"a geometry store is being created here\n")
     save_folder(base, root / "base", config)
     (root / "tracking").mkdir(exist_ok=True)
-    man = Manifest(label, base_hash(base), tensor_infos(base), json.loads(json.dumps(settings)))
+    man = Manifest(label, *fingerprint(base), json.loads(json.dumps(settings)))
     write_atomic(root / MANIFEST, man.to_json(indent=1))
     (root / CREATING).unlink()
     return man

@@ -193,16 +193,22 @@ CPU_BATCH_BYTES = 4 << 20
 
 def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | None = None,
             k_of: Callable[[tuple[int, int]], int] | None = None) -> list[list[MatrixSpec]]:
-    """Same-shape matrices batched together, each batch within the memory budget."""
+    """Same-shape matrices batched together (``batch_size``)."""
     out = []
-    cap = CPU_BATCH_BYTES if device is None or device.type == "cpu" else MMAP_THRESHOLD
     for shape, same in groupby(sorted(specs, key=lambda s: s.shape), key=lambda s: s.shape):
         same = list(same)
-        # within the budget, and each (L, m, n) float64 tensor under the cap (and so under the mmap threshold:
-        # heap-reused, see above)
-        size = min(group_size(shape, memory_mb, k_of and k_of(shape)), max(1, cap // (8 * shape[0] * shape[1])))
+        size = batch_size(shape, memory_mb, device, k_of and k_of(shape))
         out += [same[i:i + size] for i in range(0, len(same), size)]
     return out
+
+
+def batch_size(shape: tuple[int, int], memory_mb: float, device: torch.device | None = None,
+               k: int | None = None) -> int:
+    """How many (m, n) matrices are measured as one batch: within the memory budget, and their (L, m, n)
+    float64 tensor under the cap (``CPU_BATCH_BYTES`` on the CPU; elsewhere the mmap threshold: heap-reused,
+    see above)."""
+    cap = CPU_BATCH_BYTES if device is None or device.type == "cpu" else MMAP_THRESHOLD
+    return min(group_size(shape, memory_mb, k), max(1, cap // (8 * shape[0] * shape[1])))
 
 
 def _read_group(source: TensorSource, group: list[MatrixSpec], device: torch.device) -> torch.Tensor:
