@@ -115,3 +115,22 @@ def test_the_gil_is_released_during_a_call():
     t.join()
     gaps = np.diff(ticks)
     assert len(ticks) > 10 and gaps.max() < max(0.5 * alone, 0.05), (alone, gaps.max())
+
+
+def test_the_kernels_load_without_the_rest_of_scipy_linalg():
+    # a fresh process: geometry's LAPACK comes without scipy.linalg's 260 other modules; a later import of
+    # scipy.linalg takes the same Cython modules (loading one twice would fail) and works
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from geometry import lapack\n"
+            "assert 'scipy.linalg' not in sys.modules and 'scipy.linalg.cython_lapack' in sys.modules\n"
+            "a = np.asfortranarray(np.diag([3.0, 1.0, 2.0])); d, e, tau = lapack.sytrd(a)\n"
+            "import scipy.linalg\n"
+            "from scipy.linalg import cython_blas, cython_lapack\n"
+            "assert cython_lapack is lapack.cython_lapack and cython_blas is lapack.cython_blas\n"
+            "import scipy.linalg.cython_lapack as again; assert again is lapack.cython_lapack\n"
+            "assert np.allclose(scipy.linalg.eigh(np.diag([3.0, 1.0, 2.0]))[0], [1, 2, 3])\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
