@@ -35,10 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import scipy.linalg as sl
-import torch
-from safetensors.torch import load_file, save_file
+# each contender's process imports what that contender needs and nothing more (its peak RSS is measured):
+# torch, safetensors and scipy.linalg are imported where they are used
 
 SIZES = {"small": (8, 512, 1408), "90m": (8, 1024, 2816), "8b-layer": (1, 4096, 12288), "tiny": (2, 128, 352)}
 LAYERS_8B = 36  # Qwen3-8B: 36 layers x 7 matrices = 252
@@ -58,6 +56,9 @@ def name(layer: int, module: str) -> str:
 
 def build_series(root: Path, layers: int, hidden: int, inter: int, n_ckpt: int, seed: int = 0) -> None:
     """Base with a decaying spectrum; updates D_t = (t/T) L + sqrt(t/T) N: a low-rank drift plus dense noise."""
+    import torch
+    from safetensors.torch import save_file
+
     g = torch.Generator().manual_seed(seed)
     base, finals = {}, {}
     for layer in range(layers):
@@ -89,6 +90,10 @@ def llama_config(layers: int, hidden: int, inter: int) -> dict:
 
 def naive(root: Path, ckpts: list[Path], k_of) -> dict:
     """The research-script way: everything recomputed per matrix and checkpoint, scipy float64 full SVDs."""
+    import numpy as np
+    import scipy.linalg as sl
+    from safetensors.torch import load_file
+
     out = {}
     final = load_file(str(ckpts[-1] / "model.safetensors"))
     for ck in ckpts:
@@ -116,6 +121,8 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
     without as float64 Gram eigenvalues by ours' kernels: W0 once, W_t, D_t and d_t (where it is not D_t) at
     each checkpoint; ``quick``: D_t only; on ``device``, as ours; on the CPU the groups on ``threads`` threads
     (0: a core each) with single-threaded kernels, as ours. Nothing else."""
+    import torch
+
     from geometry.linalg import gram, sym_eig
     from geometry.offline import threads as th
     from geometry.offline.analyze import batch_size
@@ -206,7 +213,9 @@ def _peer_modeldelta(base: Path, final: Path) -> None:
 
 
 def _peer_weightwatcher(base: Path, final: Path) -> None:
+    import torch
     import weightwatcher as ww
+    from safetensors.torch import load_file
 
     def module(path: Path) -> torch.nn.Module:  # the Linear layers of the checkpoint, as WeightWatcher walks them
         mods = torch.nn.ModuleDict()

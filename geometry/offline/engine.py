@@ -103,6 +103,8 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     top = gram_svd(Wt, max(k, N_INTRUDER))  # vectors of W_t and its full spectrum, float64
     angle_u, angle_v = M.angle_stats(Uk, top.U[..., :k]), M.angle_stats(Vk, top.V[..., :k])
     intruders = _intruders(base, top.U[..., :N_INTRUDER], cfg)
+    spectrum_t, method_t = top.S, top.method
+    del top  # W_t's vectors are done with: not held through the update's passes
 
     blocks = BlockedUpdate(W0, Wt)
     p = blocks.gather(cfg.abs_tol, (base.principal, base.lowmag), long)
@@ -112,7 +114,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     _rank(out, upd.S, base.norm)
     out["angle_max_u"], out["angle_mean_u"], angles_u = angle_u
     out["angle_max_v"], out["angle_mean_v"], angles_v = angle_v
-    out["nss"] = M.nss(base.svd.S, top.S)
+    out["nss"] = M.nss(base.svd.S, spectrum_t)
 
     out["overlap_2s"], out["overlap_2s_ratio"] = ov.two_sided, ov.two_sided_ratio
     out["overlap_left"], out["overlap_right"] = ov.left, ov.right
@@ -138,7 +140,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
 
     out["intruders"] = intruders
 
-    return StepResult(out, upd.U, upd.V, angles_u, angles_v, top.S, [top.method, upd.method])
+    return StepResult(out, upd.U, upd.V, angles_u, angles_v, spectrum_t, [method_t, upd.method])
 
 
 def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
