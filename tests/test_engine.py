@@ -148,6 +148,19 @@ COUNTS = {"n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99", "r90_interv
           "mask_overlap_principal", "mask_overlap_lowmag", "mask_overlap_principal_ratio", "mask_overlap_lowmag_ratio"}
 
 
+@pytest.mark.parametrize("m, n", [(90, 43), (43, 90), (16, 16)])
+def test_a_packed_mask_gives_back_its_bands_bit_for_bit(m, n):
+    # packed 8 entries to a byte along the long side's rows (43 columns: a partial last byte), read in bands
+    from geometry.offline.blocked import LongMask
+
+    mask = torch.from_numpy(np.random.default_rng(3).random((2, m, n)) < 0.3)
+    packed = LongMask(mask)
+    long = mask if m >= n else mask.mT
+    for rows in (slice(0, 7), slice(7, 40), slice(40, max(m, n))):
+        assert torch.equal(packed.band(rows), long[:, rows])
+    assert packed._packed.numel() == 2 * max(m, n) * math.ceil(min(m, n) / 8)
+
+
 @pytest.mark.parametrize("quick", [False, True])
 @pytest.mark.parametrize("m, n", [(90, 40), (40, 90)])
 def test_updates_in_blocks_agree_with_the_whole_update(m, n, quick, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from geometry import metrics as M
@@ -32,6 +33,27 @@ class Pass(NamedTuple):
     small: torch.Tensor | None  # entries with |D| <= tol (the absolute variant of SPEC 1)
     within: tuple[torch.Tensor, ...]  # changed entries inside each mask given (SPEC 5)
     projected: torch.Tensor | None  # (L, k, r) X^T times the long side, X the long-side basis given (SPEC 4)
+
+
+class LongMask:
+    """A mask (L, m, n) bool held as the blocks read it: as rows of the long side (``BlockedUpdate``), on the CPU
+    packed 8 entries to a byte, an eighth of a bool tensor's memory (a 12288 x 4096 mask: 6 MB against 50);
+    elsewhere as it is."""
+
+    def __init__(self, mask: torch.Tensor):
+        m, n = mask.shape[-2:]
+        long = mask if m >= n else mask.mT  # as BlockedUpdate lays the update out
+        self.cols = long.shape[-1]
+        self._plain = long if long.device.type != "cpu" else None
+        self._packed = None if self._plain is not None else torch.from_numpy(
+            np.packbits(long.numpy(), axis=-1, bitorder="little"))
+
+    def band(self, rows: slice) -> torch.Tensor:
+        """(L, b, r) bool: the mask's long-side rows ``rows``."""
+        if self._plain is not None:
+            return self._plain[:, rows]
+        bits = np.unpackbits(self._packed[:, rows].numpy(), axis=-1, count=self.cols, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
 
 
 class BlockedUpdate:
@@ -66,18 +88,17 @@ class BlockedUpdate:
                 self._whole = d
             yield rows, w0, wt, d
 
-    def gather(self, abs_tol: float | None = None, masks: tuple[torch.Tensor, ...] = (),
+    def gather(self, abs_tol: float | None = None, masks: tuple[LongMask, ...] = (),
                basis: torch.Tensor | None = None) -> Pass:
         """The Gram matrix, and in the same pass: with ``abs_tol``, the bf16 changes, the small entries and the
-        changes inside each of ``masks`` ((L, m, n) bool); with ``basis`` (L, long side, k), its product with
-        the long side (what ``overlap`` needs besides the Gram matrix)."""
+        changes inside each of ``masks``; with ``basis`` (L, long side, k), its product with the long side (what
+        ``overlap`` needs besides the Gram matrix)."""
         L, r = self.W0.shape[0], self.W0.shape[-1]
         gram = torch.zeros(L, r, r, dtype=torch.float64, device=self.W0.device)
         counted = abs_tol is not None
         changed, small = (torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)) if counted \
             else (None, None)
         within = tuple(torch.zeros(L, dtype=torch.float64) for _ in masks) if counted else ()
-        masks = tuple(mask if self.tall else mask.mT for mask in masks)  # the long side as rows, as the blocks
         projected = None
         if basis is not None:
             projected = torch.zeros(L, basis.shape[-1], r, dtype=torch.float64, device=basis.device)
@@ -88,7 +109,7 @@ class BlockedUpdate:
                 changed += M.count(moved).cpu()
                 small += M.count_small(d, abs_tol).cpu()
                 for acc, mask in zip(within, masks, strict=True):
-                    acc += M.count(moved & mask[:, rows]).cpu()
+                    acc += M.count(moved & mask.band(rows)).cpu()
             if basis is not None:
                 projected += mm(basis[:, rows].mT, d)
         return Pass(symmetric(gram), changed, small, within, projected)

@@ -28,7 +28,7 @@ from geometry.linalg import (
     top_from_gram,
 )
 from geometry.locking import step_sims
-from geometry.offline.blocked import BlockedUpdate, Pass, overlap
+from geometry.offline.blocked import BlockedUpdate, LongMask, Pass, overlap
 from geometry.offline.config import AnalysisConfig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
@@ -43,8 +43,8 @@ class BaseFactors(NamedTuple):
     #                  None with cfg.quick (then principal and lowmag are None too)
     k: int  # principal subspace size (SPEC 2, 4)
     r: int  # rank of the reconstruction behind the principal mask (SPEC 5)
-    principal: torch.Tensor  # (L, m, n) bool, SPEC 5
-    lowmag: torch.Tensor  # (L, m, n) bool, SPEC 5
+    principal: LongMask  # SPEC 5, as the update's blocks read it
+    lowmag: LongMask  # SPEC 5
     left: dict[int, torch.Tensor]  # matrix index -> all of its left singular vectors, computed when first needed
 
 
@@ -74,8 +74,8 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
     svd = gram_svd(W0, top) if cfg.update_svd != "exact" else exact_svd(W0, top)
     # W0 is kept as stored: a float64 copy of it would be a third of a group's working memory, and every
     # update is formed exactly from it (float64 = stored + the update, promoted entry by entry)
-    return BaseFactors(W0, norm, svd, k, r, M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha),
-                       M.lowmag_mask(W0, cfg.alpha), {})
+    principal = LongMask(M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha))
+    return BaseFactors(W0, norm, svd, k, r, principal, LongMask(M.lowmag_mask(W0, cfg.alpha)), {})
 
 
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
@@ -262,10 +262,11 @@ def group_mb(shape: tuple[int, int], count: int = 1, k: int | None = None) -> fl
 
 
 def _matrix_bytes(shape: tuple[int, int], k: int | None) -> int:
-    """One matrix's share: W0, W_t and W_s as stored (float32 counted) and the two bool masks, 14 mn bytes; three
+    """One matrix's share: W0, W_t and W_s as stored (float32 counted) and the masks (one bool while it is made,
+    then both packed, a quarter of a byte an entry), 13 mn bytes; three
     r x r float64 matrices (a Gram matrix, LAPACK's copy of it, all of W0's singular vectors where intruders need
     them); W0's and W_t's top-k singular vectors, their products and the angles' working copies, 40 (m + n) k."""
     m, n = shape
     r = min(m, n)
     k = r // 8 if k is None else min(k, r)
-    return 14 * m * n + 24 * r * r + 40 * (m + n) * k
+    return 13 * m * n + 24 * r * r + 40 * (m + n) * k
