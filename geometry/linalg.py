@@ -122,15 +122,21 @@ class Scratch:
         return out.mT if flip else out
 
 
+def long_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., m, n) with its long side as rows: x itself when m >= n, else x^T (a view, no copy). The one layout
+    every band of rows is taken from (``long_blocks``, offline.blocked)."""
+    return x if x.shape[-2] >= x.shape[-1] else x.mT
+
+
 def long_blocks(x: torch.Tensor):
     """(rows, float64 block (..., b, r)) over the rows of x's long side (x itself when m >= n, else x^T), each
     block a band of ``row_bands`` and valid until the next (``Scratch``); a wide x's blocks are its columns,
     widened in their stored order (the block is then a transposed view: no copy)."""
-    tall = x.shape[-2] >= x.shape[-1]
-    n_rows, r = (x.shape[-2], x.shape[-1]) if tall else (x.shape[-1], x.shape[-2])
+    rows = long_rows(x)
+    n_rows, r = rows.shape[-2:]
     scratch = Scratch()
     for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2]))):
-        yield part, scratch.widen(x[..., part, :] if tall else x[..., :, part].mT)
+        yield part, scratch.widen(rows[..., part, :])
 
 
 def fro_norm(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from geometry import metrics as M
 from geometry.linalg import (
     Scratch,
     add_gram,
+    long_rows,
     mm,
     row_bands,
     symmetric,
@@ -41,8 +42,7 @@ class LongMask:
     elsewhere as it is."""
 
     def __init__(self, mask: torch.Tensor):
-        m, n = mask.shape[-2:]
-        long = mask if m >= n else mask.mT  # as BlockedUpdate lays the update out
+        long = long_rows(mask)  # as BlockedUpdate lays the update out
         self.cols = long.shape[-1]
         self._plain = long if long.device.type != "cpu" else None
         self._packed = None if self._plain is not None else torch.from_numpy(
@@ -66,7 +66,7 @@ class BlockedUpdate:
         self.m, self.n = W0.shape[-2:]
         self.tall = self.m >= self.n
         # the long side as rows: D itself when tall, D^T (views, no copy) when wide
-        self.W0, self.Wt = (W0, Wt) if self.tall else (W0.mT, Wt.mT)
+        self.W0, self.Wt = long_rows(W0), long_rows(Wt)
         rows, cols = self.W0.shape[-2:]
         self.bands = row_bands(rows, 8 * cols * max(1, W0.shape[0]))
         self.rows = rows
