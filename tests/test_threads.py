@@ -13,6 +13,7 @@ from geometry.errors import GeometryError
 from geometry.offline import threads
 from geometry.offline.analyze import analyze
 from geometry.offline.config import AnalysisConfig
+from geometry.offline.engine import group_mb
 
 SHAPES = {"self_attn.q_proj": (32, 32), "self_attn.k_proj": (8, 32), "mlp.up_proj": (48, 32),
           "mlp.down_proj": (32, 48)}
@@ -80,19 +81,42 @@ def test_ordered_map_raises_the_earliest_failure_and_starts_nothing_after_it():
     assert len(started) < 10  # the queue stopped at the first failure
 
 
-def test_count_holds_the_budget():
-    assert threads.count(4, [100.0] * 10, budget_mb=1000) == 4
-    assert threads.count(4, [100.0] * 10, budget_mb=250) == 2  # two of the largest group fit
-    assert threads.count(4, [100.0] * 3, budget_mb=1000) == 3  # no more threads than groups
-    assert threads.count(4, [5000.0], budget_mb=1000) == 1  # at least one, whatever the budget
-    assert threads.count(0, [1.0] * 64, budget_mb=1e6) == threads.cores()
+def test_phases_hold_the_budget_and_give_the_idle_threads_to_the_kernels():
+    costs = {0: 900.0, 1: 900.0, 2: 300.0, 3: 300.0, 4: 300.0, 5: 100.0}
+    order = [0, 2, 1, 3, 5, 4]
+    # two of the largest do not fit: one at a time, with both threads in its kernels; three of the middle do,
+    # but only two threads are asked
+    assert threads.phases(2, costs, 1000, order) == [([0, 1], 1, 2), ([2, 3, 5, 4], 2, 1)]
+    assert threads.phases(4, costs, 1000, order) == [([0, 1], 1, 4), ([2, 3, 4], 3, 1), ([5], 1, 1)]
+    assert threads.phases(4, costs, 10_000, order) == [(order, 4, 1)]  # everything fits: one thread a group
+    assert threads.phases(1, costs, 10, order) == [(order, 1, 1)]  # at least one, whatever the budget
+    # a group that could run beside others keeps one-threaded kernels even when it runs alone
+    assert threads.phases(0, {0: 1.0}, 1e6, [0]) == [([0], 1, 1)]
 
 
-def test_kernels_are_single_threaded_and_restored():
+def test_groups_measured_alone_with_threaded_kernels_agree_with_one_thread(tmp_path):
+    """A budget that holds one group at a time: two threads go to its kernels (BLAS, LAPACK, torch), whose
+    sums are split differently; the table agrees with the one-thread one to rounding."""
+    g = torch.Generator().manual_seed(1)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(768, 384, generator=g) / 20 for i in range(2)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
+    save_file({n: w + torch.randn(w.shape, generator=g) * 1e-3 for n, w in base.items()},
+              str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
+    one_keys, one = _table(tmp_path, threads=1)
+    budget = group_mb((768, 384), k=48) * 1.5  # one group at a time
+    assert threads.phases(2, {0: group_mb((768, 384), k=48)}, budget, [0]) == [([0], 1, 2)]
+    two_keys, two = _table(tmp_path, threads=2, memory_mb=budget)
+    assert one_keys == two_keys
+    np.testing.assert_allclose(two, one, rtol=1e-9, atol=1e-12)
+
+
+def test_kernels_take_the_threads_given_and_are_restored():
     before = torch.get_num_threads()
-    with threads.kernels():
-        assert torch.get_num_threads() == 1
-        assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
+    for n in (1, 2):
+        with threads.kernels(n):
+            assert torch.get_num_threads() == n
+            assert all(lib["num_threads"] == n for lib in threadpool_info() if lib["user_api"] == "blas")
     assert torch.get_num_threads() == before
 
 

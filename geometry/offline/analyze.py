@@ -275,13 +275,14 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
         _trim()
         return out
 
-    cpu_side = device.type == "cpu"  # a GPU measures one group at a time, with batched kernels
-    need = [group_mb(groups[i][0].shape, len(groups[i]), k_of(groups[i][0].shape)) for i in mine]
-    n = threads.count(cfg.threads if cpu_side else 1, need, cfg.memory_mb)
-    costliest = sorted(range(len(mine)), key=lambda j: -costs[mine[j]])  # the longest first: the threads end together
+    # a GPU measures one group at a time, with batched kernels
+    need = {i: group_mb(groups[i][0].shape, len(groups[i]), k_of(groups[i][0].shape)) for i in mine}
+    costliest = sorted(mine, key=lambda i: -costs[i])  # the longest first: the threads end together
+    plan = threads.phases(cfg.threads, need, cfg.memory_mb, costliest) if device.type == "cpu" else [(costliest, 1, 0)]
     try:  # closed on an interrupt too: leave=False then clears its line for the message
-        with threads.kernels() if cpu_side else nullcontext():
-            done = dict(zip(mine, threads.ordered_map(measure, mine, n, costliest), strict=True))
+        for items, n, kernel_threads in plan:
+            with threads.kernels(kernel_threads) if kernel_threads else nullcontext():
+                done.update(zip(items, threads.ordered_map(measure, items, n), strict=True))
     except Exception as e:
         if not w.distributed:
             raise

@@ -53,9 +53,11 @@ class AnalysisConfig:
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     memory_mb: float = option(2048.0, "memory budget of the matrices measured at once (a group of same-shape "
                               "matrices per thread), working copies included")
-    # one thread per core: each measures its own groups with single-threaded kernels (geometry.offline.threads)
-    threads: int = option(0, "CPU threads measuring groups side by side (0: one per core, as many as the memory "
-                          "budget holds); a GPU measures one group at a time")
+    # one thread per core: each measures its own groups with single-threaded kernels, as many side by side as the
+    # memory budget holds; threads left idle go to the kernels of groups measured alone (geometry.offline.threads)
+    threads: int = option(0, "CPU threads (0: one per core): groups measured side by side, as many as the memory "
+                          "budget holds, the threads left over given to their kernels; a GPU measures one group "
+                          "at a time")
     # "gram" and "randomized" are checked against the exact spectrum and fall back to "exact", saying so
     update_svd: str = option("gram", "how updates are decomposed: float64 Gram eigh (checked), seeded randomized "
                              "SVD (Halko et al. 2011, checked) or LAPACK SVD",

@@ -1,11 +1,14 @@
-"""Groups of matrices measured side by side on the CPU's cores, one thread each, the results in group order.
+"""Groups of matrices measured side by side on the CPU's cores, the results in group order.
 
 LAPACK runs one matrix at a time on the CPU, and a multithreaded BLAS spends a small matrix's work waiting:
 measured on the 90M pair (2 cores), OpenBLAS's default of a thread per core took 74 CPU s (42 s wall) where
 one thread took 29 s. So each group is measured by one thread with single-threaded kernels, and the cores
-take groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products). A
-group's results do not depend on how many threads there are, which one measured it, nor when (bit-identical,
-tested).
+take groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products).
+Groups too large for the memory budget to hold one per core are measured fewer at a time, and the cores
+left over go to their kernels (``phases``): on large matrices a multithreaded BLAS pays (measured, one
+core against two, a 4096 x 4096 Gram matrix 3.9 -> 2.0 s, its tridiagonalisation 6.2 -> 3.3 s).
+A group measured with single-threaded kernels gives the same bits whatever the number of threads, whichever
+measured it and whenever (tested); one measured with threaded kernels agrees with it to rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -34,28 +37,34 @@ def cores() -> int:
     return max(1, mine // ranks)
 
 
-def count(asked: int, costs_mb: Sequence[float], budget_mb: float) -> int:
-    """How many threads: ``asked`` (0: one per core), no more than there are groups, and no more than the
-    memory budget holds of the largest group at once; at least one."""
-    n = asked or cores()
-    if costs_mb:
-        n = min(n, len(costs_mb), int(budget_mb // max(costs_mb)))
-    return max(1, n)
+def phases(asked: int, costs_mb: Mapping[int, float], budget_mb: float, order: Sequence[int]
+           ) -> list[tuple[list[int], int, int]]:
+    """The groups of ``order`` (their memory in ``costs_mb``) in phases of (groups in that order, measuring
+    threads, kernel threads). ``asked`` threads in all (0: one per core); a group runs beside as many others
+    as the memory budget holds of its kind, at least alone, and the threads that leaves idle go to its
+    kernels. The largest groups come first; a group's kernel threads depend on its cost alone, not on the
+    groups around it."""
+    total = asked or cores()
+    fit = {i: max(1, min(total, int(budget_mb // max(costs_mb[i], 1e-9)))) for i in order}
+    out = []
+    for n in sorted(set(fit.values())):
+        items = [i for i in order if fit[i] == n]
+        out.append((items, min(n, len(items)), total // n))
+    return out
 
 
 @contextmanager
-def kernels() -> Iterator[None]:
-    """BLAS, OpenMP and torch kernels single-threaded (restored on leaving): the measuring threads are the
-    parallelism. Also with one measuring thread: a BLAS thread per core spins between a small matrix's calls
-    (measured above); a run of large matrices that the memory budget lets one thread measure at a time leaves
-    cores idle: a larger ``--memory-mb`` lets more threads in."""
+def kernels(n: int = 1) -> Iterator[None]:
+    """BLAS, OpenMP and torch kernels on ``n`` threads (restored on leaving); one where the measuring threads
+    are the parallelism. Also with one measuring thread: a BLAS thread per core spins between a small matrix's
+    calls (measured above)."""
     import torch  # here: the CLI imports this module before it knows it will measure anything
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
-        with threadpool_limits(limits=1):
+        with threadpool_limits(limits=n):
             yield
     finally:
         torch.set_num_threads(before)
