@@ -173,6 +173,18 @@ def syevd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, a
 
 
+def syevr(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All eigenvalues (ascending) and eigenvectors (r, r, column-major) of symmetric A (its lower triangle read)
+    by MRRR; ``a`` is destroyed. Its workspace is O(r) where divide and conquer's (``syevd``) is 2 r^2."""
+    a = _fortran(a)
+    r = a.shape[0]
+    w, z, isuppz = np.empty(r), np.empty((r, r), order="F"), np.empty(2 * max(r, 1), dtype=np.intc)
+    found, zero = ctypes.c_int(0), ctypes.c_double(0.0)
+    _with_workspace("dsyevr", _char("V"), _char("A"), _char("L"), _int(r), a, _int(r), zero, zero, _int(1),
+                    _int(r), zero, found, w, z, _int(r), isuppz, integer=True)
+    return w, z
+
+
 def syrk_add(c: np.ndarray, a: np.ndarray) -> None:
     """C += A A^T in place, its upper triangle only (BLAS dsyrk): c (r, r) column-major, a (r, b) float64 in
     either order (a row-major a is its transpose in column-major order: syrk's "T" form, no copy)."""

@@ -76,6 +76,15 @@ def test_syevd_matches_numpy():
     np.testing.assert_allclose(v @ np.diag(w) @ v.T, G, atol=1e-10 * w0[-1])
 
 
+def test_syevr_matches_numpy():
+    G = spd(40, seed=4)
+    w, v = lapack.syevr(np.array(G, order="F"))
+    w0 = np.linalg.eigvalsh(G)
+    np.testing.assert_allclose(w, w0, rtol=0, atol=1e-12 * w0[-1])
+    np.testing.assert_allclose(v.T @ v, np.eye(40), atol=1e-12)
+    np.testing.assert_allclose(v @ np.diag(w) @ v.T, G, atol=1e-10 * w0[-1])
+
+
 def test_syrk_add_accumulates_the_upper_triangle():
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((9, 5)), rng.standard_normal((9, 7))

@@ -9,8 +9,10 @@ import pytest
 import scipy.linalg as sl
 import torch
 
+from geometry import linalg
 from geometry.linalg import (
     SymEig,
+    all_eigenpairs,
     degrees,
     exact_svd,
     factored_svd,
@@ -19,6 +21,7 @@ from geometry.linalg import (
     gram_top,
     principal_angles,
     randomized_svd,
+    short_product,
     singular_values,
     spectrum,
     subspace_sim,
@@ -385,3 +388,30 @@ def test_factored_svd_of_a_low_rank_product_equals_the_exact_svd():
     torch.testing.assert_close(got.S, ref.S, rtol=1e-10, atol=1e-10)  # zeros past the rank, too
     assert torch.all(subspace_sim(got.U, ref.U) > 1 - 1e-10) and torch.all(subspace_sim(got.V, ref.V) > 1 - 1e-10)
     torch.testing.assert_close(got.U.mT @ got.U, torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
+
+
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50), (30, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_short_product_a_band_at_a_time_matches_the_dense_product(monkeypatch, shape, dtype):
+    monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(linalg, "BLOCK_ROWS", 7)  # bands of 7 rows of the long side, the last one short
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, *shape, generator=g).to(dtype)
+    Y = torch.randn(2, max(shape), 4, generator=g, dtype=torch.float64)
+    x64 = x.double().numpy()
+    want = np.stack([(a.T if a.shape[0] >= a.shape[1] else a) @ y for a, y in zip(x64, Y.numpy(), strict=True)])
+    np.testing.assert_allclose(short_product(x, Y).numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_all_eigenpairs_decompose_the_matrix_in_its_own_place():
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((40, 30))
+    G = A.T @ A
+    G[:, :3] = G[:3, :] = 0.0  # a null space three deep: MRRR's vectors still orthonormal
+    G[3:, 3:] = (A[:, 3:].T @ A[:, 3:])
+    w, V = all_eigenpairs(torch.tensor(G))
+    np.testing.assert_allclose(np.sort(w.numpy()), np.linalg.eigvalsh(G), rtol=0, atol=1e-12 * np.abs(G).max())
+    np.testing.assert_allclose(V.numpy().T @ V.numpy(), np.eye(30), atol=1e-12)
+    np.testing.assert_allclose((V.numpy() * w.numpy()) @ V.numpy().T, G, atol=1e-11 * np.abs(G).max())
+    with pytest.raises(torch.linalg.LinAlgError):
+        all_eigenpairs(torch.full((3, 3), math.nan, dtype=torch.float64))

@@ -15,6 +15,7 @@ import torch
 from geometry import metrics as M
 from geometry.linalg import (
     SVD,
+    all_eigenpairs,
     exact_svd,
     factored_svd,
     fro_norm,
@@ -22,6 +23,7 @@ from geometry.linalg import (
     gram_svd,
     mm,
     randomized_svd,
+    short_product,
     singular_values,
     spectrum,
     sym_eig,
@@ -207,24 +209,26 @@ def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> 
         if i not in base.left:
             base.left[i] = _all_left(base, i)
         P, through_w0 = base.left[i]
-        cos = mm(P.mT, mm(base.W0[i].double().mT, Ut_top[i]) if through_w0 else Ut_top[i])  # (p, 10)
+        cos = mm(P.mT, short_product(base.W0[i], Ut_top[i]) if through_w0 else Ut_top[i])  # (p, 10)
         count[i] = M.intruder_count(cos, cfg.intruder_threshold)
     return count
 
 
 def _all_left(base: BaseFactors, i: int) -> tuple[torch.Tensor, bool]:
-    """What gives the cosines of any vector u with every left singular vector of W0[i]: (P, False) for
-    cos = P^T u, or (P, True) for cos = P^T W0^T u. From the base's Gram matrix (its smaller side's eigenvectors
-    and values, W0 being well-conditioned there): a wide W0's are its left vectors; a tall one's left vectors
-    are W0 V / S, so u_j^T u = (v_j / s_j)^T W0^T u, without forming them (measured, 12288 x 4096: a 20 s
-    eigh against a 131 s SVD). A base decomposed exactly takes the exact SVD again."""
+    """What gives the cosines of any vector u with every left singular vector of W0[i], in no order (a count
+    takes their largest): (P, False) for cos = P^T u, or (P, True) for cos = P^T W0^T u. From the base's Gram
+    matrix (its smaller side's eigenvectors and values, W0 being well-conditioned there): a wide W0's are its
+    left vectors; a tall one's left vectors are W0 V / S, so u_j^T u = (v_j / s_j)^T W0^T u, without forming
+    them (measured, 12288 x 4096: a 20 s eigh against a 131 s SVD). The Gram matrix is solved in its own
+    place, the vectors scaled in theirs (``all_eigenpairs``): held with W0 and W_t, its working memory set the
+    peak of an 8B-shaped layer. A base decomposed exactly takes the exact SVD again."""
     W0 = base.W0[i]
     if "exact" in base.svd.method:
         return exact_svd(W0).U, False
-    evals, vecs = sym_eig(gram(W0), min(W0.shape))
+    evals, vecs = all_eigenpairs(gram(W0))
     if W0.shape[0] < W0.shape[1]:
         return vecs, False
-    return vecs / singular_values(evals), True
+    return vecs.div_(singular_values(evals)), True
 
 
 def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:
