@@ -86,17 +86,23 @@ def test_phases_hold_the_budget_and_give_the_idle_threads_to_the_kernels():
     order = [0, 2, 1, 3, 5, 4]
     # two of the largest do not fit: one at a time, with both threads in its kernels; three of the middle do,
     # but only two threads are asked
-    assert threads.phases(2, costs, 1000, order) == [([0, 1], 1, 2), ([2, 3, 5, 4], 2, 1)]
-    assert threads.phases(4, costs, 1000, order) == [([0, 1], 1, 4), ([2, 3, 4], 3, 1), ([5], 1, 1)]
-    assert threads.phases(4, costs, 10_000, order) == [(order, 4, 1)]  # everything fits: one thread a group
-    assert threads.phases(1, costs, 10, order) == [(order, 1, 1)]  # at least one, whatever the budget
+    every = set(costs)
+    assert threads.phases(2, costs, 1000, order, every) == [([0, 1], 1, 2), ([2, 3, 5, 4], 2, 1)]
+    assert threads.phases(4, costs, 1000, order, every) == [([0, 1], 1, 4), ([2, 3, 4], 3, 1), ([5], 1, 1)]
+    assert threads.phases(4, costs, 10_000, order, every) == [(order, 4, 1)]  # all fit: one thread a group
+    assert threads.phases(1, costs, 10, order, every) == [(order, 1, 1)]  # at least one, whatever the budget
     # a group that could run beside others keeps one-threaded kernels even when it runs alone
-    assert threads.phases(0, {0: 1.0}, 1e6, [0]) == [([0], 1, 1)]
+    assert threads.phases(0, {0: 1.0}, 1e6, [0], every) == [([0], 1, 1)]
+    # a group whose kernels do not gain from threads runs alone on one; the others of its size take the rest
+    assert threads.phases(2, costs, 1000, order, {1, 2, 3, 4, 5}) == [([1], 1, 2), ([0], 1, 1),
+                                                                       ([2, 3, 5, 4], 2, 1)]
 
 
-def test_groups_measured_alone_with_threaded_kernels_agree_with_one_thread(tmp_path):
+def test_groups_measured_alone_with_threaded_kernels_agree_with_one_thread(tmp_path, monkeypatch):
     """A budget that holds one group at a time: two threads go to its kernels (BLAS, LAPACK, torch), whose
-    sums are split differently; the table agrees with the one-thread one to rounding."""
+    sums are split differently; the table agrees with the one-thread one to rounding. (Threaded kernels are
+    for large matrices: the rule is lowered here to keep the test small.)"""
+    monkeypatch.setattr(threads, "THREADED_SIDE", 384)
     g = torch.Generator().manual_seed(1)
     base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(768, 384, generator=g) / 20 for i in range(2)}
     save_file(base, str(tmp_path / "base.safetensors"))
@@ -105,7 +111,7 @@ def test_groups_measured_alone_with_threaded_kernels_agree_with_one_thread(tmp_p
               str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
     one_keys, one = _table(tmp_path, threads=1)
     budget = group_mb((768, 384), k=48) * 1.5  # one group at a time
-    assert threads.phases(2, {0: group_mb((768, 384), k=48)}, budget, [0]) == [([0], 1, 2)]
+    assert threads.phases(2, {0: group_mb((768, 384), k=48)}, budget, [0], {0}) == [([0], 1, 2)]
     two_keys, two = _table(tmp_path, threads=2, memory_mb=budget)
     assert one_keys == two_keys
     np.testing.assert_allclose(two, one, rtol=1e-9, atol=1e-12)

@@ -5,8 +5,10 @@ measured on the 90M pair (2 cores), OpenBLAS's default of a thread per core took
 one thread took 29 s. So each group is measured by one thread with single-threaded kernels, and the cores
 take groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products).
 Groups too large for the memory budget to hold one per core are measured fewer at a time, and the cores
-left over go to their kernels (``phases``): on large matrices a multithreaded BLAS pays (measured, one
-core against two, a 4096 x 4096 Gram matrix 3.9 -> 2.0 s, its tridiagonalisation 6.2 -> 3.3 s).
+left over go to their kernels (``phases``) where a multithreaded BLAS pays, on matrices whose smaller side
+is at least ``THREADED_SIDE`` (measured, one core against two: a 4096 x 4096 Gram matrix 3.9 -> 2.0 s, its
+tridiagonalisation 6.2 -> 3.3 s; a layer of hidden 2048 21.4 -> 16.8 s wall, of hidden 1536 10.7 -> 11.3 s,
+of hidden 1024 4.9 -> 6.8 s: there the BLAS threads spin between small calls).
 A group measured with single-threaded kernels gives the same bits whatever the number of threads, whichever
 measured it and whenever (tested); one measured with threaded kernels agrees with it to rounding.
 """
@@ -16,11 +18,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
 NAME = "geometry-measure"  # the measuring threads' name prefix
+THREADED_SIDE = 2048  # the smaller side from which a matrix's kernels gain from more threads (above)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,19 +40,20 @@ def cores() -> int:
     return max(1, mine // ranks)
 
 
-def phases(asked: int, costs_mb: Mapping[int, float], budget_mb: float, order: Sequence[int]
-           ) -> list[tuple[list[int], int, int]]:
+def phases(asked: int, costs_mb: Mapping[int, float], budget_mb: float, order: Sequence[int],
+           threaded: Container[int]) -> list[tuple[list[int], int, int]]:
     """The groups of ``order`` (their memory in ``costs_mb``) in phases of (groups in that order, measuring
     threads, kernel threads). ``asked`` threads in all (0: one per core); a group runs beside as many others
     as the memory budget holds of its kind, at least alone, and the threads that leaves idle go to its
-    kernels. The largest groups come first; a group's kernel threads depend on its cost alone, not on the
-    groups around it."""
+    kernels if it is among the ``threaded`` (else they stay idle). The largest groups come first; a group's
+    kernel threads depend on its own cost and kind alone, not on the groups around it."""
     total = asked or cores()
     fit = {i: max(1, min(total, int(budget_mb // max(costs_mb[i], 1e-9)))) for i in order}
+    kernel = {i: total // fit[i] if i in threaded else 1 for i in order}
     out = []
-    for n in sorted(set(fit.values())):
-        items = [i for i in order if fit[i] == n]
-        out.append((items, min(n, len(items)), total // n))
+    for n, t in sorted({(fit[i], kernel[i]) for i in order}, key=lambda nt: (nt[0], -nt[1])):
+        items = [i for i in order if (fit[i], kernel[i]) == (n, t)]
+        out.append((items, min(n, len(items)), t))
     return out
 
 
