@@ -120,7 +120,7 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     return analysis
 
 
-MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks below it are reused from the heap, not faulted in afresh
+MMAP_THRESHOLD = 1 << 20  # blocks below it are reused from the heap; larger ones mapped afresh, returned when freed
 
 
 def _return_freed_memory() -> None:
@@ -129,10 +129,15 @@ def _return_freed_memory() -> None:
     glibc otherwise raises its mmap threshold after the first large free and carves later groups out of
     a heap that fragments: peak memory then grows with the number of checkpoints (measured: +78% from
     2 to 10 checkpoints). Serving every block above 128 KiB by mmap (the earlier fix) paid a page fault
-    per 4 KiB of every temporary instead (30% of the CPU time in system time). Now: blocks up to 32 MiB
-    (``_groups`` keeps each float64 batch tensor under it) come from the heap and are reused from one
-    checkpoint to the next, and the heap is trimmed after each group (measured, 8 x 7 matrices of hidden
-    512, 3 checkpoints: system time 6.9 -> 3.4 s, page faults 3.5M -> 1.7M, peak RSS 983 -> 766 MB).
+    per 4 KiB of every temporary instead (30% of the CPU time in system time). Then: blocks up to 32 MiB
+    came from the heap and were reused from one checkpoint to the next, and the heap is trimmed after
+    each group (measured, 8 x 7 matrices of hidden 512, 3 checkpoints: system time 6.9 -> 3.4 s, page
+    faults 3.5M -> 1.7M, peak RSS 983 -> 766 MB). Now that the many small temporaries are gone (blocks
+    widened into one reused buffer, masks packed), the blocks above 1 MiB that remain (factors, Gram
+    matrices, matrices as stored) are mapped afresh: within a group the heap kept up to 140 MB of them
+    freed but resident (measured, same wall time: the 90M pair on 2 threads 388 -> 343 MB, system time
+    1.5 -> 2.5 s; on one 314 -> 297 MB; one 8B-shaped layer 1206 -> 1065 MB, system time 4.9 -> 7.4 s of
+    185 CPU s; hidden 512, 5 checkpoints 321 -> 313 MB).
     The measuring threads (geometry.offline.threads) share one arena: glibc would give each its own heap, and
     each would keep its own freed blocks (measured, the 90M pair on 2 threads: peak RSS 729 -> 581 MB, same
     time). No-op where glibc is not the allocator.
@@ -187,8 +192,9 @@ def _open_checkpoints(run: Run, cfg: AnalysisConfig, base: TensorSource | None =
 
 # On the CPU every decomposition runs a matrix at a time (geometry.linalg), so a batch saves only the per-call
 # overhead of small matrices, and costs memory: batches are kept to this many float64 bytes (measured, the 90M
-# pair: peak RSS 375 -> 324 MB for --quick, no change in time). A GPU batches its kernels: up to the budget.
-CPU_BATCH_BYTES = 4 << 20
+# pair: peak RSS 375 -> 324 MB for --quick, no change in time). A GPU batches its kernels: up to the budget
+# and this many float64 bytes a batch.
+CPU_BATCH_BYTES, GPU_BATCH_BYTES = 4 << 20, 32 << 20
 
 
 def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | None = None,
@@ -205,9 +211,8 @@ def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | No
 def batch_size(shape: tuple[int, int], memory_mb: float, device: torch.device | None = None,
                k: int | None = None) -> int:
     """How many (m, n) matrices are measured as one batch: within the memory budget, and their (L, m, n)
-    float64 tensor under the cap (``CPU_BATCH_BYTES`` on the CPU; elsewhere the mmap threshold: heap-reused,
-    see above)."""
-    cap = CPU_BATCH_BYTES if device is None or device.type == "cpu" else MMAP_THRESHOLD
+    float64 tensor under the cap (``CPU_BATCH_BYTES`` on the CPU, ``GPU_BATCH_BYTES`` elsewhere)."""
+    cap = CPU_BATCH_BYTES if device is None or device.type == "cpu" else GPU_BATCH_BYTES
     return min(group_size(shape, memory_mb, k), max(1, cap // (8 * shape[0] * shape[1])))
 
 
