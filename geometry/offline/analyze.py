@@ -280,13 +280,12 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
         _trim()
         return out
 
-    # a GPU measures one group at a time, with batched kernels
     need = {i: group_mb(groups[i][0].shape, len(groups[i]), k_of(groups[i][0].shape)) for i in mine}
     costliest = sorted(mine, key=lambda i: -costs[i])  # the longest first: the threads end together
     wide = {i for i in mine if min(groups[i][0].shape) >= threads.THREADED_SIDE}
     if device.type == "cpu":
         plan = threads.phases(cfg.threads, need, cfg.memory_mb, costliest, wide)
-    else:
+    else:  # a GPU measures one group at a time, with batched kernels
         plan = [(costliest, 1, 0)]
     try:  # closed on an interrupt too: leave=False then clears its line for the message
         for items, n, kernel_threads in plan:
