@@ -272,6 +272,9 @@ def _contend(args) -> None:
         Path(args.out).write_text(json.dumps([[*key, value] for key, value in ref.items()]))
     else:
         peer(args.worker, root, ckpts)
+        from importlib.metadata import version
+
+        Path(args.out).write_text(f"{args.worker} {version(args.worker)}, torch {version('torch')}")
 
 
 def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = None, *, label: str | None = None,
@@ -279,10 +282,11 @@ def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = N
     """Run one contender in a fresh process: wall, CPU (user + system) and peak RSS, from wait4."""
     scratch = Path(tempfile.mkdtemp())
     rss_file, log = scratch / "rss", scratch / "log"
+    out = out or scratch / "out"  # a peer writes its version there
     cmd = [python, __file__, "--worker", name, "--root", str(root),
            "--ckpts", json.dumps(list(map(str, ckpts))), "--rss-file", str(rss_file),
            "--device", args.device, "--memory-mb", str(args.memory_mb), "--threads", str(args.threads),
-           "--out", str(out or "")]
+           "--out", str(out)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     if args.threads:  # the same thread count for every contender's BLAS/LAPACK (MKL, OpenBLAS, OpenMP)
         env.update({v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
@@ -300,6 +304,8 @@ def measure(name: str, root: Path, ckpts: list[Path], args, out: Path | None = N
     if not fig["ok"]:
         lines = [ln for ln in log.read_text(errors="replace").strip().splitlines() if ln.strip()]
         fig["why"] = lines[-1] if lines else f"exit {code}"
+    elif name in PEERS:  # the peers change between releases: the figures say which one ran
+        fig["version"] = out.read_text()
     return fig
 
 
@@ -396,7 +402,7 @@ def report(fig: dict) -> None:
         fl = rows["floor-quick" if "quick" in r["name"] else "floor"]
         ratio = r["cpu_s"] / fl["cpu_s"] if fl["ok"] else math.nan
         print(f"  {r['name']:<16} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['sys_s']:7.1f} {r['rss_mb']:12.0f} "
-              f"{ratio:10.2f}  {what.get(r['name'], '')}")
+              f"{ratio:10.2f}  {r['version'] + ': ' if 'version' in r else ''}{what.get(r['name'], '')}")
     if "max_rel_err" in fig:
         print("  ours vs naive, max relative disagreement: "
               + ", ".join(f"{k} {v:.1e}" for k, v in fig["max_rel_err"].items()))
