@@ -114,12 +114,19 @@ class Scratch:
         if flip:
             src = src.mT
         size = src.numel()
-        if self._buf is None or self._buf.numel() < size:
-            self._buf = None  # the smaller one goes back before the larger is taken
-            self._buf = torch.empty(size, dtype=torch.float64, device=src.device)
-        out = self._buf[:size].view(src.shape)
+        out = self._take(size, torch.float64, src.device).view(src.shape)
         out.copy_(src)
         return out.mT if flip else out
+
+    def bytes(self, size: int) -> torch.Tensor:
+        """``size`` bytes of the buffer, uint8 (a band read into it: offline.stored)."""
+        return self._take(size, torch.uint8, torch.device("cpu"))
+
+    def _take(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self._buf is None or self._buf.dtype != dtype or self._buf.numel() < size:
+            self._buf = None  # the smaller one goes back before the larger is taken
+            self._buf = torch.empty(size, dtype=dtype, device=device)
+        return self._buf[:size]
 
 
 def long_rows(x: torch.Tensor) -> torch.Tensor:
@@ -128,15 +135,21 @@ def long_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-2] >= x.shape[-1] else x.mT
 
 
-def long_blocks(x: torch.Tensor):
+def long_band(x, part: slice) -> torch.Tensor:
+    """Rows ``part`` of x's long side (``long_rows``) as stored: of a tensor, a view; of a matrix left in its
+    file (geometry.offline.stored: anything with ``long_band``), read from it."""
+    return long_rows(x)[..., part, :] if isinstance(x, torch.Tensor) else x.long_band(part)
+
+
+def long_blocks(x):
     """(rows, float64 block (..., b, r)) over the rows of x's long side (x itself when m >= n, else x^T), each
     block a band of ``row_bands`` and valid until the next (``Scratch``); a wide x's blocks are its columns,
-    widened in their stored order (the block is then a transposed view: no copy)."""
-    rows = long_rows(x)
-    n_rows, r = rows.shape[-2:]
+    widened in their stored order (the block is then a transposed view: no copy). x: a tensor, or a matrix
+    left in its file (``long_band``)."""
+    n_rows, r = max(x.shape[-2:]), min(x.shape[-2:])
     scratch = Scratch()
     for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2]))):
-        yield part, scratch.widen(rows[..., part, :])
+        yield part, scratch.widen(long_band(x, part))
 
 
 def fro_norm(x: torch.Tensor) -> torch.Tensor:

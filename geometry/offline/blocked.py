@@ -19,6 +19,7 @@ from geometry import metrics as M
 from geometry.linalg import (
     Scratch,
     add_gram,
+    long_band,
     long_rows,
     mm,
     row_bands,
@@ -62,15 +63,15 @@ class BlockedUpdate:
     ``long(X)`` is the product of the long side with thin X: D X (m >= n, X (L, n, k)) or D^T X, as the
     smaller side's Gram matrix needs."""
 
-    def __init__(self, W0: torch.Tensor, Wt: torch.Tensor):
+    def __init__(self, W0, Wt):
+        """W0, Wt: (L, m, n) tensors, or matrices left in their files (offline.stored), read a band at a time."""
         self.m, self.n = W0.shape[-2:]
         self.tall = self.m >= self.n
-        # the long side as rows: D itself when tall, D^T (views, no copy) when wide
-        self.W0, self.Wt = long_rows(W0), long_rows(Wt)
-        rows, cols = self.W0.shape[-2:]
-        self.bands = row_bands(rows, 8 * cols * max(1, W0.shape[0]))
-        self.rows = rows
-        self._whole: torch.Tensor | None = None
+        self.W0, self.Wt = W0, Wt  # their long side as rows (linalg.long_band): D itself when tall, else D^T
+        self.L, self.rows, self.cols = W0.shape[0], max(self.m, self.n), min(self.m, self.n)
+        self.device = W0.device
+        self.bands = row_bands(self.rows, 8 * self.cols * max(1, self.L))
+        self._whole: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._scratch, self._scratch0 = Scratch(), Scratch()
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -78,14 +79,14 @@ class BlockedUpdate:
         (``linalg.Scratch``). An update that is one block is formed once and kept (it is within the block
         budget)."""
         if self._whole is not None:
-            yield slice(0, self.rows), self.W0, self.Wt, self._whole
+            yield slice(0, self.rows), *self._whole
             return
         for rows in self.bands:
-            w0, wt = self.W0[:, rows], self.Wt[:, rows]
+            w0, wt = long_band(self.W0, rows), long_band(self.Wt, rows)
             d = self._scratch.widen(wt)  # a copy even when W_t is float64 already: d is written next
             d -= self._scratch0.widen(w0)  # both float64: torch widens a mixed operand into a new temporary
             if rows.stop - rows.start == self.rows:
-                self._whole = d
+                self._whole = w0, wt, d
             yield rows, w0, wt, d
 
     def gather(self, abs_tol: float | None = None, masks: tuple[LongMask, ...] = (),
@@ -93,8 +94,8 @@ class BlockedUpdate:
         """The Gram matrix, and in the same pass: with ``abs_tol``, the bf16 changes, the small entries and the
         changes inside each of ``masks``; with ``basis`` (L, long side, k), its product with the long side (what
         ``overlap`` needs besides the Gram matrix)."""
-        L, r = self.W0.shape[0], self.W0.shape[-1]
-        gram = torch.zeros(L, r, r, dtype=torch.float64, device=self.W0.device)
+        L, r = self.L, self.cols
+        gram = torch.zeros(L, r, r, dtype=torch.float64, device=self.device)
         counted = abs_tol is not None
         changed, small = (torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)) if counted \
             else (None, None)
@@ -124,7 +125,7 @@ class BlockedUpdate:
     def dense(self) -> torch.Tensor:
         """D whole, (L, m, n) float64: for the paths that decompose it whole (``--update-svd exact`` or
         ``randomized``, and the exact fallback)."""
-        D = torch.empty(self.W0.shape, dtype=torch.float64, device=self.W0.device)
+        D = torch.empty(self.L, self.rows, self.cols, dtype=torch.float64, device=self.device)
         for rows, _, _, d in self.blocks():
             D[:, rows] = d
         return D if self.tall else D.mT

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from geometry.errors import GeometryError
+from geometry.linalg import Scratch
 from geometry.offline.header import read_header
 from geometry.offline.locate import (
     CHECKPOINT,
@@ -68,10 +69,13 @@ class _SafetensorsFile:
             raise GeometryError(f"{self.path}: tensor {name} has dtype {code}, which this torch cannot hold")
         return dtype
 
-    def read(self, name: str, rows: slice | None) -> torch.Tensor:
-        """The tensor, or a range of its rows, read with one positioned read into its own buffer at the offset
-        the checked header gives: nothing mapped, so no file page stays resident after it, and a file cut short
-        since it was opened is a short read and one line, not a fault (a mapping would take SIGBUS)."""
+    def read(self, name: str, rows: slice | None, cols: slice | None = None, into: Scratch | None = None
+             ) -> torch.Tensor:
+        """The tensor, or a range of its rows (and of a matrix's columns), read by positioned reads into its own
+        buffer (or ``into``'s, valid until its next use) at the offset the checked header gives: one read for
+        whole rows, one a row for a range of columns. Nothing mapped, so no file page stays resident after it,
+        and a file cut short since it was opened is a short read and one line, not a fault (a mapping would
+        take SIGBUS)."""
         shape, _, start = self.meta[name]
         dtype = self.dtype(name)
         first, count = 0, (shape[0] if shape else 1)
@@ -82,20 +86,37 @@ class _SafetensorsFile:
                     return handle.get_slice(name)[rows]
             count = max(0, stop - first)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
-        buf = torch.empty(count * row_bytes, dtype=torch.uint8)
-        view, got = memoryview(buf.numpy()), 0
+        col0, width = 0, row_bytes
+        if cols is not None:  # a band of a matrix's columns (offline.stored): contiguous slices only
+            c0, c1, _ = cols.indices(shape[1])
+            col0, width = c0 * dtype.itemsize, max(0, c1 - c0) * dtype.itemsize
+        buf = torch.empty(count * width, dtype=torch.uint8) if into is None else into.bytes(count * width)
+        view = memoryview(buf.numpy())
         try:
             with open(self.path, "rb") as f:
-                while got < len(view):  # one read returns at most ~2 GiB on Linux: a larger tensor takes several
-                    n = os.preadv(f.fileno(), [view[got:]], start + first * row_bytes + got)
-                    if n == 0:
-                        break
-                    got += n
+                if width == row_bytes:
+                    got = _read_at(f.fileno(), view, start + first * row_bytes)
+                else:
+                    got = sum(_read_at(f.fileno(), view[i * width:(i + 1) * width],
+                                       start + (first + i) * row_bytes + col0) for i in range(count))
         except OSError as e:
             raise GeometryError(f"{self.path}: cannot read tensor {name} ({e.strerror or e})") from None
         if got != len(view):
             raise GeometryError(f"{self.path}: truncated: tensor {name} ends past the end of the file")
-        return buf.view(dtype).reshape((count, *shape[1:]) if shape else ())
+        return buf.view(dtype).reshape((count, width // dtype.itemsize) if cols is not None else
+                                       (count, *shape[1:]) if shape else ())
+
+
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Bytes read into ``view`` from ``offset``, fewer only where the file ends. One read returns at most
+    ~2 GiB on Linux: a larger tensor takes several."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 class _PickleFile:
@@ -145,17 +166,23 @@ class TensorSource:
             raise GeometryError(f"checkpoint {self.label}: no tensor named {name}")
         return self._files[name]
 
+    def in_safetensors(self, name: str) -> bool:
+        """Whether the tensor is in a safetensors file (read in parts without loading it: offline.stored)."""
+        return isinstance(self._file(name), _SafetensorsFile)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).meta[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
         return self._file(name).dtype(name)
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Read one tensor (or only its `rows`) as stored: its own dtype, on the CPU."""
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None, into: Scratch | None = None
+             ) -> torch.Tensor:
+        """Read one tensor (or only its `rows`; of a matrix in a safetensors file, also only its `cols`, and
+        into a reused buffer: offline.stored) as stored: its own dtype, on the CPU."""
         f = self._file(name)
         try:
-            return f.read(name, rows)
+            return f.read(name, rows) if cols is None and into is None else f.read(name, rows, cols, into)
         except Exception as e:
             raise GeometryError(f"checkpoint {self.label}: cannot read {name} ({_one_line(e)})") from None
 
