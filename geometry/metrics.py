@@ -264,7 +264,8 @@ def lowmag_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Bottom-alpha fraction of entries of |W0| (SPEC item 5), scored a band of rows at a time."""
 
     def score(rows: slice) -> torch.Tensor:
-        return w0[..., rows, :].abs().float().neg_()  # abs() copies: the negation is in place
+        band = w0[..., rows, :] if isinstance(w0, torch.Tensor) else w0.rows(rows)  # or read: offline.stored
+        return band.abs().float().neg_()  # abs() copies: the negation is in place
 
     return _top_fraction_banded(score, *w0.shape[-2:], alpha)
 

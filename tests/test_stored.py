@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from geometry import linalg
 from geometry.errors import GeometryError
+from geometry.offline import engine
 from geometry.offline.analyze import analyze
 from geometry.offline.blocked import BlockedUpdate
 from geometry.offline.config import AnalysisConfig
@@ -68,34 +69,40 @@ def test_bands_and_passes_are_those_of_the_tensor_read_whole(tmp_path, small_ban
         assert torch.equal(streamed.dense(), held.dense())
 
 
-def test_the_quick_suite_streamed_gives_the_table_read_whole(tmp_path, small_bands, monkeypatch):
+@pytest.mark.parametrize(("quick", "update_svd"), [(True, "gram"), (False, "gram"), (False, "exact")])
+def test_the_suites_streamed_give_the_table_read_whole(tmp_path, small_bands, monkeypatch, quick, update_svd):
+    """Every pass of either suite from matrices left in their files: the table of the matrices read whole, bit
+    for bit; a large last update leaves intruders undecided by W0's top vectors (counted against all of them)."""
     g = torch.Generator().manual_seed(4)
-    base = {f"model.layers.0.{m}.weight": torch.randn(*s, generator=g) / 6  # a shape each: groups of one
-            for m, s in (("mlp.up_proj", (40, 16)), ("mlp.down_proj", (16, 40)), ("self_attn.q_proj", (16, 16)))}
+    base = {f"model.layers.0.{m}.weight": (torch.randn(*s, generator=g) / 6).to(dt)  # a shape each: groups of one
+            for m, s, dt in (("mlp.up_proj", (60, 24), torch.float32), ("mlp.down_proj", (24, 60), torch.float32),
+                             ("self_attn.q_proj", (24, 24), torch.bfloat16))}
     save_file(base, str(tmp_path / "base.safetensors"))
-    for step in (1, 2):
+    for step, scale in ((1, 1e-2), (2, 2e-2), (3, 1.0)):
         (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
-        save_file({n: w + step * torch.randn(w.shape, generator=g) * 1e-2 for n, w in base.items()},
+        save_file({n: (w.float() + torch.randn(w.shape, generator=g) * scale).to(w.dtype) for n, w in base.items()},
                   str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
-    cfg = AnalysisConfig(device="cpu", quick=True, threads=1)
+    cfg = AnalysisConfig(device="cpu", quick=quick, threads=1, principal_k=4, mask_rank=2, update_svd=update_svd)
 
     def table():
         a = analyze(tmp_path / "base.safetensors", [tmp_path / "run"], config=cfg)
         return [(r.step, r.matrix, r.metric) for r in a], np.array([r.value for r in a])
 
-    made = []
+    made, undecided = [], []
     monkeypatch.setattr(StoredMatrix, "__init__", _counting(StoredMatrix.__init__, made))
+    monkeypatch.setattr(engine, "_all_left", _counting(engine._all_left, undecided))
     keys, streamed = table()
-    assert len(made) == 3 * 3  # every matrix of the base and both checkpoints left in its file
+    assert sum(m.batched for m in made) == 3 * 4  # every matrix of the base and the checkpoints left in its file
+    assert quick or len(undecided) == 3  # then read as (m, n) for the Gram matrix and W0^T u
     monkeypatch.setattr(StoredMatrix, "fits", staticmethod(lambda source, spec: False))
     keys_w, whole = table()
     assert keys == keys_w and np.array_equal(streamed, whole, equal_nan=True)
 
 
-def _counting(init, made):
-    def counted(self, *args):
-        made.append(self)
-        init(self, *args)
+def _counting(fn, calls):
+    def counted(first, *args, **kwargs):
+        calls.append(first)
+        return fn(first, *args, **kwargs)
     return counted
 
 

@@ -74,8 +74,9 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
     # SVD. Only the top max(k, r) vectors: intruders (SPEC 8) are mostly decided by them (metrics.intruders)
     top = max(k, r, N_INTRUDER)
     svd = gram_svd(W0, top) if cfg.update_svd != "exact" else exact_svd(W0, top)
-    # W0 is kept as stored: a float64 copy of it would be a third of a group's working memory, and every
-    # update is formed exactly from it (float64 = stored + the update, promoted entry by entry)
+    # W0 is kept as stored (or left in its file, offline.stored): a float64 copy of it would be a third of a
+    # group's working memory, and every update is formed exactly from it (float64 = stored + the update,
+    # promoted entry by entry)
     principal = LongMask(M.principal_mask(svd.U, svd.S, svd.V, r, cfg.alpha))
     return BaseFactors(W0, norm, svd, k, r, principal, LongMask(M.lowmag_mask(W0, cfg.alpha)), {})
 
@@ -209,7 +210,7 @@ def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> 
         if i not in base.left:
             base.left[i] = _all_left(base, i)
         P, through_w0 = base.left[i]
-        cos = mm(P.mT, short_product(base.W0[i], Ut_top[i]) if through_w0 else Ut_top[i])  # (p, 10)
+        cos = mm(P.mT, short_product(_matrix(base.W0, i), Ut_top[i]) if through_w0 else Ut_top[i])  # (p, 10)
         count[i] = M.intruder_count(cos, cfg.intruder_threshold)
     return count
 
@@ -222,13 +223,18 @@ def _all_left(base: BaseFactors, i: int) -> tuple[torch.Tensor, bool]:
     them (measured, 12288 x 4096: a 20 s eigh against a 131 s SVD). The Gram matrix is solved in its own
     place, the vectors scaled in theirs (``all_eigenpairs``): held with W0 and W_t, its working memory set the
     peak of an 8B-shaped layer. A base decomposed exactly takes the exact SVD again."""
-    W0 = base.W0[i]
+    W0 = _matrix(base.W0, i)
     if "exact" in base.svd.method:
         return exact_svd(W0).U, False
     evals, vecs = all_eigenpairs(gram(W0))
     if W0.shape[0] < W0.shape[1]:
         return vecs, False
     return vecs.div_(singular_values(evals)), True
+
+
+def _matrix(W0, i: int):
+    """W0[i]; of a matrix left in its file (offline.stored, one a group), the same as (m, n)."""
+    return W0[i] if isinstance(W0, torch.Tensor) else W0.one()
 
 
 def locking_sims(results: Sequence[StepResult]) -> list[dict[str, torch.Tensor]]:

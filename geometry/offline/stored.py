@@ -1,10 +1,11 @@
 """A matrix left in its safetensors file and read a band of its long side at a time, never held whole.
 
-Every pass the quick suite makes over a matrix goes a band of rows of its long side at a time
-(``linalg.long_blocks``, offline.blocked): handed a ``StoredMatrix`` instead of the tensor, each pass reads
-its bands from the file again (from the page cache: a 12288 x 4096 float32 matrix is 200 MB not held),
-and gets the same bands, bit for bit, as from the tensor read whole (tested). A wide matrix's long side is
-its columns: a few bands of them are read together, a positioned read a row.
+Every pass the suites make over a matrix goes a band of rows at a time: of its long side (``linalg.long_blocks``,
+offline.blocked), or of its rows (the low-magnitude mask). Handed a ``StoredMatrix`` instead of the tensor,
+each pass reads its bands from the file again (from the page cache: a 12288 x 4096 float32 matrix is 200 MB
+not held), and gets the same bands, bit for bit, as from the tensor read whole (tested). A wide matrix's long
+side is its columns: a few bands of them are read together, a positioned read a row. What decomposes it
+whole (an exact SVD, a fallback) reads it whole (``double``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ WIDE_BANDS = 4  # a wide matrix's bands read together (``StoredMatrix._columns``
 
 
 class StoredMatrix:
-    """One selected matrix (1, m, n) of ``source``: ``shape``, ``dtype`` and ``device`` as the tensor read whole
-    would have, and ``long_band`` in place of its bands. NaN/Inf and a shape other than the selection's are
-    refused with the line ``sources.read_matrix`` gives, the shape at once, the values band by band."""
+    """One selected matrix (1, m, n) of ``source`` (``one()``: the same as (m, n)): ``shape``, ``dtype`` and
+    ``device`` as the tensor read whole would have, ``long_band`` and ``rows`` in place of its bands, and
+    ``double()`` for the paths that take it whole (an exact SVD). NaN/Inf and a shape other than the selection's
+    are refused with the line ``sources.read_matrix`` gives, the shape at once, the values band by band."""
 
     device = torch.device("cpu")
 
-    def __init__(self, source: TensorSource, spec: MatrixSpec):
-        self.source, self.spec = source, spec
+    def __init__(self, source: TensorSource, spec: MatrixSpec, batched: bool = True):
+        self.source, self.spec, self.batched = source, spec, batched
         self.dtype = source.dtype(spec.tensor)
         rows, cols = source.shape(spec.tensor)  # 2-D (``fits``)
         first, stop, _ = (spec.rows or slice(None)).indices(rows)
@@ -36,7 +38,7 @@ class StoredMatrix:
             raise GeometryError(f"checkpoint {source.label}: tensor {spec.name} has shape {shape}, "
                                 f"expected {spec.shape}")
         self.first = first
-        self.shape = torch.Size((1, *shape))
+        self.shape = torch.Size((1, *shape) if batched else shape)
         self._buf = Scratch()  # the bytes read, reused: a new buffer a band would be mapped afresh each time
         self._chunk: tuple[int, int, torch.Tensor] | None = None  # a wide matrix's columns read: (first, stop, m x w)
 
@@ -48,18 +50,33 @@ class StoredMatrix:
                 and len(source.shape(spec.tensor)) == 2 and source.dtype(spec.tensor) in NARROW
                 and (spec.rows is None or spec.rows.step in (None, 1)))
 
+    def one(self) -> StoredMatrix:
+        """The matrix as (m, n), as a (1, m, n) tensor's [0] (its own buffer)."""
+        return StoredMatrix(self.source, self.spec, batched=False)
+
     def long_band(self, part: slice) -> torch.Tensor:
         """(1, b, r): rows ``part`` of the long side (``linalg.long_rows``) as stored, valid until the next band
         is read; a wide matrix's columns as the transposed view of the (m, b) read."""
         m, n = self.shape[-2:]
-        if m >= n:
-            band = self.source.read(self.spec.tensor, slice(self.first + part.start, self.first + part.stop),
-                                    into=self._buf)
-        else:
-            band = self._columns(part).mT
+        return self._checked(self._rows(part, self._buf) if m >= n else self._columns(part).mT)
+
+    def rows(self, part: slice) -> torch.Tensor:
+        """(1, b, n) ((b, n) for ``one()``): rows ``part`` of the matrix as stored, valid until the next read."""
+        self._chunk = None  # its buffer is taken
+        return self._checked(self._rows(part, self._buf))
+
+    def double(self) -> torch.Tensor:
+        """The matrix whole in float64 (for the paths that decompose it whole)."""
+        return self._checked(self._rows(slice(0, self.shape[-2]), None)).double()
+
+    def _rows(self, part: slice, into: Scratch | None) -> torch.Tensor:
+        return self.source.read(self.spec.tensor, slice(self.first + part.start, self.first + part.stop),
+                                into=into)
+
+    def _checked(self, band: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(band.sum())) and not bool(torch.isfinite(band).all()):
             raise GeometryError(f"checkpoint {self.source.label}: tensor {self.spec.name} has NaN/Inf values")
-        return band[None]
+        return band[None] if self.batched else band
 
     def _columns(self, part: slice) -> torch.Tensor:
         """(m, b) columns ``part`` of a wide matrix, read ``WIDE_BANDS`` bands' width at a time: a read a row
