@@ -217,7 +217,7 @@ def batch_size(shape: tuple[int, int], memory_mb: float, device: torch.device | 
     return min(group_size(shape, memory_mb, k), max(1, cap // (8 * shape[0] * shape[1])))
 
 
-def _stored_group(source: TensorSource, group: list[MatrixSpec], cfg: AnalysisConfig, device: torch.device):
+def _stored_group(source: TensorSource, group: list[MatrixSpec], device: torch.device):
     """The group as the suite reads it: on the CPU a matrix of its own is left in its file, read a band at a time
     by each pass (offline.stored); otherwise (L, m, n) read whole (``_read_group``). Measured, the same table
     bit for bit: the quick suite on the 90M pair, 2 threads, peak RSS 319 -> 288 MB, 3.6 -> 3.8 s wall; on one
@@ -294,8 +294,8 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
 
     need = {i: group_mb(groups[i][0].shape, len(groups[i]), k_of(groups[i][0].shape)) for i in mine}
     costliest = sorted(mine, key=lambda i: -costs[i])  # the longest first: the threads end together
-    wide = {i for i in mine if min(groups[i][0].shape) >= threads.THREADED_SIDE}
     if device.type == "cpu":
+        wide = {i for i in mine if min(groups[i][0].shape) >= threads.THREADED_SIDE}
         plan = threads.phases(cfg.threads, need, cfg.memory_mb, costliest, wide)
     else:  # a GPU measures one group at a time, with batched kernels
         plan = [(costliest, 1, 0)]
@@ -341,7 +341,7 @@ def _measure_group(label: str, base: TensorSource, ckpts: list[Checkpoint], grou
                    cfg: AnalysisConfig, device: torch.device, hidden: int | None, bar) -> _GroupOut:
     rows: list[Row] = []
     curves: list[Curve] = []
-    factors = decompose_base(_stored_group(base, group, cfg, device), cfg, hidden)
+    factors = decompose_base(_stored_group(base, group, device), cfg, hidden)
     for i, spec in enumerate(group):
         if factors.svd is not None:  # None: the quick suite, W0 not decomposed
             curves.append(Curve(label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
@@ -366,7 +366,7 @@ def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: lis
                        device: torch.device, bar) -> list[StepResult]:
     results, prev = [], factors.W0
     for ckpt in ckpts:
-        Wt = _stored_group(ckpt.source, group, cfg, device)  # as stored: widened a block at a time where measured
+        Wt = _stored_group(ckpt.source, group, device)  # as stored: widened a block at a time where measured
         m, n = factors.W0.shape[-2:]
         warm = None if not results else (results[-1].VK if m >= n else results[-1].UK)
         results.append(measure_step(factors, Wt, prev, cfg, warm, _update_factors(ckpt.source, group, device)))

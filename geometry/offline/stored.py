@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from geometry.errors import GeometryError
 from geometry.linalg import Scratch
-from geometry.offline.sources import MatrixSpec, TensorSource
+from geometry.offline.sources import MatrixSpec, TensorSource, check_finite, check_shape
 
 NARROW = (torch.float32, torch.bfloat16, torch.float16)  # float64 is used whole by the kernels (geometry.linalg)
 WIDE_BANDS = 4  # a wide matrix's bands read together (``StoredMatrix._columns``)
@@ -34,9 +33,7 @@ class StoredMatrix:
         rows, cols = source.shape(spec.tensor)  # 2-D (``fits``)
         first, stop, _ = (spec.rows or slice(None)).indices(rows)
         shape = (stop - first, cols)
-        if shape != tuple(spec.shape):
-            raise GeometryError(f"checkpoint {source.label}: tensor {spec.name} has shape {shape}, "
-                                f"expected {spec.shape}")
+        check_shape(source, spec, shape)
         self.first = first
         self.shape = torch.Size((1, *shape) if batched else shape)
         self._buf = Scratch()  # the bytes read, reused: a new buffer a band would be mapped afresh each time
@@ -74,8 +71,7 @@ class StoredMatrix:
                                 into=into)
 
     def _checked(self, band: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(band.sum())) and not bool(torch.isfinite(band).all()):
-            raise GeometryError(f"checkpoint {self.source.label}: tensor {self.spec.name} has NaN/Inf values")
+        check_finite(self.source, self.spec, band)
         return band[None] if self.batched else band
 
     def _columns(self, part: slice) -> torch.Tensor:
