@@ -63,10 +63,12 @@ FULL_EIGH_SHARE = 0.5
 # Matrices are widened, differenced and scored a band of rows at a time (``long_blocks``, offline.blocked, the
 # masks' scores): BLOCK_BYTES of float64 a band, but at least BLOCK_ROWS rows, from where the bands' Gram matrices
 # summed by syrk are as fast as the whole matrix's (measured, one core, float32 stored, widened into one reused
-# buffer: 2816 x 1024 46 ms from 128 rows up, 76 ms at 64; 12288 x 4096 2.32 s at 256 rows, 2.50 s at 128, 2.17 s
-# at 1024). Smaller bands leave the heap less to fragment: the 90M pair's peak RSS 375 MB with 8 MiB bands, 351
-# with these, on one thread in the same time (462 and 407 on two).
-BLOCK_BYTES, BLOCK_ROWS = 1 << 20, 256
+# buffer: 2816 x 1024 78 ms at 128 rows, 80 at 256, 88 at 32; 1024 x 2816 84 ms at 128, 87 at 256; 12288 x 4096
+# 4.39 s at 128 rows, 4.13 at 256, 4.07 at 512). Each band is a buffer a measuring thread holds, and a wide
+# matrix's mask scores are bands of its long rows: the 90M pair on two threads peaked at 314 MB with 256 rows,
+# 295 with 128 at the same time (12.6-12.8 s, 12.7-13.7); one 8B-shaped layer 748 -> 718 MB. Smaller bands also
+# leave the heap less to fragment (8 MiB bands: 375 MB on one thread where 1 MiB took 351).
+BLOCK_BYTES, BLOCK_ROWS = 1 << 20, 128
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
