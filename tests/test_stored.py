@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from geometry import linalg
 from geometry.errors import GeometryError
-from geometry.offline import engine
+from geometry.offline import engine, sources
 from geometry.offline.analyze import analyze
 from geometry.offline.blocked import BlockedUpdate
 from geometry.offline.config import AnalysisConfig
@@ -24,6 +24,7 @@ SHAPES = {"tall": (45, 16), "wide": (12, 50), "square": (20, 20)}
 def small_bands(monkeypatch):
     monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
     monkeypatch.setattr(linalg, "BLOCK_ROWS", 7)  # bands of 7 rows of the long side, the last one short
+    monkeypatch.setattr(sources, "ROWS_A_READ", 5)  # a wide matrix's 12 rows by three scattering reads
 
 
 def _pair(d, dtype):
