@@ -17,6 +17,7 @@ contender in a fresh process (OMP_WAIT_POLICY=PASSIVE for all) and prints one ta
 
     python benchmarks/bench_analyze.py                    # 8 layers, hidden 512, intermediate 1408, 5 ckpts
     python benchmarks/bench_analyze.py --size 90m --checkpoints 1     # the 90M Llama pair of issue 12
+    python benchmarks/bench_analyze.py --size 90m --checkpoints 1 --repeat 3   # medians of 3 rounds
     python benchmarks/bench_analyze.py --size 8b-layer --checkpoints 1 --memory-mb 8192 --skip-naive
         # one Qwen3-8B-shaped layer (4096x4096, 1024x4096, 12288x4096, 4096x12288), extrapolated to a
         # 36-layer, 252-matrix checkpoint
@@ -29,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -326,6 +328,8 @@ def main() -> None:
                     "(e.g. `git archive HEAD geometry | tar -x -C DIR`), side by side")
     ap.add_argument("--root", help="an existing series (from an earlier --keep) instead of building one")
     ap.add_argument("--keep", help="build the series here and keep it")
+    ap.add_argument("--repeat", type=int, default=1, help="measure every contender this many times, in rounds, "
+                    "and report the median times (with their range) and the largest peak RSS")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpts", help=argparse.SUPPRESS)
@@ -343,28 +347,45 @@ def main() -> None:
         fig = {"size": args.size, "layers": layers, "hidden": hidden, "intermediate": inter, "threads": args.threads,
                "checkpoints": len(ckpts), "device": args.device, "memory_mb": args.memory_mb,
                "load_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": []}
-        fig["rows"].append(measure("floor", root, ckpts, args))
-        fig["rows"].append(measure("ours", root, ckpts, args, Path(tmp) / "ours-out"))
-        fig["rows"].append(measure("floor-quick", root, ckpts, args))
-        fig["rows"].append(measure("ours-quick", root, ckpts, args, Path(tmp) / "quick-out"))
+        plan = [("floor", {}), ("ours", {"out": Path(tmp) / "ours-out"}), ("floor-quick", {}),
+                ("ours-quick", {"out": Path(tmp) / "quick-out"})]
         if args.compare_with:
-            fig["rows"].append(measure("ours", root, ckpts, args, Path(tmp) / "before-out", label="ours-before",
-                                       pythonpath=args.compare_with))
+            plan.append(("ours", {"out": Path(tmp) / "before-out", "label": "ours-before",
+                                  "pythonpath": args.compare_with}))
         if not args.skip_naive:
-            fig["rows"].append(measure("naive", root, ckpts, args, Path(tmp) / "naive.json"))
-            if fig["rows"][-1]["ok"] and fig["rows"][1]["ok"]:
-                fig["max_rel_err"] = max_disagreement(Path(tmp) / "ours-out" / "metrics.csv", Path(tmp) / "naive.json")
+            plan.append(("naive", {"out": Path(tmp) / "naive.json"}))
         peers = list(filter(None, args.peers.split(",")))
         if peers:  # the peers compare two models: ours on the same pair, for a like-for-like row
-            fig["rows"].append(measure("ours", root, ckpts[-1:], args, Path(tmp) / "pair-out", label="ours-pair"))
-            fig["rows"].append(measure("ours-quick", root, ckpts[-1:], args, Path(tmp) / "pair-quick-out",
-                                       label="ours-quick-pair"))
-        for name in peers:
-            fig["rows"].append(measure(name, root, ckpts[-1:], args, python=args.peer_python))
+            plan += [("ours", {"out": Path(tmp) / "pair-out", "label": "ours-pair", "pair": True}),
+                     ("ours-quick", {"out": Path(tmp) / "pair-quick-out", "label": "ours-quick-pair", "pair": True})]
+        plan += [(name, {"python": args.peer_python, "pair": True}) for name in peers]
+        runs: list[list[dict]] = [[] for _ in plan]
+        for _ in range(args.repeat):  # in rounds: a drift of the machine's speed meets every contender alike
+            for (name, kw), got in zip(plan, runs, strict=True):
+                kw = dict(kw)
+                got.append(measure(name, root, ckpts[-1:] if kw.pop("pair", False) else ckpts, args, **kw))
+        fig["repeat"] = args.repeat
+        fig["rows"] = [_median(got) for got in runs]
+        names = [r["name"] for r in fig["rows"]]
+        if "naive" in names and fig["rows"][names.index("ours")]["ok"] and fig["rows"][names.index("naive")]["ok"]:
+            fig["max_rel_err"] = max_disagreement(Path(tmp) / "ours-out" / "metrics.csv", Path(tmp) / "naive.json")
         fig["load_after"] = os.getloadavg()
     report(fig)
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2))
+
+
+def _median(runs: list[dict]) -> dict:
+    """One contender's row from its runs: median wall, CPU and system time, their range, the largest peak RSS."""
+    ok = [r for r in runs if r["ok"]]
+    if len(ok) < len(runs):
+        return next(r for r in runs if not r["ok"])
+    row = dict(ok[0])
+    for key in ("wall_s", "cpu_s", "sys_s"):
+        values = [r[key] for r in ok]
+        row[key], row[key + "_range"] = statistics.median(values), (min(values), max(values))
+    row["rss_mb"] = max(r["rss_mb"] for r in ok)
+    return row
 
 
 def max_disagreement(ours_csv: Path, naive_json: Path) -> dict:
@@ -383,7 +404,9 @@ def report(fig: dict) -> None:
     print(f"series: {fig['layers']} layers x 7 matrices, hidden {fig['hidden']}, intermediate {fig['intermediate']}, "
           f"{fig['checkpoints']} checkpoints, device {fig['device']}, --memory-mb {fig['memory_mb']:.0f}, "
           f"threads {fig['threads'] or 'default'}; "
-          f"{fig['cpus']} CPUs, load average {fig['load_before'][0]:.1f} before, {fig['load_after'][0]:.1f} after")
+          f"{fig['cpus']} CPUs, load average {fig['load_before'][0]:.1f} before, {fig['load_after'][0]:.1f} after"
+          + (f"; times: the median of {fig['repeat']} rounds [wall range], peak RSS the largest"
+             if fig.get("repeat", 1) > 1 else ""))
     rows = {r["name"]: r for r in fig["rows"]}
     print(f"  {'contender':<16} {'wall s':>8} {'CPU s':>8} {'sys s':>7} {'peak RSS MB':>12} {'CPU/floor':>10}"
           "  computes  (quick rows against floor-quick)")
@@ -401,8 +424,9 @@ def report(fig: dict) -> None:
             continue
         fl = rows["floor-quick" if "quick" in r["name"] else "floor"]
         ratio = r["cpu_s"] / fl["cpu_s"] if fl["ok"] else math.nan
+        spread = f"[{r['wall_s_range'][0]:.1f}-{r['wall_s_range'][1]:.1f}] " if fig.get("repeat", 1) > 1 else ""
         print(f"  {r['name']:<16} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['sys_s']:7.1f} {r['rss_mb']:12.0f} "
-              f"{ratio:10.2f}  {r['version'] + ': ' if 'version' in r else ''}{what.get(r['name'], '')}")
+              f"{ratio:10.2f}  {spread}{r['version'] + ': ' if 'version' in r else ''}{what.get(r['name'], '')}")
     if "max_rel_err" in fig:
         print("  ours vs naive, max relative disagreement: "
               + ", ".join(f"{k} {v:.1e}" for k, v in fig["max_rel_err"].items()))
