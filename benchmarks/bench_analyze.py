@@ -347,23 +347,23 @@ def main() -> None:
         fig = {"size": args.size, "layers": layers, "hidden": hidden, "intermediate": inter, "threads": args.threads,
                "checkpoints": len(ckpts), "device": args.device, "memory_mb": args.memory_mb,
                "load_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": []}
-        plan = [("floor", {}), ("ours", {"out": Path(tmp) / "ours-out"}), ("floor-quick", {}),
-                ("ours-quick", {"out": Path(tmp) / "quick-out"})]
+        pair = ckpts[-1:]  # the peers compare two models: ours on the same pair too, for a like-for-like row
+        plan = [("floor", ckpts, {}), ("ours", ckpts, {"out": Path(tmp) / "ours-out"}), ("floor-quick", ckpts, {}),
+                ("ours-quick", ckpts, {"out": Path(tmp) / "quick-out"})]
         if args.compare_with:
-            plan.append(("ours", {"out": Path(tmp) / "before-out", "label": "ours-before",
-                                  "pythonpath": args.compare_with}))
+            plan.append(("ours", ckpts, {"out": Path(tmp) / "before-out", "label": "ours-before",
+                                         "pythonpath": args.compare_with}))
         if not args.skip_naive:
-            plan.append(("naive", {"out": Path(tmp) / "naive.json"}))
+            plan.append(("naive", ckpts, {"out": Path(tmp) / "naive.json"}))
         peers = list(filter(None, args.peers.split(",")))
-        if peers:  # the peers compare two models: ours on the same pair, for a like-for-like row
-            plan += [("ours", {"out": Path(tmp) / "pair-out", "label": "ours-pair", "pair": True}),
-                     ("ours-quick", {"out": Path(tmp) / "pair-quick-out", "label": "ours-quick-pair", "pair": True})]
-        plan += [(name, {"python": args.peer_python, "pair": True}) for name in peers]
+        if peers:
+            plan += [("ours", pair, {"out": Path(tmp) / "pair-out", "label": "ours-pair"}),
+                     ("ours-quick", pair, {"out": Path(tmp) / "pair-quick-out", "label": "ours-quick-pair"})]
+        plan += [(name, pair, {"python": args.peer_python}) for name in peers]
         runs: list[list[dict]] = [[] for _ in plan]
         for _ in range(args.repeat):  # in rounds: a drift of the machine's speed meets every contender alike
-            for (name, kw), got in zip(plan, runs, strict=True):
-                kw = dict(kw)
-                got.append(measure(name, root, ckpts[-1:] if kw.pop("pair", False) else ckpts, args, **kw))
+            for (name, series, kw), got in zip(plan, runs, strict=True):
+                got.append(measure(name, root, series, args, **kw))
         fig["repeat"] = args.repeat
         fig["rows"] = [_median(got) for got in runs]
         names = [r["name"] for r in fig["rows"]]

@@ -73,9 +73,9 @@ class _SafetensorsFile:
              ) -> torch.Tensor:
         """The tensor, or a range of its rows (and of a matrix's columns), read by positioned reads into its own
         buffer (or ``into``'s, valid until its next use) at the offset the checked header gives: one read for
-        whole rows, one a row for a range of columns. Nothing mapped, so no file page stays resident after it,
-        and a file cut short since it was opened is a short read and one line, not a fault (a mapping would
-        take SIGBUS)."""
+        whole rows, scattering reads for a range of columns (``_read_columns``). Nothing mapped, so no file page
+        stays resident after it, and a file cut short since it was opened is a short read and one line, not a
+        fault (a mapping would take SIGBUS)."""
         shape, _, start = self.meta[name]
         dtype = self.dtype(name)
         first, count = 0, (shape[0] if shape else 1)

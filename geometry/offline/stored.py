@@ -75,8 +75,8 @@ class StoredMatrix:
         return band[None] if self.batched else band
 
     def _columns(self, part: slice) -> torch.Tensor:
-        """(m, b) columns ``part`` of a wide matrix, read ``WIDE_BANDS`` bands' width at a time: a read a row
-        of a short run of columns costs more than its bytes (measured, a 4096 x 12288 float32 matrix's
+        """(m, b) columns ``part`` of a wide matrix, read ``WIDE_BANDS`` bands' width at a time: a short run of
+        columns costs more to read than its bytes (measured, a 4096 x 12288 float32 matrix's
         columns 256 at a time 0.26 s a pass, 1024 at a time 0.10 s, its rows whole 0.03 s)."""
         if self._chunk is None or not (self._chunk[0] <= part.start and part.stop <= self._chunk[1]):
             stop = min(self.shape[-1], part.start + WIDE_BANDS * (part.stop - part.start))
