@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from geometry import lapack
+from geometry.buffers import Scratch, spare
 
 # Below this ratio s_min / s_max a Gram matrix has lost the small singular values (sqrt(eps64) ~ 1.5e-8),
 # with a margin so that those it keeps are accurate to well under SPEC's 1% on the NSS.
@@ -71,11 +72,11 @@ FULL_EIGH_SHARE = 0.5
 BLOCK_BYTES, BLOCK_ROWS = 1 << 20, 128
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
+def gram(x: torch.Tensor, into: Scratch | None = None) -> torch.Tensor:
     """The float64 Gram matrix of the smaller side, (..., r, r): x^T x when m >= n, else x x^T; exactly
     symmetric. On the CPU by BLAS syrk, a matrix at a time; a matrix stored narrower than float64 is widened a
     block of rows of its long side at a time (``long_blocks``), the blocks' Gram matrices summed in place: no
-    float64 copy of it."""
+    float64 copy of it. ``into``: a buffer it is formed in (then valid as long as that buffer's contents)."""
     m, n = x.shape[-2:]
     tall = m >= n
     if x.device.type != "cpu":
@@ -83,7 +84,8 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         return x.mT @ x if tall else x @ x.mT
     r = min(m, n)
     if x.dtype != torch.float64:
-        G = torch.zeros(*x.shape[:-2], r, r, dtype=torch.float64)
+        shape = (*x.shape[:-2], r, r)
+        G = torch.zeros(shape, dtype=torch.float64) if into is None else into.take(shape).zero_()
         for _, block in long_blocks(x):
             add_gram(G.view(-1, r, r), block.reshape(-1, *block.shape[-2:]))
         return symmetric(G.view(-1, r, r)).view(*x.shape[:-2], r, r)
@@ -99,36 +101,6 @@ def row_bands(n_rows: int, row_bytes: int) -> list[slice]:
     rows each (read when called: tests shrink them)."""
     step = max(1, BLOCK_ROWS, BLOCK_BYTES // max(1, row_bytes))
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
-
-
-class Scratch:
-    """One float64 buffer that the blocks of a matrix are widened into in turn (``widen``). A new tensor per block
-    fragments the heap: a small allocation between two blocks takes a piece of the freed one, and the next block
-    extends the heap instead (measured, the 90M pair on one thread: the heap grew by a block, 4 MiB, at nearly
-    every block). A block is valid until the next one is widened."""
-
-    def __init__(self):
-        self._buf: torch.Tensor | None = None
-
-    def widen(self, src: torch.Tensor) -> torch.Tensor:
-        """src as float64, copied in its stored order (a transposed view's copy is the transpose of a copy)."""
-        flip = src.stride(-2) < src.stride(-1)
-        if flip:
-            src = src.mT
-        size = src.numel()
-        out = self._take(size, torch.float64, src.device).view(src.shape)
-        out.copy_(src)
-        return out.mT if flip else out
-
-    def bytes(self, size: int) -> torch.Tensor:
-        """``size`` bytes of the buffer, uint8 (a band read into it: offline.stored)."""
-        return self._take(size, torch.uint8, torch.device("cpu"))
-
-    def _take(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if self._buf is None or self._buf.dtype != dtype or self._buf.numel() < size:
-            self._buf = None  # the smaller one goes back before the larger is taken
-            self._buf = torch.empty(size, dtype=dtype, device=device)
-        return self._buf[:size]
 
 
 def long_rows(x: torch.Tensor) -> torch.Tensor:
@@ -149,9 +121,9 @@ def long_blocks(x):
     widened in their stored order (the block is then a transposed view: no copy). x: a tensor, or a matrix
     left in its file (``long_band``)."""
     n_rows, r = max(x.shape[-2:]), min(x.shape[-2:])
-    scratch = Scratch()
-    for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2]))):
-        yield part, scratch.widen(long_band(x, part))
+    with spare() as scratch:
+        for part in row_bands(n_rows, 8 * r * max(1, math.prod(x.shape[:-2]))):
+            yield part, scratch.widen(long_band(x, part))
 
 
 def fro_norm(x: torch.Tensor) -> torch.Tensor:
@@ -172,8 +144,9 @@ def long_product(x: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         x = x.double()
         return mm(x if x.shape[-2] >= x.shape[-1] else x.mT, X)
     out = torch.empty(*x.shape[:-2], max(x.shape[-2:]), X.shape[-1], dtype=torch.float64)
-    for part, block in long_blocks(x):
-        out[..., part, :] = mm(block, X)
+    with spare() as product:
+        for part, block in long_blocks(x):
+            out[..., part, :] = mm(block, X, product)
     return out
 
 
@@ -184,18 +157,25 @@ def short_product(x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float64 or x.device.type != "cpu":
         return mm(long_rows(x.double()).mT, Y)
     out = torch.zeros(*x.shape[:-2], min(x.shape[-2:]), Y.shape[-1], dtype=torch.float64)
-    for part, block in long_blocks(x):
-        out += mm(block.mT, Y[..., part, :])
+    with spare() as product:
+        for part, block in long_blocks(x):
+            out += mm(block.mT, Y[..., part, :], product)
     return out
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm(a: torch.Tensor, b: torch.Tensor, into: Scratch | None = None) -> torch.Tensor:
     """a @ b, batched. On the CPU by numpy's BLAS (dgemm), faster than torch's there for every float64 shape of
     this package (measured, one core: (2816 x 1024) @ (1024 x 128) 19.3 against 27.7 ms, the Gram matrix times a
-    block 2.2 against 3.3 ms, a rank-16 reconstruction 3.2 against 7.7 ms)."""
+    block 2.2 against 3.3 ms, a rank-16 reconstruction 3.2 against 7.7 ms). ``into``: the product is written
+    into that buffer (valid until its next use; CPU, operands of one dtype), not a new one."""
     if a.device.type != "cpu" or b.device.type != "cpu":
         return a @ b
-    return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+    x, y = a.numpy(), b.numpy()
+    if into is None or x.dtype != y.dtype:
+        return torch.from_numpy(np.matmul(x, y))
+    out = into.take((*np.broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-2], y.shape[-1]), a.dtype)
+    np.matmul(x, y, out=out.numpy())
+    return out
 
 
 def add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
@@ -385,8 +365,9 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
     m, n = x.shape[-2:]
     k = min(m, n) if k is None else k
     tall = m >= n
-    try:  # x as stored: gram and long_product widen it a block at a time
-        evals, small = sym_eig(gram(x), k, overwrite=True)  # (..., r) descending, (..., r, k)
+    try:  # x as stored: gram and long_product widen it a block at a time; the Gram matrix solved in its place
+        with spare() as buffer:  # first: the one this thread keeps (geometry.buffers)
+            evals, small = sym_eig(gram(x, buffer), k, overwrite=True)  # (..., r) descending, (..., r, k)
     except torch.linalg.LinAlgError:
         return _fallback(x, k, "gram")
     S = singular_values(evals, resolved_only=not small_values)
@@ -556,7 +537,9 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     A, B = A.double(), B.double()
     C = mm(A.mT, B)  # (..., k, k)
     cos = torch.linalg.svdvals(C).clamp(0, 1)  # descending -> angles ascending
-    sin = torch.linalg.svdvals(B - mm(A, C)).clamp(0, 1).flip(-1)  # ascending
+    with spare() as scratch:  # B - A C formed in one buffer (m x k: 2.9 MB for a 2816 x 1024 matrix at k = 128)
+        residual = mm(A, C, scratch)
+        sin = torch.linalg.svdvals(torch.sub(B, residual, out=residual)).clamp(0, 1).flip(-1)  # ascending
     k = cos.shape[-1]
     # B wider than A: its extra directions are orthogonal to span(A), sines of 1 that sort last
     sin = sin[..., :k] if sin.shape[-1] >= k else torch.nn.functional.pad(sin, (k - sin.shape[-1], 0))

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from geometry.buffers import spare
 from geometry.linalg import degrees, mm, principal_angles, row_bands, subspace_sim
 
 __all__ = [
@@ -194,15 +195,20 @@ def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int,
     the same mask, bit for bit, without the whole score: on the CPU, bands of ``linalg.row_bands``, three passes
     (a seeded sample; the counts above two bounds from it and the entries between them, whose selection gives
     the threshold; the mask, ties taken in position order as a stable sort takes them). A score whose bounds
-    miss, or that holds NaN, is formed whole for ``_top_fraction`` (a 12288 x 4096 score is 400 MB)."""
+    miss, or that holds NaN, is formed whole for ``_top_fraction`` (a 12288 x 4096 score is 400 MB). A band
+    ``score`` gives may be valid only until its next call (one buffer, reused: ``linalg.Scratch``)."""
     first = score(slice(0, 1))
-    batch = first.shape[:-2]
+    batch, device, dtype = first.shape[:-2], first.device, first.numpy().dtype if first.device.type == "cpu" else None
     L = math.prod(batch)
     bands = row_bands(m, 8 * n * max(1, L))
+
+    def whole() -> torch.Tensor:
+        return torch.cat([score(rows).clone() for rows in bands], -2)
+
     if len(bands) == 1:
         return _top_fraction(score(bands[0]), alpha)
-    if first.device.type != "cpu":
-        return _top_fraction(torch.cat([score(rows) for rows in bands], -2), alpha)
+    if device.type != "cpu":
+        return _top_fraction(whole(), alpha)
     total = m * n
     count = math.ceil(alpha * total * (1 - 1e-12))  # as _top_fraction counts
     if count <= 0:
@@ -213,10 +219,10 @@ def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int,
             yield rows, score(rows).reshape(L, -1, n).numpy()
 
     pos = np.sort(np.random.default_rng(0).integers(0, total, SELECT_SAMPLE))  # flat positions, row-major
-    sample = np.empty((L, SELECT_SAMPLE), dtype=first.numpy().dtype)
+    sample = np.empty((L, SELECT_SAMPLE), dtype=dtype)
     for rows, s in visit():
         if np.isnan(s).any():
-            return _top_fraction(torch.cat([score(rows) for rows in bands], -2), alpha)
+            return _top_fraction(whole(), alpha)
         a, b = np.searchsorted(pos, (rows.start * n, rows.stop * n))
         sample[:, a:b] = s.reshape(L, -1)[:, pos[a:b] - rows.start * n]
     lohi = [_bounds(sample[i], count, total) for i in range(L)]
@@ -228,7 +234,7 @@ def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int,
     between = [np.concatenate(parts) for parts in between]
     thr = [_within(int(above[i]), between[i], count) for i in range(L)]
     if any(t is None for t in thr):
-        return _top_fraction(torch.cat([score(rows) for rows in bands], -2), alpha)
+        return _top_fraction(whole(), alpha)
     # ties at the threshold that fit: count less the entries above it
     room = [count - int(above[i]) - np.count_nonzero(between[i] > thr[i]) for i in range(L)]
     mask = np.empty((L, m, n), dtype=bool)
@@ -253,21 +259,24 @@ def principal_mask(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int, al
     """Top-alpha fraction of entries of |rank-r reconstruction of W0| (SPEC item 5), the reconstruction a band of
     rows at a time (``_top_fraction_banded``)."""
     left, right = U[..., :r] * S[..., None, :r], V[..., :r].mT
+    with spare() as scratch:
 
-    def score(rows: slice) -> torch.Tensor:
-        return mm(left[..., rows, :], right).abs_()  # (..., b, n), in place
+        def score(rows: slice) -> torch.Tensor:
+            return mm(left[..., rows, :], right, scratch).abs_()  # (..., b, n), in place
 
-    return _top_fraction_banded(score, U.shape[-2], V.shape[-2], alpha)
+        return _top_fraction_banded(score, U.shape[-2], V.shape[-2], alpha)
 
 
 def lowmag_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Bottom-alpha fraction of entries of |W0| (SPEC item 5), scored a band of rows at a time."""
 
-    def score(rows: slice) -> torch.Tensor:
-        band = w0[..., rows, :] if isinstance(w0, torch.Tensor) else w0.rows(rows)  # or read: offline.stored
-        return band.abs().float().neg_()  # abs() copies: the negation is in place
+    with spare() as scratch:
 
-    return _top_fraction_banded(score, *w0.shape[-2:], alpha)
+        def score(rows: slice) -> torch.Tensor:
+            band = w0[..., rows, :] if isinstance(w0, torch.Tensor) else w0.rows(rows)  # or read: offline.stored
+            return scratch.take(band.shape, torch.float32, band.device).copy_(band).abs_().neg_()
+
+        return _top_fraction_banded(score, *w0.shape[-2:], alpha)
 
 
 def mask_overlap(update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

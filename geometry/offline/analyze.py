@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from geometry import buffers
 from geometry.errors import GeometryError
 from geometry.offline import distributed as dist
 from geometry.offline import threads
@@ -288,7 +289,8 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
     cpu = time.process_time()
 
     def measure(i: int) -> _GroupOut:
-        out = _measure_group(run.label, base, ckpts, groups[i], cfg, device, hidden, bar)
+        with buffers.reusing():  # the group's working buffers lent again within it (geometry.buffers)
+            out = _measure_group(run.label, base, ckpts, groups[i], cfg, device, hidden, bar)
         _trim()
         return out
 

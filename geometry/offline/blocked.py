@@ -10,14 +10,15 @@ additions, nothing else: the result agrees with the dense path to rounding (test
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from geometry import metrics as M
+from geometry.buffers import spare
 from geometry.linalg import (
-    Scratch,
     add_gram,
     long_band,
     long_rows,
@@ -61,7 +62,9 @@ class BlockedUpdate:
     """D = Wt - W0 for stored (L, m, n) tensors, visited as blocks of the long side in float64.
 
     ``long(X)`` is the product of the long side with thin X: D X (m >= n, X (L, n, k)) or D^T X, as the
-    smaller side's Gram matrix needs."""
+    smaller side's Gram matrix needs. Used in a ``with`` block: its blocks, products and the Gram matrix a pass
+    gathers are formed in buffers lent for that block (``geometry.buffers.spare``), and are not to be used
+    after it."""
 
     def __init__(self, W0, Wt):
         """W0, Wt: (L, m, n) tensors, or matrices left in their files (offline.stored), read a band at a time."""
@@ -72,7 +75,17 @@ class BlockedUpdate:
         self.device = W0.device
         self.bands = row_bands(self.rows, 8 * self.cols * max(1, self.L))
         self._whole: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._scratch, self._scratch0 = Scratch(), Scratch()
+        self._lent = ExitStack()
+        # the Gram matrix; D's block, W0's widened, a product
+        self._gram = self._lent.enter_context(spare())  # first: the one this thread keeps (geometry.buffers)
+        self._scratch, self._scratch0, self._product = (self._lent.enter_context(spare()) for _ in range(3))
+
+    def __enter__(self) -> BlockedUpdate:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._whole = None
+        self._lent.close()
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(rows, W0 block, W_t block as stored, D block in float64 (L, b, r)), each D block valid until the next
@@ -93,9 +106,9 @@ class BlockedUpdate:
                basis: torch.Tensor | None = None) -> Pass:
         """The Gram matrix, and in the same pass: with ``abs_tol``, the bf16 changes, the small entries and the
         changes inside each of ``masks``; with ``basis`` (L, long side, k), its product with the long side (what
-        ``overlap`` needs besides the Gram matrix)."""
+        ``overlap`` needs besides the Gram matrix). The Gram matrix is valid until the next pass."""
         L, r = self.L, self.cols
-        gram = torch.zeros(L, r, r, dtype=torch.float64, device=self.device)
+        gram = self._gram.take((L, r, r), device=self.device).zero_()
         counted = abs_tol is not None
         changed, small = (torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)) if counted \
             else (None, None)
@@ -112,14 +125,14 @@ class BlockedUpdate:
                 for acc, mask in zip(within, masks, strict=True):
                     acc += M.count(moved & mask.band(rows)).cpu()
             if basis is not None:
-                projected += mm(basis[:, rows].mT, d)
+                projected += mm(basis[:, rows].mT, d, self._product)
         return Pass(symmetric(gram), changed, small, within, projected)
 
     def long(self, X: torch.Tensor) -> torch.Tensor:
         """(L, rows, k): the long side times X (L, r, k), a block at a time."""
         out = torch.empty(X.shape[0], self.rows, X.shape[-1], dtype=torch.float64, device=X.device)
         for rows, _, _, d in self.blocks():
-            out[:, rows] = mm(d, X)
+            out[:, rows] = mm(d, X, self._product)
         return out
 
     def dense(self) -> torch.Tensor:

@@ -109,11 +109,11 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     spectrum_t, method_t = top.S, top.method
     del top  # W_t's vectors are done with: not held through the update's passes
 
-    blocks = BlockedUpdate(W0, Wt)
-    p = blocks.gather(cfg.abs_tol, (base.principal, base.lowmag), long)
-    out = _counts(p, m, n)
-    ov = overlap(p, short, m, n)
-    upd = _decompose_update(blocks, p.gram, cfg, warm, update)
+    with BlockedUpdate(W0, Wt) as blocks:  # its Gram matrix and blocks, buffers lent until the end of the block
+        p = blocks.gather(cfg.abs_tol, (base.principal, base.lowmag), long)
+        out = _counts(p, m, n)
+        ov = overlap(p, short, m, n)
+        upd = _decompose_update(blocks, p.gram, cfg, warm, update)
     _rank(out, upd.S, base.norm)
     out["angle_max_u"], out["angle_mean_u"], angles_u = angle_u
     out["angle_max_v"], out["angle_mean_v"], angles_v = angle_v
@@ -125,10 +125,10 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     S_int = upd.S
     ov_int = ov
     if not first:  # the interval update d_t = W_t - W_s
-        interval = BlockedUpdate(Wprev, Wt)
-        p_int = interval.gather(basis=long)
-        ov_int = overlap(p_int, short, m, n)
-        S_int = _spectrum(interval, p_int.gram)
+        with BlockedUpdate(Wprev, Wt) as interval:
+            p_int = interval.gather(basis=long)
+            ov_int = overlap(p_int, short, m, n)
+            S_int = _spectrum(interval, p_int.gram)
     out["overlap_2s_interval"], out["overlap_2s_interval_ratio"] = ov_int.two_sided, ov_int.two_sided_ratio
     out["overlap_left_interval"], out["overlap_right_interval"] = ov_int.left, ov_int.right
 
@@ -152,10 +152,10 @@ def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch
     relative to W0's and its top-K subspaces (SPEC 7), from W0 and W_t as stored, the update a block at a time
     (geometry.offline.blocked)."""
     m, n = base.W0.shape[-2:]
-    blocks = BlockedUpdate(base.W0, Wt)
-    p = blocks.gather(cfg.abs_tol)
-    out = _counts(p, m, n)
-    upd = _decompose_update(blocks, p.gram, cfg, warm, update)
+    with BlockedUpdate(base.W0, Wt) as blocks:
+        p = blocks.gather(cfg.abs_tol)
+        out = _counts(p, m, n)
+        upd = _decompose_update(blocks, p.gram, cfg, warm, update)
     _rank(out, upd.S, base.norm.to(upd.S.device))
     return out, upd
 

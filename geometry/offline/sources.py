@@ -18,8 +18,8 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
+from geometry.buffers import Scratch
 from geometry.errors import GeometryError
-from geometry.linalg import Scratch
 from geometry.offline.header import read_header
 from geometry.offline.locate import (
     CHECKPOINT,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from geometry.linalg import Scratch
+from geometry.buffers import Scratch
 from geometry.offline.sources import MatrixSpec, TensorSource, check_finite, check_shape
 
 NARROW = (torch.float32, torch.bfloat16, torch.float16)  # float64 is used whole by the kernels (geometry.linalg)
