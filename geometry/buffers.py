@@ -59,14 +59,20 @@ class Scratch:
         return self._buf[:size].view(dtype).view(shape)
 
 
+# the largest buffer a thread keeps: a buffer's page faults cost in proportion to its size, and the work done in
+# it (a Gram matrix of side r: r^3) grows faster, while what is kept idle adds to the peak. Measured, one
+# 8B-shaped layer (Gram matrices of 128 MB): all kept, system time 8.8 -> 5.5 s of 197 CPU s and peak RSS
+# 731 -> 832 MB; up to 16 MiB, 738 -> 773 MB. The 90M pair's Gram matrices are 8 MiB
+KEEP_BYTES = 8 << 20
+
 _lent = threading.local()  # .kept: [] or [the spare this thread keeps], within ``reusing``
 
 
 @contextmanager
 def reusing() -> Iterator[None]:
-    """Within it, ``spare`` keeps this thread's largest buffer for its next use; on leaving, let go (a library
-    call holds nothing after: an 8B-shaped matrix's Gram matrix is 128 MB). The offline analysis measures each
-    group of matrices within one."""
+    """Within it, ``spare`` keeps this thread's largest buffer (up to ``KEEP_BYTES``) for its next use; on
+    leaving, let go: a library call holds nothing after. The offline analysis measures each group of matrices
+    within one."""
     before = getattr(_lent, "kept", None)
     _lent.kept = []
     try:
@@ -79,14 +85,15 @@ def reusing() -> Iterator[None]:
 def spare() -> Iterator[Scratch]:
     """A ``Scratch`` for the block of a ``with``; what it held is not to be used after the block. Within
     ``reusing``, the one this thread kept, if any (its pages resident), and of the spares given back the largest
-    is kept: a group's Gram matrices (the base's, W_t's, the update's) are formed in one buffer in turn, each
-    taken first where it is needed (``linalg.gram_svd``, ``offline.blocked``). Only one: every spare kept is
-    held through the group, and the peak memory rises by what is held idle (measured, the 90M pair on two
-    threads: all spares kept, four a thread, 297 -> 303-311 MB; the largest alone 299-300 MB)."""
+    up to ``KEEP_BYTES`` is kept: a group's Gram matrices (the base's, W_t's, the update's) are formed in one
+    buffer in turn, each taken first where it is needed (``linalg.gram_svd``, ``offline.blocked``). Only one:
+    a spare kept is held through the group, and the peak memory rises by what is held idle (measured, the 90M
+    pair on two threads: all spares kept, four a thread, 297 -> 303-311 MB; the largest alone 299-300 MB)."""
     kept = getattr(_lent, "kept", None)
     scratch = kept.pop() if kept else Scratch()
     try:
         yield scratch
     finally:
         if kept is not None:
-            kept[:] = [max([scratch, *kept], key=lambda s: s.capacity)]
+            fit = [s for s in (scratch, *kept) if s.capacity <= KEEP_BYTES]
+            kept[:] = [max(fit, key=lambda s: s.capacity)] if fit else []

@@ -86,3 +86,15 @@ def test_results_formed_in_spares_are_the_same_within_reusing_and_outside():
         for a, b in zip(plain, got, strict=True):
             assert torch.equal(a, b)
     assert np.allclose(plain[0].numpy(), (x.double().mT @ x.double()).numpy(), rtol=1e-12, atol=1e-10)
+
+
+def test_a_spare_above_the_limit_is_not_kept(monkeypatch):
+    from geometry import buffers
+
+    monkeypatch.setattr(buffers, "KEEP_BYTES", 800)
+    with reusing():
+        with spare() as small, spare() as big:
+            small.take((100,))  # 800 bytes: kept
+            big.take((101,))  # 808: let go
+        with spare() as again, spare() as other:
+            assert again is small and other is not big

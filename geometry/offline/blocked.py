@@ -76,9 +76,8 @@ class BlockedUpdate:
         self.bands = row_bands(self.rows, 8 * self.cols * max(1, self.L))
         self._whole: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._lent = ExitStack()
-        # the Gram matrix; D's block, W0's widened, a product
         self._gram = self._lent.enter_context(spare())  # first: the one this thread keeps (geometry.buffers)
-        self._scratch, self._scratch0, self._product = (self._lent.enter_context(spare()) for _ in range(3))
+        self._scratch, self._scratch0 = (self._lent.enter_context(spare()) for _ in range(2))  # D's block, W0's
 
     def __enter__(self) -> BlockedUpdate:
         return self
@@ -116,23 +115,25 @@ class BlockedUpdate:
         projected = None
         if basis is not None:
             projected = torch.zeros(L, basis.shape[-1], r, dtype=torch.float64, device=basis.device)
-        for rows, w0, wt, d in self.blocks():
-            add_gram(gram, d)
-            if counted:
-                moved = M.changed_mask(w0, wt)
-                changed += M.count(moved).cpu()
-                small += M.count_small(d, abs_tol).cpu()
-                for acc, mask in zip(within, masks, strict=True):
-                    acc += M.count(moved & mask.band(rows)).cpu()
-            if basis is not None:
-                projected += mm(basis[:, rows].mT, d, self._product)
+        with spare() as product:  # a band's product with the basis (L, k, r), for this pass only
+            for rows, w0, wt, d in self.blocks():
+                add_gram(gram, d)
+                if counted:
+                    moved = M.changed_mask(w0, wt)
+                    changed += M.count(moved).cpu()
+                    small += M.count_small(d, abs_tol).cpu()
+                    for acc, mask in zip(within, masks, strict=True):
+                        acc += M.count(moved & mask.band(rows)).cpu()
+                if basis is not None:
+                    projected += mm(basis[:, rows].mT, d, product)
         return Pass(symmetric(gram), changed, small, within, projected)
 
     def long(self, X: torch.Tensor) -> torch.Tensor:
         """(L, rows, k): the long side times X (L, r, k), a block at a time."""
         out = torch.empty(X.shape[0], self.rows, X.shape[-1], dtype=torch.float64, device=X.device)
-        for rows, _, _, d in self.blocks():
-            out[:, rows] = mm(d, X, self._product)
+        with spare() as product:
+            for rows, _, _, d in self.blocks():
+                out[:, rows] = mm(d, X, product)
         return out
 
     def dense(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from geometry import metrics as M
+from geometry.buffers import spare
 from geometry.linalg import (
     SVD,
     all_eigenpairs,
@@ -226,7 +227,8 @@ def _all_left(base: BaseFactors, i: int) -> tuple[torch.Tensor, bool]:
     W0 = _matrix(base.W0, i)
     if "exact" in base.svd.method:
         return exact_svd(W0).U, False
-    evals, vecs = all_eigenpairs(gram(W0))
+    with spare() as buffer:  # the Gram matrix in the buffer its thread keeps (geometry.buffers), solved in place
+        evals, vecs = all_eigenpairs(gram(W0, buffer))
     if W0.shape[0] < W0.shape[1]:
         return vecs, False
     return vecs.div_(singular_values(evals)), True
