@@ -196,7 +196,7 @@ def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int,
     (a seeded sample; the counts above two bounds from it and the entries between them, whose selection gives
     the threshold; the mask, ties taken in position order as a stable sort takes them). A score whose bounds
     miss, or that holds NaN, is formed whole for ``_top_fraction`` (a 12288 x 4096 score is 400 MB). A band
-    ``score`` gives may be valid only until its next call (one buffer, reused: ``linalg.Scratch``)."""
+    ``score`` gives may be valid only until its next call (one buffer, reused: ``geometry.buffers.Scratch``)."""
     first = score(slice(0, 1))
     batch, device, dtype = first.shape[:-2], first.device, first.numpy().dtype if first.device.type == "cpu" else None
     L = math.prod(batch)
