@@ -61,8 +61,10 @@ class Scratch:
 
 # the largest buffer a thread keeps: a buffer's page faults cost in proportion to its size, and the work done in
 # it (a Gram matrix of side r: r^3) grows faster, while what is kept idle adds to the peak. Measured, one
-# 8B-shaped layer (Gram matrices of 128 MB): all kept, system time 8.8 -> 5.5 s of 197 CPU s and peak RSS
-# 731 -> 832 MB; up to 16 MiB, 738 -> 773 MB. The 90M pair's Gram matrices are 8 MiB
+# 8B-shaped layer (Gram matrices of 128 MB), one round each against the code before: all kept, system time
+# 8.8 -> 5.5 s of 197 CPU s and peak RSS 731 -> 832 MB; up to 16 MiB, with a pass's product buffer then held
+# by the update throughout, 738 -> 773 MB; up to 8 MiB, the product held for its pass only, 731 -> 738 MB
+# (system time 10.7 -> 7.8 s). The 90M pair's Gram matrices are 8 MiB: kept
 KEEP_BYTES = 8 << 20
 
 _lent = threading.local()  # .kept: [] or [the spare this thread keeps], within ``reusing``
