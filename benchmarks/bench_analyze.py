@@ -346,7 +346,7 @@ def main() -> None:
         ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         fig = {"size": args.size, "layers": layers, "hidden": hidden, "intermediate": inter, "threads": args.threads,
                "checkpoints": len(ckpts), "device": args.device, "memory_mb": args.memory_mb,
-               "load_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": []}
+               "load_before": os.getloadavg(), "cpus": os.cpu_count(), "kernels": kernels(), "rows": []}
         pair = ckpts[-1:]  # the peers compare two models: ours on the same pair too, for a like-for-like row
         plan = [("floor", ckpts, {}), ("ours", ckpts, {"out": Path(tmp) / "ours-out"}), ("floor-quick", ckpts, {}),
                 ("ours-quick", ckpts, {"out": Path(tmp) / "quick-out"})]
@@ -373,6 +373,19 @@ def main() -> None:
     report(fig)
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2))
+
+
+def kernels() -> str:
+    """The kernels the contenders' OpenBLAS runs (numpy's and scipy's, as threadpoolctl reports them), and the
+    variables that chose them: a machine may pin older kernels for every process (OPENBLAS_CORETYPE), which
+    slows the BLAS-bound contenders most (measured, the 90M pair on two cores: ours 12.3 s wall pinned to
+    Haswell's AVX2 kernels, 9.8 s with OpenBLAS's own choice on the same AVX-512 CPU; WeightWatcher 11.2
+    and 13.1 s)."""
+    probe = ("import numpy, scipy.linalg, threadpoolctl; print(' '.join(sorted({d['architecture'] for d in "
+             "threadpoolctl.threadpool_info() if d['internal_api'] == 'openblas'})))")
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    pins = [f"{v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    return f"{got.stdout.strip() or '?'} ({', '.join(pins) if pins else 'its own choice'})"
 
 
 def _median(runs: list[dict]) -> dict:
@@ -404,7 +417,8 @@ def report(fig: dict) -> None:
     print(f"series: {fig['layers']} layers x 7 matrices, hidden {fig['hidden']}, intermediate {fig['intermediate']}, "
           f"{fig['checkpoints']} checkpoints, device {fig['device']}, --memory-mb {fig['memory_mb']:.0f}, "
           f"threads {fig['threads'] or 'default'}; "
-          f"{fig['cpus']} CPUs, load average {fig['load_before'][0]:.1f} before, {fig['load_after'][0]:.1f} after"
+          f"{fig['cpus']} CPUs, load average {fig['load_before'][0]:.1f} before, {fig['load_after'][0]:.1f} after; "
+          f"OpenBLAS kernels {fig.get('kernels', '?')}"
           + (f"; times: the median of {fig['repeat']} rounds [wall range], peak RSS the largest"
              if fig.get("repeat", 1) > 1 else ""))
     rows = {r["name"]: r for r in fig["rows"]}
