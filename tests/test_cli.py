@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from geometry.cli import main
+from geometry.offline import analyze as A
 from geometry.offline.outputs import FILES, REPORT
 from geometry.table import Table
 
@@ -87,6 +89,33 @@ def test_several_runs_each_with_its_own_base(run, capsys):
     table = Table.from_csv(run / "out" / "metrics.csv")
     assert table.unique("run") == ["sft", "opd"]
     assert table.where(run="opd").unique("step") == [5]
+
+
+def test_runs_of_one_base_share_its_decomposition(run, monkeypatch):
+    # SFT and RLVR from one pretrained base, OPD from the SFT anchor between them in the list: the base's
+    # groups are decomposed once for both of its runs, and each run gets the rows, curves and notes it gets
+    # alone, in the order the runs were given
+    _save({n: w * 1.001 for n, w in _model(0).items()}, run / "run2" / "checkpoint-5")
+    runs = [A.Run("sft", run / "base", [run / "run"]), A.Run("opd", run / "run" / "checkpoint-30", [run / "run2"]),
+            A.Run("rlvr", run / "base", [run / "run2"])]
+    calls = []
+    real = A.decompose_base
+    monkeypatch.setattr(A, "decompose_base", lambda *a, **k: calls.append(1) or real(*a, **k))
+    together = A.analyze(runs)
+    shared = len(calls)
+    alone = [A.analyze([r]) for r in runs]
+    assert shared * 3 == (len(calls) - shared) * 2  # two bases decomposed where one a run took three
+    assert together.unique("run") == ["sft", "opd", "rlvr"]
+
+    def rows(a):
+        return [(*r[:-1], repr(r.value)) for r in a.rows]  # repr: NaN equal to NaN, every bit compared
+
+    assert rows(together) == [row for a in alone for row in rows(a)]
+    curves = [c for a in alone for c in a.curves]
+    assert [c[:-1] for c in together.curves] == [c[:-1] for c in curves]
+    assert all(np.array_equal(c.values, d.values, equal_nan=True) for c, d in zip(together.curves, curves, strict=True))
+    assert together.notes == [n for a in alone for n in a.notes]
+    assert together.labels == {k: v for a in alone for k, v in a.labels.items()}
 
 
 def _expect_error(capsys, run, *argv, match: str):

@@ -1,8 +1,8 @@
 """``analyze``: the one offline entry. Runs (a base and its checkpoints) in, an ``Analysis`` table out.
 
 Streaming order: for each group of same-shape matrices, decompose the base once, then visit every
-checkpoint, reading only that group's tensors. Peak memory is one group plus its base factors,
-whatever the number of checkpoints.
+checkpoint of every run from that base (``_cohorts``), reading only that group's tensors. Peak memory is
+one group plus its base factors, whatever the number of checkpoints and runs.
 """
 
 from __future__ import annotations
@@ -113,10 +113,18 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     rows, curves, notes, step_labels = [], [], [], {}
     work = [(0, 0.0)] * w.size
     try:
-        for run in runs:
-            step_labels[run.label] = _analyze_run(run, cfg, rows, curves, notes, progress, w, work)
+        plans = [_plan(run, cfg) for run in runs]  # every input opened and checked before anything is measured
+        outs: dict[int, _RunOut] = {}
+        for cohort in _cohorts(plans):
+            outs.update(zip(cohort, _analyze_cohort([plans[i] for i in cohort], cfg, progress, w, work),
+                            strict=True))
     finally:
         dist.close(w)
+    for i, plan in enumerate(plans):  # in run order, as one run after another would give them
+        rows += outs[i].rows
+        curves += outs[i].curves
+        notes += plan.notes + outs[i].notes
+        step_labels[plan.run.label] = {0: plan.base.label, **{c.step: c.label for c in plan.ckpts}}
     analysis = Analysis(rows, curves, notes, runs, cfg, step_labels, rank=w.rank)
     analysis.work = work
     return analysis
@@ -260,37 +268,72 @@ class _GroupOut(NamedTuple):
     sizes: tuple[int, int]  # (k, r) the group was measured with
 
 
-def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Curve], notes: list[str],
-                 progress: bool, w: dist.World, work: list[tuple[int, float]]) -> dict[int, str]:
-    """Measure one run into rows, curves and notes; returns its step labels (step 0: the base). Under torchrun
-    this rank measures its share of the groups and rank 0 collects every group's output in group order."""
-    base_ckpt = open_base(run.base, allow_pickle=cfg.allow_pickle)
-    base = base_ckpt.source
-    ckpts = _open_checkpoints(run, cfg, base)
-    for source in (base, *(c.source for c in ckpts)):
-        notes.extend(f"{run.label}: {note}" for note in source.notes)
-    sel = select_matrices(base, [c.source for c in ckpts], include=cfg.include, exclude=cfg.exclude,
+class _Plan(NamedTuple):
+    """A run opened and checked, its matrices chosen, before anything is measured."""
+
+    run: Run
+    base: Checkpoint
+    ckpts: list[Checkpoint]
+    matrices: list[MatrixSpec]
+    hidden: int | None
+    notes: list[str]  # on its sources and the matrices skipped
+
+
+class _RunOut(NamedTuple):
+    """What a run contributes to the analysis (empty on a torchrun rank other than 0)."""
+
+    rows: list[Row]
+    curves: list[Curve]
+    notes: list[str]  # on the measuring: sizes, fallbacks
+
+
+def _plan(run: Run, cfg: AnalysisConfig) -> _Plan:
+    base = open_base(run.base, allow_pickle=cfg.allow_pickle)
+    ckpts = _open_checkpoints(run, cfg, base.source)
+    notes = [f"{run.label}: {note}" for source in (base.source, *(c.source for c in ckpts)) for note in source.notes]
+    sel = select_matrices(base.source, [c.source for c in ckpts], include=cfg.include, exclude=cfg.exclude,
                           embeddings=cfg.embeddings, on_mismatch=cfg.on_mismatch)
-    for name, reason in sel.skipped:
-        notes.append(f"{run.label}: skipped {name}: {reason}")
+    notes += [f"{run.label}: skipped {name}: {reason}" for name, reason in sel.skipped]
     sel = _adapted_only(run.label, sel, ckpts, notes)
+    return _Plan(run, base, ckpts, sel.matrices, hidden_size(base.source.config), notes)
+
+
+def _cohorts(plans: list[_Plan]) -> list[list[int]]:
+    """The runs (indices) measured together: those of one base (the same files) and the same matrices share
+    its decomposition, each group's base decomposed once for all of them (SFT and RLVR from one pretrained
+    model: on the 90M pair with one checkpoint, a third of a run's time). In order of first appearance."""
+    found: dict[tuple, list[int]] = {}
+    for i, plan in enumerate(plans):
+        found.setdefault((plan.base.source.files(), tuple(plan.matrices)), []).append(i)
+    return list(found.values())
+
+
+def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: dist.World,
+                    work: list[tuple[int, float]]) -> list[_RunOut]:
+    """Measure runs of one base and the same matrices (``_cohorts``): each group's base decomposed once, then
+    every run's checkpoints visited. Under torchrun this rank measures its share of the groups and rank 0
+    collects every group's output in group order."""
+    first = plans[0]
+    base, hidden = first.base.source, first.hidden
     device = dist.local_device(cfg.torch_device(), w)
-    hidden = hidden_size(base.config)
+
     def k_of(shape: tuple[int, int]) -> int:
         return cfg.principal_size(shape, hidden)
 
-    groups = _groups(sel.matrices, cfg.memory_mb, device, k_of)
+    groups = _groups(first.matrices, cfg.memory_mb, device, k_of)
     costs = [dist.group_cost(g[0].shape, len(g)) for g in groups]
     owner = dist.assign(costs, w.size)
     mine = [i for i, r in enumerate(owner) if r == w.rank]
-    bar = _progress(len(mine) * len(ckpts), f"analyze {run.label}", progress and w.rank == 0)
-    done: dict[int, _GroupOut] = {}
+    label = ", ".join(p.run.label for p in plans)
+    bar = _progress(len(mine) * sum(len(p.ckpts) for p in plans), f"analyze {label}", progress and w.rank == 0)
+    runs = [(p.run.label, p.ckpts) for p in plans]
+    done: dict[int, list[_GroupOut]] = {}
     error = None
     cpu = time.process_time()
 
-    def measure(i: int) -> _GroupOut:
+    def measure(i: int) -> list[_GroupOut]:
         with buffers.reusing():  # the group's working buffers lent again within it (geometry.buffers)
-            out = _measure_group(run.label, base, ckpts, groups[i], cfg, device, hidden, bar)
+            out = _measure_group(base, runs, groups[i], cfg, device, hidden, bar)
         _trim()
         return out
 
@@ -313,43 +356,56 @@ def _analyze_run(run: Run, cfg: AnalysisConfig, rows: list[Row], curves: list[Cu
         bar.close()
     parts = dist.gather(w, (done, time.process_time() - cpu), error)
     if parts is None:  # not rank 0: its groups are with rank 0 now
-        return {0: base_ckpt.label, **{c.step: c.label for c in ckpts}}
+        return [_RunOut([], [], []) for _ in plans]
     for r, (part, seconds) in enumerate(parts):
-        work[r] = (work[r][0] + len(part), work[r][1] + seconds)
+        work[r] = (work[r][0] + len(part) * len(plans), work[r][1] + seconds)
     merged = {i: out for part, _ in parts for i, out in part.items()}
+    return [_finish(p.run.label, groups, [merged[i][j] for i in range(len(groups))], hidden, cfg)
+            for j, p in enumerate(plans)]
+
+
+def _finish(label: str, groups: list[list[MatrixSpec]], outs: list[_GroupOut], hidden: int | None,
+            cfg: AnalysisConfig) -> _RunOut:
+    """One run's rows and curves in group order, and its notes on the sizes used and the fallbacks taken."""
+    rows, curves, notes = [], [], []
     methods: Counter = Counter()
     sizes: dict[tuple[int, int], list] = defaultdict(list)  # (k, r) -> shapes measured with them
-    for i, group in enumerate(groups):
-        out = merged[i]
+    for group, out in zip(groups, outs, strict=True):
         rows += out.rows
         curves += out.curves
         methods.update(out.methods)
         sizes[out.sizes].append(group[0].shape)
     where = f"hidden size {hidden}" if hidden else "no hidden_size in config.json: scaled to each matrix's smaller side"
     if cfg.quick:
-        notes.append(f"{run.label}: quick suite: the update alone (sparsity, norms, rank, locking); W0 and W_t "
+        notes.append(f"{label}: quick suite: the update alone (sparsity, norms, rank, locking); W0 and W_t "
                      "not decomposed: no angles, NSS, overlaps, masks, intruders or interval metrics")
         sizes.clear()
     for (k, r), shapes in sorted(sizes.items()):
-        notes.append(f"{run.label}: principal k = {k}, mask rank r = {r} for shapes "
+        notes.append(f"{label}: principal k = {k}, mask rank r = {r} for shapes "
                      f"{', '.join(f'{m}x{n}' for m, n in sorted(set(shapes)))} ({where})")
     for method, count in sorted(methods.items()):
         if "->" in method:
-            notes.append(f"{run.label}: {count} batch decompositions fell back {method} (fast path failed its check)")
-    return {0: base_ckpt.label, **{c.step: c.label for c in ckpts}}
+            notes.append(f"{label}: {count} batch decompositions fell back {method} (fast path failed its check)")
+    return _RunOut(rows, curves, notes)
 
 
-def _measure_group(label: str, base: TensorSource, ckpts: list[Checkpoint], group: list[MatrixSpec],
-                   cfg: AnalysisConfig, device: torch.device, hidden: int | None, bar) -> _GroupOut:
-    rows: list[Row] = []
-    curves: list[Curve] = []
+def _measure_group(base: TensorSource, runs: list[tuple[str, list[Checkpoint]]], group: list[MatrixSpec],
+                   cfg: AnalysisConfig, device: torch.device, hidden: int | None, bar) -> list[_GroupOut]:
+    """One group of matrices: its base decomposed once, then each run's (label, checkpoints) visited."""
     factors = decompose_base(_stored_group(base, group, device), cfg, hidden)
-    for i, spec in enumerate(group):
-        if factors.svd is not None:  # None: the quick suite, W0 not decomposed
-            curves.append(Curve(label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
-    results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
-    _emit(label, [c.step for c in ckpts], group, results, rows, curves)
-    return _GroupOut(rows, curves, Counter(m for res in results for m in res.methods), (factors.k, factors.r))
+    outs = []
+    for label, ckpts in runs:
+        rows: list[Row] = []
+        curves: list[Curve] = []
+        for i, spec in enumerate(group):
+            if factors.svd is not None:  # None: the quick suite, W0 not decomposed
+                curves.append(Curve(label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
+        results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
+        _emit(label, [c.step for c in ckpts], group, results, rows, curves)
+        outs.append(_GroupOut(rows, curves, Counter(m for res in results for m in res.methods),
+                              (factors.k, factors.r)))
+        del results
+    return outs
 
 
 def _update_factors(source, group: list[MatrixSpec], device: torch.device):

@@ -180,6 +180,11 @@ class TensorSource:
     def __contains__(self, name: object) -> bool:
         return name in self._files
 
+    def files(self) -> frozenset[Path]:
+        """The files its tensors are read from, resolved: two sources with the same files are the same model
+        (runs naming one base share its decomposition, geometry.offline.analyze)."""
+        return frozenset(f.path.resolve() for f in self._files.values())
+
     def names(self) -> list[str]:
         """Tensor names in natural order, so layer 10 comes after layer 9."""
         return natural_order(self._files)
