@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from geometry.errors import GeometryError
+from geometry.offline.analyze import Run, analyze
 from geometry.offline.sources import (
     Checkpoint,
     MatrixSpec,
@@ -353,6 +354,23 @@ def test_phi3_split_reproduces_the_model(tmp_path):
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(llama(ids).logits, phi(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_of_one_fused_base_share_it(tmp_path):
+    # the split parts' rows (slices) key the runs measured together as well as whole matrices do
+    torch.manual_seed(0)
+    phi = Phi3ForCausalLM(Phi3Config(**TINY, pad_token_id=0)).eval()
+    phi.save_pretrained(tmp_path / "base")
+    for p in phi.parameters():
+        p.data += 1e-3 * torch.randn_like(p)
+    phi.save_pretrained(tmp_path / "run" / "checkpoint-1")
+    a = analyze([Run("sft", tmp_path / "base", [tmp_path / "run"]), Run("rlvr", tmp_path / "base", [tmp_path / "run"])])
+    assert a.unique("run") == ["sft", "rlvr"]
+    names = {r.matrix for r in a.rows}
+    assert "model.layers.0.self_attn.qkv_proj.weight[k]" in names
+    for run in ("sft", "rlvr"):
+        assert [r.value for r in a.where(run=run, metric="fro_norm")] == [
+            r.value for r in a.where(run="sft", metric="fro_norm")]
 
 
 def test_fused_kept_whole_without_a_layout(tmp_path):

@@ -288,6 +288,7 @@ class _RunOut(NamedTuple):
 
 
 def _plan(run: Run, cfg: AnalysisConfig) -> _Plan:
+    """The run's base and checkpoints opened, its matrices selected (``select_matrices``), nothing read."""
     base = open_base(run.base, allow_pickle=cfg.allow_pickle)
     ckpts = _open_checkpoints(run, cfg, base.source)
     notes = [f"{run.label}: {note}" for source in (base.source, *(c.source for c in ckpts)) for note in source.notes]
@@ -304,7 +305,9 @@ def _cohorts(plans: list[_Plan]) -> list[list[int]]:
     model: on the 90M pair with one checkpoint, a third of a run's time). In order of first appearance."""
     found: dict[tuple, list[int]] = {}
     for i, plan in enumerate(plans):
-        found.setdefault((plan.base.source.files(), tuple(plan.matrices)), []).append(i)
+        # a fused matrix's part holds a slice, which is not hashable before Python 3.12: its bounds are
+        matrices = tuple(m._replace(rows=m.rows and (m.rows.start, m.rows.stop, m.rows.step)) for m in plan.matrices)
+        found.setdefault((plan.base.source.files(), matrices), []).append(i)
     return list(found.values())
 
 
