@@ -96,8 +96,11 @@ def test_runs_of_one_base_share_its_decomposition(run, monkeypatch):
     # groups are decomposed once for both of its runs, and each run gets the rows, curves and notes it gets
     # alone, in the order the runs were given
     _save({n: w * 1.001 for n, w in _model(0).items()}, run / "run2" / "checkpoint-5")
+    # RLVR's base a copy, as each run's recorder stores its own: the same bytes under another name and header
+    (run / "copy").mkdir()
+    save_file(_model(0), str(run / "copy" / "base.safetensors"), metadata={"run": "rlvr"})
     runs = [A.Run("sft", run / "base", [run / "run"]), A.Run("opd", run / "run" / "checkpoint-30", [run / "run2"]),
-            A.Run("rlvr", run / "base", [run / "run2"])]
+            A.Run("rlvr", run / "copy" / "base.safetensors", [run / "run2"])]
     calls = []
     real = A.decompose_base
     monkeypatch.setattr(A, "decompose_base", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -116,6 +119,19 @@ def test_runs_of_one_base_share_its_decomposition(run, monkeypatch):
     assert all(np.array_equal(c.values, d.values, equal_nan=True) for c, d in zip(together.curves, curves, strict=True))
     assert together.notes == [n for a in alone for n in a.notes]
     assert together.labels == {k: v for a in alone for k, v in a.labels.items()}
+
+
+def test_runs_of_bases_one_entry_apart_are_measured_apart(run, monkeypatch):
+    other = _model(0)
+    other[NAMES[-1]][-1, -1] += 1e-3  # the last entry of the last matrix: read last when the bases are compared
+    _save(other, run / "other")
+    calls = []
+    real = A.decompose_base
+    monkeypatch.setattr(A, "decompose_base", lambda *a, **k: calls.append(1) or real(*a, **k))
+    two = A.analyze([A.Run("a", run / "base", [run / "run"]), A.Run("b", run / "other", [run / "run"])])
+    assert len(calls) == 4  # two groups (up_proj, down_proj), each base decomposed on its own
+    a, b = (two.where(run=r, metric="nss") for r in ("a", "b"))
+    assert [r.value for r in a] != [r.value for r in b]
 
 
 def _expect_error(capsys, run, *argv, match: str):

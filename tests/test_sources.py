@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from geometry.errors import GeometryError
+from geometry.offline import sources
 from geometry.offline.analyze import Run, analyze
 from geometry.offline.sources import (
     Checkpoint,
@@ -26,6 +27,7 @@ from geometry.offline.sources import (
     open_run,
     open_source,
     read_matrix,
+    same_tensors,
     select_matrices,
 )
 
@@ -354,6 +356,23 @@ def test_phi3_split_reproduces_the_model(tmp_path):
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(llama(ids).logits, phi(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_same_tensors_compares_bytes_band_by_band(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "COMPARE_BYTES", 64)  # bands of a few rows: the difference is in the last one
+    w = {"a.weight": torch.randn(24, 16), "b.weight": torch.randn(16, 24).bfloat16()}
+    base = open_source(_write(tmp_path / "base", w))
+    save_file(w, str(tmp_path / "copy.safetensors"), metadata={"other": "header"})
+    copy = open_source(tmp_path / "copy.safetensors")
+    names = list(w)
+    assert same_tensors(base, base, names) and same_tensors(base, copy, names)
+    changed = {**w, "b.weight": w["b.weight"].clone()}
+    changed["b.weight"][-1, -1] += 1
+    assert not same_tensors(base, open_source(_write(tmp_path / "changed", changed)), names)
+    assert same_tensors(base, open_source(_write(tmp_path / "changed2", changed)), ["a.weight"])
+    others = ({**w, "b.weight": w["b.weight"].float()}, {**w, "b.weight": w["b.weight"].T}, {"a.weight": w["a.weight"]})
+    for i, other in enumerate(others):  # another dtype, another shape, a tensor missing
+        assert not same_tensors(base, open_source(_write(tmp_path / f"other{i}", other)), names)
 
 
 def test_runs_of_one_fused_base_share_it(tmp_path):

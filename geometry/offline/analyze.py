@@ -41,6 +41,7 @@ from geometry.offline.sources import (
     open_base,
     open_run,
     read_matrix,
+    same_tensors,
     select_matrices,
 )
 from geometry.offline.stored import StoredMatrix
@@ -300,15 +301,21 @@ def _plan(run: Run, cfg: AnalysisConfig) -> _Plan:
 
 
 def _cohorts(plans: list[_Plan]) -> list[list[int]]:
-    """The runs (indices) measured together: those of one base (the same files) and the same matrices share
-    its decomposition, each group's base decomposed once for all of them (SFT and RLVR from one pretrained
-    model: on the 90M pair with one checkpoint, a third of a run's time). In order of first appearance."""
-    found: dict[tuple, list[int]] = {}
+    """The runs (indices) measured together, in order of first appearance: those whose bases hold the same
+    matrices, bit for bit (the same files, or copies: ``same_tensors``), with the same hidden size, share the
+    base's decomposition, each group's base decomposed once for all of them (SFT and RLVR from one pretrained
+    model: on the 90M pair with one checkpoint, a third of a run's time)."""
+    cohorts: list[list[int]] = []
     for i, plan in enumerate(plans):
-        # a fused matrix's part holds a slice, which is not hashable before Python 3.12: its bounds are
-        matrices = tuple(m._replace(rows=m.rows and (m.rows.start, m.rows.stop, m.rows.step)) for m in plan.matrices)
-        found.setdefault((plan.base.source.files(), matrices), []).append(i)
-    return list(found.values())
+        for cohort in cohorts:
+            first = plans[cohort[0]]
+            if (first.matrices == plan.matrices and first.hidden == plan.hidden
+                    and same_tensors(first.base.source, plan.base.source, [m.tensor for m in plan.matrices])):
+                cohort.append(i)
+                break
+        else:
+            cohorts.append([i])
+    return cohorts
 
 
 def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: dist.World,

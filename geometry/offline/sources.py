@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -408,6 +408,28 @@ def select_matrices(base: TensorSource, checkpoints: list[TensorSource], *, incl
     if not matrices:
         raise GeometryError(f"{base.label}: every selected matrix was skipped, first: {skipped[0][1]}")
     return Selection(matrices, skipped)
+
+
+COMPARE_BYTES = 16 << 20  # a band of rows read from each source at a time by ``same_tensors``
+
+
+def same_tensors(a: TensorSource, b: TensorSource, names: Iterable[str]) -> bool:
+    """Whether two sources hold the tensors ``names`` with the same dtype, shape and bytes: read from the same
+    files, or compared a band of rows at a time until the first difference (two copies of one base, as each
+    run's recorder stores it, hold the same bytes under other names and headers)."""
+    if a.files() == b.files():
+        return True
+    names = list(dict.fromkeys(names))
+    if any(n not in a or n not in b or a.dtype(n) != b.dtype(n) or a.shape(n) != b.shape(n) for n in names):
+        return False
+    for n in names:
+        rows = a.shape(n)[0]
+        step = max(1, COMPARE_BYTES // max(1, math.prod(a.shape(n)[1:]) * a.dtype(n).itemsize))
+        for i in range(0, rows, step):
+            x, y = (s.read(n, slice(i, min(rows, i + step))).reshape(-1).view(torch.uint8) for s in (a, b))
+            if not torch.equal(x, y):
+                return False
+    return True
 
 
 def read_matrix(source: TensorSource, spec: MatrixSpec) -> torch.Tensor:
