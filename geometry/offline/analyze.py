@@ -370,8 +370,12 @@ def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: 
     for r, (part, seconds) in enumerate(parts):
         work[r] = (work[r][0] + len(part) * len(plans), work[r][1] + seconds)
     merged = {i: out for part, _ in parts for i, out in part.items()}
-    return [_finish(p.run.label, groups, [merged[i][j] for i in range(len(groups))], hidden, cfg)
+    outs = [_finish(p.run.label, groups, [merged[i][j] for i in range(len(groups))], hidden, cfg)
             for j, p in enumerate(plans)]
+    if len(plans) > 1:
+        outs[0].notes.append(f"{label}: one base decomposition for these runs, whose bases hold the same matrices "
+                             "bit for bit")
+    return outs
 
 
 def _finish(label: str, groups: list[list[MatrixSpec]], outs: list[_GroupOut], hidden: int | None,
