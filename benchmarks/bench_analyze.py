@@ -21,6 +21,11 @@ contender in a fresh process (OMP_WAIT_POLICY=PASSIVE for all) and prints one ta
     python benchmarks/bench_analyze.py --size 8b-layer --checkpoints 1 --memory-mb 8192 --skip-naive
         # one Qwen3-8B-shaped layer (4096x4096, 1024x4096, 12288x4096, 4096x12288), extrapolated to a
         # 36-layer, 252-matrix checkpoint
+
+Every contender runs with this process's environment: where the machine pins OpenBLAS's kernels
+(OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) every one runs pinned, and the header says which kernels ran; to
+measure what current numpy and scipy choose by themselves, unset both for the command alone
+(`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_analyze.py ...`).
 """
 
 from __future__ import annotations
