@@ -418,7 +418,7 @@ def _measure_group(base: TensorSource, runs: list[tuple[str, list[Checkpoint]]],
         _emit(label, [c.step for c in ckpts], group, results, rows, curves)
         outs.append(_GroupOut(rows, curves, Counter(m for res in results for m in res.methods),
                               (factors.k, factors.r)))
-        del results
+        del results  # freed before the next run's checkpoints are visited, not after
     return outs
 
 
