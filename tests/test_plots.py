@@ -94,7 +94,7 @@ def test_standard_figures_and_a_self_contained_html_report(tmp_path):
     assert "![locking](figures/locking.png)" in md
     page = report_html("# Summary\n\nText with **bold**.\n\n| run | x |\n|---|---|\n| sft | 1 |\n\n- a <note>\n", figs)
     assert page.count("data:image/png;base64,") == len(figs)
-    assert "<td>sft</td>" in page and "<b>bold</b>" in page and "<li>a &lt;note&gt;</li>" in page
+    assert "<td>sft</td>" in page and "<strong>bold</strong>" in page and "<li>a &lt;note&gt;</li>" in page
     assert "http" not in page.replace("data:image", "")  # nothing fetched when opened
 
 

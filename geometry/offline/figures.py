@@ -10,10 +10,10 @@ from __future__ import annotations
 import base64
 import html
 import math
-import re
 
 from geometry import plots
 from geometry.offline.analyze import Analysis, curves_by
+from geometry.offline.markdown import to_html
 from geometry.offline.summary import ATTENTION_MODULES, summarize
 
 HEATMAP_METRICS = ("sparsity_bf16", "overlap_2s_ratio", "stable_rank")  # where in the network each update sits
@@ -101,7 +101,7 @@ def report_markdown(summary_md: str, figures: dict[str, bytes], folder: str = "f
 def report_html(summary_md: str, figures: dict[str, bytes], title: str = "geometry report") -> str:
     """One self-contained HTML page: the summary's headings, paragraphs, lists and tables, then the figures
     inlined as base64 PNGs."""
-    body = _markdown_to_html(summary_md)
+    body = to_html(summary_md)
     images = "\n".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
         f"<figcaption>{html.escape(name.removesuffix('.png'))}</figcaption></figure>"
@@ -112,39 +112,3 @@ def report_html(summary_md: str, figures: dict[str, bytes], title: str = "geomet
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n{body}\n<h2>Figures</h2>\n{images}\n</body></html>\n")
 
-
-def _inline(text: str) -> str:
-    text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
-def _markdown_to_html(md: str) -> str:
-    """The subset of markdown our summaries use: #-headings, paragraphs, '- ' lists, pipe tables."""
-    out, lines, i = [], md.splitlines(), 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("|"):
-            block = []
-            while i < len(lines) and lines[i].startswith("|"):
-                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            head, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
-            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                       + "</table>")
-            continue
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-        i += 1
-    return "\n".join(out)

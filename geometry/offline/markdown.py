@@ -1,19 +1,32 @@
-"""``summary.md``: the run-level summary as the paper lays out its tables."""
+"""``summary.md``: the run-level summary as the paper lays out its tables; ``to_html`` renders it."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
 
+from markdown_it import MarkdownIt
+
 from geometry.offline.reading import reading
 from geometry.offline.summary import RunSummary
 
 
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|")  # a bare '|' in "|D| <= 1e-5" or "||D||_F" would start a new column
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A GitHub-flavoured markdown table, '|' in a cell escaped. Every table of summary.md and the demo's
+    report is written here."""
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def to_html(md: str) -> str:
+    """Markdown as an HTML fragment: CommonMark with GitHub's tables (markdown-it-py). Raw HTML in the text is
+    escaped, not passed through: run labels and matrix names come from the user's files."""
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
 
 
 def fmt(v: float | None, kind: str = "g") -> str:
