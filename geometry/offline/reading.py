@@ -1,8 +1,8 @@
 """A short reading of each run in words, every phrase tied to a measured value and a stated threshold.
 
 The thresholds are fixed here, before any result is looked at, and printed with each phrase so that a
-reader can disagree with them. Where a phrase compares with the paper (Shen et al. 2026), it compares
-with the paper's own figures: bf16 sparsity SFT 8.1%, OPD 51.6%, RLVR 77.2%.
+reader can disagree with them. A phrase says where a figure stands against its threshold, never which
+training regime a run resembles: no single figure supports such a label.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import math
 from geometry.offline.summary import RunSummary
 
 SPARSE, DENSE = 0.5, 0.2  # bf16 sparsity at or above SPARSE: sparse; below DENSE: dense
-# the paper's regimes by bf16 sparsity, split at the midpoints of its figures (8.1 / 51.6 / 77.2 %)
-PAPER_SPLITS = ((0.2985, "SFT"), (0.644, "OPD"), (math.inf, "RLVR"))
 SMALL_ANGLE, LARGE_ANGLE = 1.0, 10.0  # degrees: the paper's RLVR < 0.5, OPD ~1, SFT > 10
 EARLY = 0.3  # a locking onset at or before this fraction of training is early
 
 
 def reading(summaries: list[RunSummary], lock_k: int) -> list[str]:
     """The thresholds in one line, then one markdown bullet per run."""
-    rules = (f"Thresholds: sparse when >= {SPARSE:.0%} of entries are unchanged at bf16, dense below {DENSE:.0%} "
-             "(the closest paper regime by that figure: SFT 8.1%, OPD 51.6%, RLVR 77.2%); off W0's principal "
+    rules = (f"Thresholds: sparse when >= {SPARSE:.0%} of entries are unchanged at bf16, dense below {DENSE:.0%}, "
+             "partly sparse between; off W0's principal "
              "directions when the two-sided overlap is below a random update's (ratio < 1); in low-magnitude "
              f"entries when the low-magnitude mask overlap exceeds chance (ratio > 1); barely rotates below "
              f"{SMALL_ANGLE:g} degree of max principal angle, rotates above {LARGE_ANGLE:g}; low update rank below "
@@ -35,8 +33,7 @@ def _phrases(s: RunSummary, lock_k: int) -> list[str]:
     out = []
     if math.isfinite(sp):
         kind = "sparse" if sp >= SPARSE else "dense" if sp < DENSE else "partly sparse"
-        like = next(name for split, name in PAPER_SPLITS if sp < split)
-        out.append(f"{kind} at bf16 ({100 * sp:.1f}% unchanged), closest to the paper's {like}")
+        out.append(f"{kind} at bf16 ({100 * sp:.1f}% unchanged)")
     if math.isfinite(ratio):
         out.append(f"{'off' if ratio < 1 else 'toward'} W0's principal directions ({ratio:.2f}x random)")
     if math.isfinite(low):
