@@ -7,8 +7,10 @@ embeddings and lm_head only when asked; ``include`` / ``exclude`` regexes (re.se
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 from geometry.errors import GeometryError
 
@@ -79,3 +81,64 @@ def choose(shapes: Mapping[str, Sequence[int]], *, include: Sequence[str] = (), 
             continue
         chosen.append(name)
     return natural_order(chosen)
+
+
+LEFT_OUT_KINDS = ("embeddings", "norms", "biases", "others")
+
+
+def kind_of(name: str, shape: Sequence[int]) -> str:
+    """What a tensor not measured is, for the account of what was left out."""
+    if module_of(name) in EMBED_MODULES:
+        return "embeddings"
+    if is_norm(name):
+        return "norms"
+    if name.endswith("bias") or len(shape) < 2:
+        return "biases" if name.endswith("bias") else "others"
+    return "others"
+
+
+class Coverage(NamedTuple):
+    """The share of a model's parameters measured, and what was left out by kind (docs/metrics.md,
+    "Which matrices")."""
+
+    total: int  # parameters (entries) of every tensor
+    measured: int  # entries of the measured matrices
+    embeddings: int  # entries of the embedding tensors (measured or not)
+    left_out: dict[str, tuple[int, int]]  # kind -> (tensors, entries) not measured
+
+    def share(self) -> float:
+        return self.measured / self.total if self.total else 1.0
+
+    def share_non_embedding(self) -> float:
+        """Of the parameters outside the embeddings (what post-training mostly moves), the share measured."""
+        rest = self.total - self.embeddings
+        left = sum(n for k, (_, n) in self.left_out.items() if k != "embeddings")
+        return 1.0 - left / rest if rest else 1.0
+
+    def line(self) -> str:
+        """"measured 1,234 of 5,678 parameters (21.7%; 30.1% of the non-embedding ones); left out: ..."."""
+        left = "; ".join(f"{k} {t} tensors ({n:,} parameters)" for k, (t, n) in self.left_out.items() if t)
+        return (f"measured {self.measured:,} of {self.total:,} parameters ({100 * self.share():.1f}%; "
+                f"{100 * self.share_non_embedding():.1f}% of the non-embedding ones)"
+                + (f"; left out: {left}" if left else ""))
+
+    def as_dict(self) -> dict:
+        return {"total_parameters": self.total, "measured_parameters": self.measured,
+                "share_measured": self.share(), "share_measured_non_embedding": self.share_non_embedding(),
+                "left_out": {k: {"tensors": t, "parameters": n} for k, (t, n) in self.left_out.items()}}
+
+
+def coverage(shapes: Mapping[str, Sequence[int]], measured: Mapping[str, int]) -> Coverage:
+    """shapes: every tensor of the model; measured: tensor name -> its entries measured (all of a matrix, the
+    measured experts' share of a stacked tensor). A tensor with nothing measured is left out, by kind."""
+    left = {k: [0, 0] for k in LEFT_OUT_KINDS}
+    total = embeddings = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        total += n
+        kind = kind_of(name, shape)
+        embeddings += n if kind == "embeddings" else 0
+        if not measured.get(name):
+            left[kind][0] += 1
+            left[kind][1] += n
+    return Coverage(total, sum(measured.values()), embeddings, {k: (t, n) for k, (t, n) in left.items()})

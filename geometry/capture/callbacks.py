@@ -23,7 +23,15 @@ from transformers.trainer_callback import CallbackHandler
 from geometry.capture.adapters import is_peft
 from geometry.capture.distributed import is_sharded, is_writer
 from geometry.capture.layout import check_writable
-from geometry.capture.recorder import Live, Recorder, RecorderConfig, RecorderStats, select_parameters, unwrap
+from geometry.capture.recorder import (
+    Live,
+    Recorder,
+    RecorderConfig,
+    RecorderStats,
+    matrices_of,
+    select_parameters,
+    unwrap,
+)
 from geometry.errors import GeometryError
 
 
@@ -191,8 +199,10 @@ class GradientProjectionCallback(TrainerCallback):
                                 "are the adapters' factors, not the weights' (train the full weights to project, "
                                 "or measure the LoRA run with GeometryCallback)")
         self.start_step = max(1, round(self.start_frac * state.max_steps))
-        self._params = select_parameters(unwrap(model), self.select)
-        self._w0 = {n: p.detach().to("cpu", copy=True) for n, p in self._params.items()}
+        matrices = matrices_of(model)
+        self._params = select_parameters(matrices, self.select)
+        self._view = matrices.view  # an expert's matrix inside its stacked parameter (or gradient)
+        self._w0 = {n: self._view(n, p.detach()).to("cpu", copy=True) for n, p in self._params.items()}
         self.bases = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -204,7 +214,8 @@ class GradientProjectionCallback(TrainerCallback):
             for name, (U, V) in self.bases.items():
                 p = self._params[name]
                 if p.grad is not None:  # in float32, or float64 for a float64 model
-                    p.grad.copy_(self._project(p.grad.to(_work_dtype(p)), U, V))
+                    g = self._view(name, p.grad)  # (m, n), a view: projected in place
+                    g.copy_(self._project(g.to(_work_dtype(p)), U, V))
 
     def on_train_end(self, args, state, control, **kwargs):
         self._w0, self._params, self.bases = {}, {}, None
@@ -220,7 +231,7 @@ class GradientProjectionCallback(TrainerCallback):
         bases = {}
         with torch.no_grad():
             for name, p in self._params.items():
-                d = p.detach().double() - self._w0[name].to(p.device).double()  # (m, n) D_t0 in float64
+                d = self._view(name, p.detach()).double() - self._w0[name].to(p.device).double()  # (m, n) D_t0
                 if not torch.any(d):
                     continue  # frozen or not yet moved: no subspace to keep it in; leave its gradient alone
                 U, _, Vh = torch.linalg.svd(d, full_matrices=False)

@@ -46,14 +46,15 @@ from geometry.capture.adapters import AdapterParameters, is_peft
 from geometry.capture.batches import Batch, UpdateBatches
 from geometry.capture.config import RecorderConfig
 from geometry.capture.distributed import FullParameters, broadcast, is_writer
+from geometry.capture.matrices import Matrices
 from geometry.capture.store import Store, read_manifest, read_tracking
 from geometry.capture.tracking import Estimate, SubspaceTracker
 from geometry.capture.trajectory import run_values
 from geometry.errors import GeometryError
 from geometry.metrics import changed_mask
-from geometry.selection import choose
+from geometry.selection import choose, coverage
 
-__all__ = ["Live", "Recorder", "RecorderConfig", "RecorderStats", "select_parameters", "unwrap"]
+__all__ = ["Live", "Recorder", "RecorderConfig", "RecorderStats", "matrices_of", "select_parameters", "unwrap"]
 
 
 @dataclass
@@ -88,14 +89,21 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def select_parameters(model: nn.Module | FullParameters | AdapterParameters,
-                      cfg: RecorderConfig) -> dict[str, nn.Parameter]:
-    """The tracked parameters by name (geometry.selection: Linear weights, embeddings only when asked).
+def matrices_of(model: nn.Module) -> Matrices:
+    """A model's matrices by checkpoint name (geometry.capture.matrices), of its LoRA view for a peft model."""
+    model = unwrap(model)
+    return Matrices(AdapterParameters(model) if is_peft(model) else FullParameters(model), model)
 
-    Names and shapes are those of the full model: wrapper prefixes (FSDP1, torch.compile) are dropped and a
-    shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices.
+
+def select_parameters(model: nn.Module | Matrices, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
+    """The tracked matrices by name, each with the parameter holding it (geometry.selection: Linear weights,
+    routers and experts; embeddings only when asked).
+
+    Names and shapes are those of the full model's checkpoints: wrapper prefixes (FSDP1, torch.compile) are
+    dropped, a shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices,
+    and a stacked expert parameter gives one matrix an expert (geometry.experts).
     """
-    full = model if isinstance(model, (FullParameters, AdapterParameters)) else FullParameters(model)
+    full = model if isinstance(model, Matrices) else matrices_of(model)
     shapes = full.shapes
     names = sorted(choose(shapes, include=cfg.include, exclude=cfg.exclude, embeddings=cfg.embeddings,
                           linear=full.linear_weights()))
@@ -120,8 +128,14 @@ class Recorder:
         self.config = cfg = config or RecorderConfig()
         self.model = unwrap(model)
         # a peft LoRA model: its adapted matrices, W0 + s B A (geometry.capture.adapters)
-        self.full = AdapterParameters(self.model) if is_peft(self.model) else FullParameters(self.model)
+        self.full = matrices_of(self.model)
         self.params = select_parameters(self.full, cfg)
+        measured: dict[str, int] = {}  # live parameter -> its entries measured (a stacked one: its experts')
+        for n in self.params:
+            measured[self.full.source[n]] = measured.get(self.full.source[n], 0) + math.prod(self.full.shapes[n])
+        self.coverage = coverage(self.full.full.shapes, measured)  # what share of the model is measured
+        if self.coverage.share_non_embedding() < 0.5 and is_writer():
+            warnings.warn(f"Recorder: {self.coverage.line()}", stacklevel=2)
         self.shapes = {n: tuple(self.full.shapes[n]) for n in self.params}  # full shapes, also of shards
         self.writes = is_writer()  # this process writes the store (rank 0)
         self.collective = self.full.sharded(self.params)  # every rank takes part in the gathers
@@ -141,7 +155,8 @@ class Recorder:
         self._snapshot: tuple[int, dict[str, float]] | None = None
         if not (self.writes or self.collective):
             return  # another rank of an unsharded (DDP) run: rank 0 records the same weights
-        base = {n: w.to("cpu", copy=True) for n, w in self.full.base_weights(self.params)} if step == 0 else None
+        base = ({n: w.to("cpu", copy=True).contiguous() for n, w in self.full.base_weights(self.params)}
+                if step == 0 else None)
         err = None
         if self.writes:
             try:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
+from geometry import experts
 from geometry.buffers import Scratch
 from geometry.errors import GeometryError
 from geometry.offline.header import read_header
@@ -173,12 +174,18 @@ class TensorSource:
         self.config = config  # parsed config.json next to the weights; fused-matrix splitting needs it
         self._files = files  # tensor name -> the file holding it
         self.notes = list(notes)  # choices made while opening it, for the analysis notes
+        # stacked expert tensors [E, a, b] are seen as their experts' (out, in) matrices (geometry.experts)
+        stacked, expert_notes = experts.split({n: f.meta[n][0] for n, f in files.items()},
+                                              model_type=(config or {}).get("model_type"))
+        self._parts = {p.name: p for parts in stacked.values() for p in parts}
+        self.stacked = set(stacked)  # the stacked tensors, hidden behind their experts' matrices
+        self.notes += [f"{label}: {n}" for n in expert_notes]
 
     def __repr__(self) -> str:
         return f"TensorSource({self.label!r}, {len(self._files)} tensors)"
 
     def __contains__(self, name: object) -> bool:
-        return name in self._files
+        return name in self._parts or (name in self._files and name not in self.stacked)
 
     def files(self) -> frozenset[Path]:
         """The files its tensors are read from, resolved: two sources with the same files are the same model
@@ -186,8 +193,9 @@ class TensorSource:
         return frozenset(f.path.resolve() for f in self._files.values())
 
     def names(self) -> list[str]:
-        """Tensor names in natural order, so layer 10 comes after layer 9."""
-        return natural_order(self._files)
+        """Tensor names in natural order, so layer 10 comes after layer 9; a stacked expert tensor's experts in
+        its place."""
+        return natural_order([n for n in self._files if n not in self.stacked] + list(self._parts))
 
     def _file(self, name: str) -> _SafetensorsFile | _PickleFile:
         if name not in self._files:
@@ -195,24 +203,40 @@ class TensorSource:
         return self._files[name]
 
     def in_safetensors(self, name: str) -> bool:
-        """Whether the tensor is in a safetensors file (read in parts without loading it: offline.stored)."""
-        return isinstance(self._file(name), _SafetensorsFile)
+        """Whether the tensor is in a safetensors file (read in parts without loading it: offline.stored); an
+        expert of a stacked tensor is read whole (one expert's slab)."""
+        return name not in self._parts and isinstance(self._file(name), _SafetensorsFile)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._parts:
+            return self._parts[name].shape
         return self._file(name).meta[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._file(name).dtype(name)
+        stored = self._parts[name].tensor if name in self._parts else name
+        return self._file(stored).dtype(stored)
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None, into: Scratch | None = None
              ) -> torch.Tensor:
         """Read one tensor (or only its `rows`; of a matrix in a safetensors file, also only its `cols`, and
         into a reused buffer: offline.stored) as stored: its own dtype, on the CPU."""
+        if name in self._parts:
+            return self._read_expert(self._parts[name], rows, cols)
         f = self._file(name)
         try:
             return f.read(name, rows) if cols is None and into is None else f.read(name, rows, cols, into)
         except Exception as e:
             raise GeometryError(f"checkpoint {self.label}: cannot read {name} ({_one_line(e)})") from None
+
+    def _read_expert(self, part: experts.ExpertPart, rows: slice | None, cols: slice | None) -> torch.Tensor:
+        """One expert's (out, in) matrix: its slab [1, a, b] of the stacked tensor read alone, then its part."""
+        f = self._file(part.tensor)
+        try:
+            slab = f.read(part.tensor, slice(part.expert, part.expert + 1))  # (1, a, b)
+        except Exception as e:
+            raise GeometryError(f"checkpoint {self.label}: cannot read {part.name} ({_one_line(e)})") from None
+        m = part.of(slab)  # (out, in)
+        return m[rows if rows is not None else slice(None), cols if cols is not None else slice(None)].contiguous()
 
 
 def _build(label: str, found: list[tuple[Path, list[str] | None]]) -> dict:
