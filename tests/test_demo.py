@@ -9,7 +9,6 @@ from matplotlib.image import imread
 from geometry.cli import main
 from geometry.errors import GeometryError
 from geometry.lab.report import PAPER_SPARSITY
-from geometry.lab.stats import Interval, all_of, below, interval, no_harm
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, data_dir
 from geometry.table import Table
 
@@ -28,9 +27,55 @@ def test_report_has_every_section_and_a_verdict_per_claim(demo):
                     "## Principal angles and spectral shift", "## Subspace locking", "## Are there boundaries",
                     "## Gradient projection"):
         assert section in text
-    verdicts = re.findall(r"^- \*\*(reproduced|not reproduced|inconclusive)\*\*", text, flags=re.M)
-    assert len(verdicts) == 11
+    verdicts = re.findall(r"^- \*\*(reproduced|contradicted|partly|inconclusive)\*\* \(claim (\d+)\)", text,
+                          flags=re.M)
+    assert [int(i) for _, i in verdicts] == list(range(1, 11))
     assert f"{100 * PAPER_SPARSITY['rlvr']:.2f}" in text  # the paper's RLVR sparsity stands beside ours
+    assert "closest to the paper" not in (demo / "analysis" / "summary.md").read_text()
+
+
+def _table_rows(text: str, header: str) -> list[list[str]]:
+    """The cells of the markdown table whose header row starts with ``header``, split on unescaped '|'."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+def test_every_pair_is_shown_once_with_its_test(demo):
+    """The table of pairs: every claim's pairs with difference, interval, p, Holm p and status; every row
+    keeps the header's columns; no claim repeats another's pair (the same ordering of the same figure)."""
+    from geometry.lab.claims import claims, views
+    from geometry.lab.study import load_study
+
+    study = load_study(demo)
+    cl = claims(study, views(study))
+    rows = _table_rows((demo / "report.md").read_text(), "| claim | pair |")
+    assert all(len(r) == len(rows[0]) == 8 for r in rows) and rows[1][0].startswith("---")
+    assert [(int(r[0]), r[1], r[-1]) for r in rows[2:]] == [
+        (i, p.text, p.status) for i, c in enumerate(cl, 1) for p in c.pairs]
+    figures = [(c.evidence.split(":")[0], p.text) for c in cl for p in c.pairs]
+    assert len(figures) == len(set(figures)) == 20
+    for text in ("SFT < OPD", "OPD < RLVR"):  # sparsity and low-magnitude overlap, not a second sparsity claim
+        assert sum(p.text == text for c in cl for p in c.pairs) == 2
+    text = (demo / "report.md").read_text()
+    for header in ("| run | bf16 sparsity", "| run | trainer", "| regime | unconstrained"):
+        table = _table_rows(text, header)
+        assert len({len(r) for r in table}) == 1, header  # '|' in a cell is escaped
+
+
+def test_notes_collapse_to_one_line_per_setting():
+    from geometry.lab.report import collapse_notes
+
+    labels = ["sft/s0", "sft/s1", "opd/s0"]
+    notes = ["sft/s0: k = 16", "sft/s1: k = 16", "opd/s0: k = 16", "sft/s0, opd/s0: one base decomposition",
+             "a note about no run", "opd/s0: k = 8"]
+    assert collapse_notes(notes, labels) == ["all runs: k = 16", "sft/s0, opd/s0: one base decomposition",
+                                             "a note about no run", "opd/s0: k = 8"]
 
 
 def test_every_run_and_seed_is_analyzed_and_tracked(demo):
@@ -68,18 +113,6 @@ def test_data_directory_resolution(tmp_path, monkeypatch, capsys):
     assert data_dir(data_dir.__globals__["REPO_DATA"]) == data_dir.__globals__["REPO_DATA"]
     assert main(["demo", "--quick", "--data", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
     assert "geometry lab pretrain" in capsys.readouterr().err
-
-
-def test_intervals_and_verdicts():
-    """Student-t 95% interval (t_0.975 with 2 degrees of freedom = 4.303); orderings decided only beyond it."""
-    iv = interval([1.0, 2.0, 3.0])
-    assert iv.mean == 2.0 and iv.hi - iv.mean == pytest.approx(4.302653 / 3**0.5) and iv.n == 3
-    a, b, c = Interval(1, 0.9, 1.1, 3), Interval(2, 1.9, 2.1, 3), Interval(1.5, 0.5, 2.5, 3)
-    assert below(a, b) is True and below(b, a) is False and below(a, c) is None
-    assert below(a, Interval(2, float("nan"), float("nan"), 1)) is None  # one seed decides nothing
-    assert all_of([True, True]) is True and all_of([True, None]) is None and all_of([None, False]) is False
-    assert no_harm(Interval(1, -1, 3, 3)) is True and no_harm(Interval(2, 0.5, 3.5, 3)) is False
-    assert no_harm(Interval(-2, -3, -1, 3)) is True and no_harm(Interval(1, 1, 1, 1)) is None
 
 
 def test_tracking_at_k_matches_the_capture_reader(demo):

@@ -1,11 +1,9 @@
-"""The demo's report: every claim of the paper with a verdict from several training seeds, the setup beside
-the paper's, and the figures.
+"""The demo's report: every claim of the paper with its pairs decided over training seeds
+(geometry.lab.claims, geometry.lab.stats), the setup beside the paper's, and the figures.
 
-Statistics: a run's value is the run-level aggregate of geometry.offline.summary (SPEC's aggregation) at one
-seed; across seeds we report the mean and a 95% Student-t interval. An ordering is "reproduced" when it holds
-beyond the intervals (they do not overlap), "not reproduced" when the reverse does, "inconclusive" otherwise.
-Verdicts read the bf16 checkpoints (the offline analysis), as the paper does; trajectories (Sim_K, stable rank)
-use the attention matrices q/k/v/o, the paper's selection, with the all-matrix view beside them.
+A run's value is the run-level aggregate of geometry.offline.summary (SPEC's aggregation) at one seed; tables
+show the mean over seeds and its 95% Student-t interval. Trajectories (Sim_K, stable rank) use the attention
+matrices q/k/v/o, the paper's selection, with the all-matrix view beside them.
 """
 
 from __future__ import annotations
@@ -13,16 +11,29 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
+from geometry.lab.claims import (
+    EARLY,
+    PROJECTION_MARGIN,
+    Claim,
+    Views,
+    accuracy,
+    band,
+    claims,
+    gain_share,
+    growth,
+    per_seed,
+    sim_early,
+    views,
+)
 from geometry.lab.figures import figures
 from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
-from geometry.lab.stats import Interval, all_of, below, flip, interval, no_harm, threshold
-from geometry.lab.study import CONTROLS, MAIN, PROJECTED, VARIANTS, StudyResult, label, save_study
+from geometry.lab.stats import ALPHA, VERDICTS, Interval, interval
+from geometry.lab.study import PROJECTED, VARIANTS, StudyResult, label, save_study
 from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
-from geometry.offline.summary import ATTENTION_MODULES, RunSummary, summarize
+from geometry.offline.summary import ATTENTION_MODULES, RunSummary
 
 # Shen et al. 2026 (Qwen3-8B student), Table 1 and the localisation table; orders of magnitude in the text.
 PAPER_SPARSITY = {"sft": 0.081, "opd": 0.516, "rlvr": 0.772}
@@ -31,144 +42,49 @@ PAPER_LOCALISATION = {  # density, principal-mask overlap, low-magnitude-mask ov
 PAPER_ANGLES = {"sft": "> 10", "opd": "~ 1", "rlvr": "< 0.5"}
 PAPER_NSS = {"sft": "~1e-3", "opd": "~1e-4", "rlvr": "~1e-5"}
 PAPER_SIM20 = {"sft": "0.4-0.6", "opd": "~1", "rlvr": "0.4-0.6"}
-EARLY = 0.2  # "the first checkpoint (~20% of training)"
-VERDICT = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
 
 
-class Claim(NamedTuple):
-    text: str
-    verdict: bool | None
-    evidence: str  # the figure that decides it
+def _iv(values: dict[int, float]) -> Interval:
+    return interval(list(values.values()))
 
 
-# ---- per-seed values ----
-
-
-class Views(NamedTuple):
-    """RunSummaries by run label: over all matrices, and over the attention matrices only."""
-
-    all: dict[str, RunSummary]
-    attn: dict[str, RunSummary]
-
-
-def views(study: StudyResult) -> Views:
-    tau = study.analysis.config.tau
-    attn = study.analysis.where(module=sorted(ATTENTION_MODULES))
-    return Views({s.run: s for s in summarize(study.analysis, tau)}, {s.run: s for s in summarize(attn, tau)})
-
-
-def seeds_of(study: StudyResult, name: str) -> list[int]:
-    return [r.seed for r in study.runs.get(name, [])]
-
-
-def per_seed(study: StudyResult, S: dict[str, RunSummary], name: str, f: Callable[[RunSummary], float]
-             ) -> list[float]:
-    return [f(S[label(name, s)]) for s in seeds_of(study, name) if label(name, s) in S]
-
-
-def at(s: RunSummary, metric: str, frac: float) -> float:
-    """A run-level metric at the checkpoint nearest to frac of training."""
-    i = min(range(len(s.steps)), key=lambda j: abs(s.steps[j] - frac * s.steps[-1]))
-    return s.per_step[metric][i]
-
-
-def growth(s: RunSummary) -> float:
-    """Stable rank of D_T over stable rank at the EARLY checkpoint."""
-    return s.final("stable_rank") / at(s, "stable_rank", EARLY)
-
-
-def band(s: RunSummary) -> float:
-    """Relative range (max - min) / mean of the stable rank over the checkpoints from EARLY on."""
-    vals = [v for st, v in zip(s.steps, s.per_step["stable_rank"], strict=True) if st >= EARLY * s.steps[-1]]
-    return (max(vals) - min(vals)) / float(np.mean(vals)) if vals else math.nan
-
-
-def sim_early(s: RunSummary) -> float:
-    return at(s, "sim_final_v", EARLY)
-
-
-def accuracy(study: StudyResult, name: str) -> list[float]:
-    return [r.acc_after for r in study.runs.get(name, [])]
-
-
-def drops(study: StudyResult, base: str, proj: str) -> list[float]:
-    """acc(unconstrained) - acc(projected), paired by seed (the two share their first 20% exactly)."""
-    a = {r.seed: r.acc_after for r in study.runs.get(base, [])}
-    return [a[r.seed] - r.acc_after for r in study.runs.get(proj, []) if r.seed in a]
+def _points(x: Interval) -> str:
+    return x.scaled(100).show(".1f") if x.n else "n/a"
 
 
 # ---- claims ----
 
 
-def claims(study: StudyResult, V: Views) -> list[Claim]:
-    def iv(S, metric_or_f, runs=MAIN) -> dict[str, Interval]:
-        f = metric_or_f if callable(metric_or_f) else (lambda s: s.final(metric_or_f))
-        return {r: interval(per_seed(study, S, r, f)) for r in runs}
-
-    def show(d: dict[str, Interval], kind: str = "g") -> str:
-        return "; ".join(f"{r} {v.show(kind)}" for r, v in d.items())
-
-    def chain(d: dict[str, Interval], order: tuple[str, ...]) -> bool | None:  # ascending
-        return all_of([below(d[a], d[b]) for a, b in zip(order, order[1:], strict=False)])
-
-    def least(d: dict[str, Interval], run: str) -> bool | None:
-        return all_of([below(d[run], v) for r, v in d.items() if r != run])
-
-    sp, low = iv(V.all, "sparsity_bf16"), iv(V.all, "mask_overlap_lowmag")
-    ang, nss = iv(V.all, "angle_max_u"), iv(V.all, "nss")
-    sim = iv(V.attn, sim_early)
-    g, b = iv(V.attn, growth), iv(V.attn, band)
-    K, tau = study.config.lock_k, study.analysis.config.tau
-    out = [
-        Claim("bf16 update sparsity orders SFT < OPD < RLVR", chain(sp, ("sft", "opd", "rlvr")),
-              f"bf16 sparsity (%), all matrices: {show(sp, '%')}"),
-        Claim("the update mask sits in low-magnitude entries in the order SFT < OPD < RLVR",
-              chain(low, ("sft", "opd", "rlvr")), f"low-magnitude-mask overlap (%): {show(low, '%')}"),
-        Claim("RLVR changes the fewest entries of the three (highest bf16 sparsity)",
-              least({r: Interval(-v.mean, -v.hi, -v.lo, v.n) for r, v in sp.items()}, "rlvr"),
-              f"bf16 sparsity (%): {show(sp, '%')}"),
-        Claim("principal angles order SFT > OPD > RLVR", chain(ang, ("rlvr", "opd", "sft")),
-              f"max principal angle of U_k (deg), mean over matrices: {show(ang, 'deg')}"),
-        Claim("RLVR rotates the principal directions least of the three", least(ang, "rlvr"),
-              f"max principal angle of U_k (deg): {show(ang, 'deg')}"),
-        Claim("spectral shift orders SFT > OPD > RLVR", chain(nss, ("rlvr", "opd", "sft")), f"NSS: {show(nss, 'e')}"),
-        Claim("RLVR moves the spectrum least of the three", least(nss, "rlvr"), f"NSS: {show(nss, 'e')}"),
-        Claim(f"OPD's update locks early: Sim_{K} to the final update near 1 (>= {tau}) at ~20% of training, "
-              "above SFT and RLVR",
-              all_of([below(sim["sft"], sim["opd"]), below(sim["rlvr"], sim["opd"]),
-                      False if threshold(sim["opd"], tau) is False else sim["opd"].mean >= tau]),
-              f"Sim_{K} (V) at the 20% checkpoint, attention matrices: {show(sim)}"),
-        Claim("stable rank: SFT's grows, RLVR's shrinks, OPD's stays in the narrowest band",
-              all_of([threshold(g["sft"], 1.0), flip(threshold(g["rlvr"], 1.0)), below(b["opd"], b["sft"]),
-                      below(b["opd"], b["rlvr"])]),
-              f"stable rank final / 20%, attention matrices: {show(g)}; relative band from 20%: {show(b)}"),
-    ]
-    dr = {base: interval(drops(study, base, proj)) for proj, base in PROJECTED.items()}
-    out.append(Claim(
-        "projecting gradients on the rank-K update subspace from 20% does not hurt OPD but hurts SFT",
-        all_of([threshold(dr["sft"], 0.0), no_harm(dr["opd"])]),
-        f"accuracy drop (points), unconstrained minus projected, paired by seed: "
-        f"sft {_points(dr['sft'])}; opd {_points(dr['opd'])} (hurts: the interval lies above 0; does not hurt: "
-        "it reaches 0 or below)"))
-
-    def dist(run: str) -> list[float]:  # distance of a control's rank dynamics from on-policy OPD, paired by seed
-        out = []
-        for s in seeds_of(study, run):
-            c, o = V.attn.get(label(run, s)), V.attn.get(label("opd", s))
-            if c is not None and o is not None:
-                out.append(abs(sim_early(c) - sim_early(o)) + abs(math.log(growth(c) / growth(o))))
-        return out
-
-    d = {r: interval(dist(r)) for r in CONTROLS}
-    out.append(Claim("off-policy (teacher) rollouts keep OPD's rank dynamics; mixing in RLVR's advantage "
-                     "(alpha 0.05) changes them", below(d["opd_offpolicy"], d["opd_mix0.05"]),
-                     f"distance to on-policy OPD (|dSim_{K} at 20%| + |log ratio of stable-rank growth|, "
-                     f"attention matrices, paired by seed): {show(d)}"))
-    return out
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
 
-def _points(x: Interval) -> str:
-    return Interval(100 * x.mean, 100 * x.lo, 100 * x.hi, x.n).show(".1f") if x.n else "n/a"
+def claim_lines(claims_: list[Claim]) -> list[str]:
+    """The rule, the tally, one bullet a claim, and the table of every pair."""
+    counts = ", ".join(f"{sum(c.verdict == v for c in claims_)} {v}" for v in VERDICTS)
+    lines = [
+        "How the study decides (fixed before any verdict; geometry/lab/stats.py): a claim is a set of orderings "
+        "(pairs), each stated in the paper's direction. A pair is decided by a two-sided paired t-test over seeds "
+        "(runs of one seed share data order and prompts; against a threshold or margin, a one-sample test), with "
+        f"Holm's correction over the claim's pairs (family-wise {ALPHA:.0%}): **holds** when significant in the "
+        "paper's direction, **reversed** when significant against it, **undecided** otherwise. A claim is "
+        "**reproduced** when all its pairs hold, **contradicted** when any is reversed, **partly** when some hold "
+        "and the rest are undecided, **inconclusive** when none is decided. Values: mean over seeds [95% "
+        "t-interval].", "",
+        f"{counts} of {len(claims_)} claims.", ""]
+    lines += [f"- **{c.verdict}** (claim {i}): {c.text}. " + ", ".join(f"{p.text}: {p.status}" for p in c.pairs)
+              + f". {c.evidence}." for i, c in enumerate(claims_, 1)]
+    rows = [[i, p.text, fmt(p.diff.mean, c.kind),
+             f"[{fmt(p.diff.lo, c.kind)}, {fmt(p.diff.hi, c.kind)}]" if p.diff.n >= 2 else "n/a", p.diff.n,
+             _p(p.p), _p(p.p_holm), p.status] for i, c in enumerate(claims_, 1) for p in c.pairs]
+    lines += ["", "Every pair. *difference*: the mean over seeds of the per-seed difference in the paper's "
+              "direction (for A < B it is B - A, for A > B it is A - B; against a threshold or margin, the value's "
+              "distance from it on the side the claim states), so a positive difference agrees with the paper; "
+              "in the claim's units (percentage points for %). *95% interval*: Student-t over the seeds' "
+              "differences. *seeds*: seeds paired. *p*: two-sided paired t-test. *p, Holm*: adjusted over the "
+              f"claim's pairs; a pair is decided when it is <= {ALPHA:g}.", "",
+              table(["claim", "pair", "difference", "95% interval", "seeds", "p", "p, Holm", "status"], rows)]
+    return lines
 
 
 # ---- tables ----
@@ -209,7 +125,8 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
         ["matrices", "trajectories on attention q/k/v/o", "the same for Sim_K, stable rank and onset; sparsity, "
          "masks, angles, NSS over all Linear weights (embeddings and lm_head left out)", "-"],
         ["seeds", "one run each", f"{max(len(v) for v in study.runs.values())} seeds per run of a verdict "
-         f"(variants {', '.join(VARIANTS)}: seed 0 only)", "95% intervals decide the verdicts"],
+         f"(variants {', '.join(VARIANTS)}: seed 0 only)", "paired t-tests over seeds decide "
+         "the verdicts (runs of one seed share data order and prompts)"],
     ]
 
 
@@ -236,7 +153,7 @@ def _trainer(name: str) -> str:
 def seed_cells(study: StudyResult, S: dict[str, RunSummary]) -> list[tuple[str, Callable[[str, str], str]]]:
     """markdown.metric_table rows: each run's final value as mean [95% interval] over its seeds."""
     def cell(name: str) -> Callable[[str, str], str]:
-        return lambda m, kind: interval(per_seed(study, S, name, lambda s: final_value(s, m))).show(kind)
+        return lambda m, kind: _iv(per_seed(study, S, name, lambda s: final_value(s, m))).show(kind)
     return [(name, cell(name)) for name in study.runs]
 
 
@@ -252,14 +169,8 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
         f"Learning rates: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g} (the paper's precision regime, below). "
         f"K = {K}. Total time {study.seconds / 60:.1f} min. The paper (Shen et al. 2026) trains an 8B student; "
         "absolute values are not expected to match, orderings are what we test.", "",
-        "## Claims at this scale", "",
-        "Each value: mean over seeds [95% t-interval]. **reproduced**: the paper's ordering holds beyond the "
-        "intervals; **not reproduced**: the reverse does; **inconclusive**: the intervals overlap. Trajectory "
-        "claims read the attention matrices' bf16 checkpoints.", "",
+        "## Claims at this scale", "", *claim_lines(claims_),
     ]
-    counts = {v: sum(c.verdict is k for c in claims_) for k, v in VERDICT.items()}
-    lines += [", ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(claims_)} claims.", ""]
-    lines += [f"- **{VERDICT[c.verdict]}**: {c.text}. {c.evidence}." for c in claims_]
     lines += ["", "## Setup: differences from the paper", "",
               table(["", "paper", "here", "why"], setup_rows(study))]
     lines += ["", "## Learning rates: the precision regime", "",
@@ -272,12 +183,16 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               f"{paper_spacing(0.015):.3g} or {paper_spacing(0.03):.3g}, moving the lr by the inverse ratio. "
               f"G(student) = {lrs['opd'] / PAPER_LR * paper_spacing():.3g}.", ""]
     lines += ["## Runs", "", table(
-        ["run", "trainer", "seeds", "lr", "accuracy before (%)", "accuracy after (%)", "steps skipped", "time (s)"],
+        ["run", "trainer", "seeds", "lr", "accuracy before (%)", "accuracy after (%)",
+         "steps skipped, sum over seeds", "time (s), sum over seeds"],
         [[n, _trainer(n), len(rs), f"{rs[0].lr:.3g}", fmt(rs[0].acc_before, "%"),
           interval([r.acc_after for r in rs]).show("%"), sum(r.skipped for r in rs),
           f"{sum(r.seconds for r in rs):.0f}"] for n, rs in study.runs.items()]),
         "", f"Accuracy: greedy exact answer on {cfg.eval_problems} held-out problems (one seed's value has a "
-        "binomial 95% half-width of about 3 points at 1000 problems)."]
+        "binomial 95% half-width of about 3 points at 1000 problems); *before*: the student's, the same for "
+        "every seed; *after*: mean over seeds [95% t-interval]. *steps skipped*: steps whose every prompt group "
+        "had one reward (nothing to learn from). In every table below a cell is the mean over seeds [95% "
+        "t-interval] of the run's final value, unless its column says otherwise; density = 1 - bf16 sparsity."]
     cells = seed_cells(study, V.all)
     lines += ["", "## Update sparsity (Table 1)", "",
               metric_table(SPARSITY, cells, ["paper bf16 sparsity (%)"],
@@ -288,10 +203,16 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               "low-magnitude.", "",
               metric_table(LOCALISATION, cells, ["paper"],
                            lambda r: [" / ".join(fmt(x, "%") for x in PAPER_LOCALISATION[r])
-                                      if r in PAPER_LOCALISATION else ""])]
+                                      if r in PAPER_LOCALISATION else ""]),
+              "", "*principal-mask overlap*: share of the changed entries inside the top-alpha entries of |rank-r "
+              "reconstruction of W0|; *low-magnitude-mask overlap*: inside the bottom-alpha entries of |W0| "
+              "(SPEC 5), pooled over matrices."]
     lines += ["", "## Principal angles and spectral shift", "",
               metric_table(ANGLES, cells, ["paper angle, NSS"],
-                           lambda r: [f"{PAPER_ANGLES[r]} deg, {PAPER_NSS[r]}" if r in PAPER_ANGLES else ""])]
+                           lambda r: [f"{PAPER_ANGLES[r]} deg, {PAPER_NSS[r]}" if r in PAPER_ANGLES else ""]),
+              "", "*angles*: between the top-k singular subspaces of W0 and W_T (SPEC 2), max and mean over the k "
+              "angles, then the mean over matrices; *NSS*: ||s(W_T) - s(W0)|| / ||s(W0)|| (SPEC 3); *intruders*: "
+              "top-10 singular vectors of W_T with no singular vector of W0 at |cos| >= 0.5 (SPEC 8)."]
     lines += ["", "## Subspace locking", "",
               f"Sim_K (K = {K}, right singular subspace) of D_t to the final update at the 20% checkpoint (bf16, "
               "as the paper), beside the same from the per-step tracking of the float32 master weights, and the "
@@ -301,7 +222,12 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               table(["run", "Sim_K at 20%, attention", "all matrices", "per step, float32, attention", "paper",
                      "stable rank final, attention", "final / 20%", "band from 20%", "onset (frac), attention",
                      "all matrices"],
-                    _locking_rows(study, V))]
+                    _locking_rows(study, V)),
+              "", "*Sim_K at 20%*: Sim_K of D_t's top-K right subspace to D_T's at the checkpoint nearest 20%, mean "
+              "over matrices; *per step, float32*: the same at the tracked step nearest 20%; *paper*: its Figure's "
+              "reading; *stable rank final*: ||D_T||_F^2 / s1(D_T)^2, mean over matrices; *final / 20%*: its ratio "
+              "to the value at 20%; *band from 20%*: (max - min) / mean of the stable rank over the checkpoints "
+              "from 20%; *onset*: step (fraction of training)."]
     lines += ["", "## Are there boundaries at k and K?", "",
               f"A K-dimensional subspace is only well defined when the spectrum has a gap at K. OPD's final "
               f"update (attention matrices, bf16 checkpoints): stable rank {bd.opd_stable_rank:.2f}, so K = {K}; "
@@ -311,19 +237,62 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               "spacings or not at all), which raises the stable rank the rule reads. The student's W0 at the "
               f"analyzer's k = {bd.principal_k}: s_k / s_k+1 = {bd.base_gap:.3g}. "
               + _gap_words(bd.update_gap, bd.base_gap)]
-    dr = {base: interval(drops(study, base, proj)) for proj, base in PROJECTED.items()}
     lines += ["", "## Gradient projection (the causal test)", "",
               "From 20% of training every gradient G of a measured matrix is replaced by G V_K V_K^T, V_K the "
               f"top-{K} right singular vectors of D_t at that step. Paper: no loss for OPD, a loss for SFT.", "",
-              table(["regime", "unconstrained accuracy (%)", "projected accuracy (%)", "drop (points), paired"],
-                    [[b, interval(accuracy(study, b)).show("%"), interval(accuracy(study, p)).show("%"),
-                      _points(dr[b])] for p, b in PROJECTED.items() if b in study.runs])]
+              table(["regime", "unconstrained accuracy (%)", "projected accuracy (%)", "gain (points)",
+                     "drop (points)", "share of gain lost (%)"], _projection_rows(study)),
+              "", "*gain*: unconstrained accuracy minus the student's; *drop*: unconstrained minus projected, "
+              "paired by seed; *share of gain lost*: drop / gain by seed (a seed that gained nothing has none). "
+              f"The projection claim reads *hurts* where the share lies above {100 * PROJECTION_MARGIN:g}% "
+              "of the gain (a margin fixed before the run; geometry/lab/claims.py says why), *does not hurt* where "
+              "it lies below, each decided by a t-test against the margin with Holm's correction over the "
+              "claim's two parts."]
     lines += ["", "## Figures", ""] + [f"![{f}](figures/{f})" for f in figures]
     if study.analysis.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in study.analysis.notes]
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in collapse_notes(study.analysis.notes, study_labels(study))]
     lines += ["", "Per-seed tables of every metric: `analysis/summary.md` (runs labelled name/sSEED); per matrix: "
               "`analysis/metrics.csv` (bf16 checkpoints), `analysis/tracking.csv` (per step, float32 weights)."]
     return "\n".join(lines) + "\n"
+
+
+def _projection_rows(study: StudyResult) -> list[list[str]]:
+    rows = []
+    for proj, free in PROJECTED.items():
+        if free not in study.runs or proj not in study.runs:
+            continue
+        acc, start = accuracy(study, free), {r.seed: r.acc_before for r in study.runs[free]}
+        pacc = accuracy(study, proj)
+        rows.append([free, _iv(acc).show("%"), _iv(pacc).show("%"),
+                     _points(_iv({s: acc[s] - start[s] for s in acc})),
+                     _points(_iv({s: acc[s] - pacc[s] for s in acc if s in pacc})),
+                     gain_share(study, free, proj).show("%")])
+    return rows
+
+
+def study_labels(study: StudyResult) -> list[str]:
+    return [label(n, r.seed) for n, rs in study.runs.items() for r in rs]
+
+
+def collapse_notes(notes: list[str], labels: list[str]) -> list[str]:
+    """One line per distinct note: notes that differ only in the run labels before their first ': ' merged,
+    the labels listed once ("all runs" when every run of the study has it)."""
+    known, merged = set(labels), {}
+    for note in notes:
+        who, sep, text = note.partition(": ")
+        runs = who.split(", ")
+        if not sep or not set(runs) <= known:
+            merged.setdefault(note, [])
+            continue
+        merged.setdefault(text, []).extend(r for r in runs if r not in merged.get(text, []))
+    out = []
+    for text, runs in merged.items():
+        if not runs:
+            out.append(text)
+        else:
+            who = "all runs" if set(runs) == known else ", ".join(sorted(runs, key=labels.index))
+            out.append(f"{who}: {text}")
+    return out
 
 
 def _tracked_rank(study: StudyResult) -> float:
@@ -348,7 +317,7 @@ def _locking_rows(study: StudyResult, V: Views) -> list[list[str]]:
     rows = []
     for name in study.runs:
         def iv(S, f, name=name):
-            return interval(per_seed(study, S, name, f))
+            return _iv(per_seed(study, S, name, f))
         a0, s0 = V.attn.get(label(name, 0)), V.all.get(label(name, 0))
         tracked = interval([_tracked_sim_early(study, name, r) for r in study.runs[name]])
         rows.append([name, iv(V.attn, sim_early).show(), iv(V.all, sim_early).show(), tracked.show(),
