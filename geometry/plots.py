@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from geometry.experts import expert_of
 from geometry.offline.summary import summarize
 from geometry.table import Table
 
@@ -195,9 +196,9 @@ def heatmap(table: Table, metric: str, ax=None, *, run: str | None = None, step:
             vmin: float | None = None, vmax: float | None = None):
     """One metric over layer x module at one step (default: the run's last), one cell per matrix: where in the
     network an update sits. Cells with no matrix (or a NaN value) stay blank; give vmin/vmax to share a colour
-    scale between panels."""
+    scale between panels. Experts' matrices have their own layer x expert view (``expert_heatmap``)."""
     run = run or table.unique("run")[0]
-    rows = table.where(run=run, metric=metric)
+    rows = Table([r for r in table.where(run=run, metric=metric) if expert_of(r.matrix) is None])
     at = step if step is not None else max(rows.unique("step"), default=None)
     rows = rows.where(step=at)
     layers = sorted({r.layer for r in rows if r.layer is not None})
@@ -213,6 +214,22 @@ def heatmap(table: Table, metric: str, ax=None, *, run: str | None = None, step:
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=8)
     ax.set_ylabel("layer")
     ax.set_title(f"{run}: {metric} at step {at}", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.9)
+    return fig
+
+
+def expert_heatmap(grid, metric: str, ax=None, *, label: str | None = None):
+    """A mixture-of-experts run's metric over layer x expert (geometry.offline.moe.ExpertGrid): each cell the
+    mean over that expert's matrices at the run's last step."""
+    values = grid.grids[metric]
+    fig, ax = _axes(ax, figsize=(max(6.0, min(16.0, 2.0 + 0.3 * len(grid.experts))), 2.0 + 0.3 * len(grid.layers)))
+    image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    step_x = max(1, len(grid.experts) // 32)  # at most ~32 tick labels
+    ax.set_xticks(range(0, len(grid.experts), step_x), [str(e) for e in grid.experts[::step_x]], fontsize=8)
+    ax.set_yticks(range(len(grid.layers)), [str(layer) for layer in grid.layers], fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{grid.run}, step {grid.step}: {label or metric}\n(mean over each expert's matrices)", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.9)
     return fig
 

@@ -124,8 +124,14 @@ class Coverage(NamedTuple):
 
     def as_dict(self) -> dict:
         return {"total_parameters": self.total, "measured_parameters": self.measured,
-                "share_measured": self.share(), "share_measured_non_embedding": self.share_non_embedding(),
+                "embedding_parameters": self.embeddings, "share_measured": self.share(),
+                "share_measured_non_embedding": self.share_non_embedding(),
                 "left_out": {k: {"tensors": t, "parameters": n} for k, (t, n) in self.left_out.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Coverage:
+        return cls(d["total_parameters"], d["measured_parameters"], d["embedding_parameters"],
+                   {k: (v["tensors"], v["parameters"]) for k, v in d["left_out"].items()})
 
 
 def coverage(shapes: Mapping[str, Sequence[int]], measured: Mapping[str, int]) -> Coverage:

@@ -6,6 +6,7 @@ bit, and an offline analysis of the same weights saved per expert (save_pretrain
 in-memory layout, gpt-oss's own layout) gives the same rows.
 """
 
+import json
 import warnings
 
 import pytest
@@ -20,6 +21,7 @@ from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.offline.analyze import analyze
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.sources import open_source
+from geometry.table import Table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,3 +184,37 @@ def test_stacked_experts_named_by_transformers_mapping():
                          "model.layers.0.block_sparse_moe.experts.0.w3.weight"]
     parts, notes = experts.split({"x.experts.gate_up_proj": (E, 2 * I, H)}, model_type=None)
     assert notes and parts["x.experts.gate_up_proj"][1].name == "x.experts.0.up_proj.weight"
+
+
+def test_analyze_a_saved_gpt_oss_measures_every_expert_and_says_what_it_left_out(tmp_path, capsys):
+    """`geometry analyze` on a gpt-oss saved with save_pretrained (experts stacked [E, in, out]): all 2 x (4 + 1
+    + 4 x 3) matrices, the share of the parameters measured in summary.json and summary.md, a layer x expert
+    view in summary.md and the report; with attention alone, a warning on stderr."""
+    from geometry.cli import main
+
+    model = tiny("gpt_oss")
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "tuned")
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "tuned"), "-o", str(tmp_path / "out"),
+                 "--quick"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    doc = json.loads((tmp_path / "out" / "summary.json").read_text())
+    cov = next(iter(doc["runs"].values()))["coverage"]
+    assert cov["total_parameters"] == sum(p.numel() for p in model.parameters())
+    assert cov["left_out"]["embeddings"]["tensors"] == 2 and cov["left_out"]["others"]["tensors"] == 2 * 1  # sinks
+    assert cov["left_out"]["biases"]["tensors"] == 2 * (4 + 1 + 2)  # q/k/v/o, router, experts' two biases
+    table = Table.from_csv(tmp_path / "out" / "metrics.csv")
+    assert set(table.unique("matrix")) == expected_matrices("gpt_oss")
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Experts" in md and "Moved most (relative norm): layer" in md and "Routers:" in md
+    assert "measured" in md and "left out: embeddings 2 tensors" in md
+    figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
+    assert {"experts_sparsity_bf16_run.png", "experts_rel_norm_run.png"} <= figures
+
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "tuned"), "-o", str(tmp_path / "attn"),
+                 "--quick", "--include", "self_attn"]) == 0
+    assert "warning: run: under half of the non-embedding parameters measured" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """`pip install .` (a wheel, not editable) carries what `geometry demo` needs: the package and data/."""
 
+import os
 import subprocess
 import sys
 import venv
@@ -33,8 +34,9 @@ def test_the_wheel_holds_the_package_and_the_demo_models(wheel):
 
 def test_an_installed_wheel_finds_its_models_away_from_the_repository(wheel, tmp_path):
     env = tmp_path / "venv"
-    venv.create(env, system_site_packages=True, with_pip=False)  # torch & co. from this interpreter
+    venv.create(env, with_pip=False)
     python = env / "bin" / "python"
+    _see_these_site_packages(python)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
                     str(wheel)], check=True, capture_output=True)
     code = ("from geometry.lab.study import data_dir; from geometry.lab.models import load_model; "
@@ -43,3 +45,14 @@ def test_an_installed_wheel_finds_its_models_away_from_the_repository(wheel, tmp
                           env={"PATH": "/usr/bin:/bin", "GEOMETRY_DATA": ""})
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == env / "share" / "geometry" / "data"
+
+
+def _see_these_site_packages(python: Path) -> None:
+    """Let a new venv import torch & co. from the running interpreter's site-packages, listed in a .pth file.
+    ``system_site_packages=True`` would give it the base interpreter's, which lack them when this one is
+    itself a venv. Plain path lines: the .pth files found there (an editable install of this repository)
+    are not run, so ``geometry`` comes from the wheel alone."""
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    ours = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+    Path(purelib, "outer-site-packages.pth").write_text("".join(p + "\n" for p in ours))

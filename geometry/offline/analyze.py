@@ -45,6 +45,8 @@ from geometry.offline.sources import (
     select_matrices,
 )
 from geometry.offline.stored import StoredMatrix
+from geometry.progress import bar as progress_bar
+from geometry.selection import Coverage
 from geometry.table import Row, Table
 
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
@@ -85,6 +87,7 @@ class Analysis(Table):
         self.curves, self.notes, self.runs, self.config = curves, notes, runs, config
         self.labels = labels or {}
         self.rank = rank
+        self.coverage: dict[str, Coverage] = {}  # run -> the share of its model measured (geometry.selection)
         self.work: list[tuple[int, float]] = []
 
 
@@ -128,6 +131,7 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
         step_labels[plan.run.label] = {0: plan.base.label, **{c.step: c.label for c in plan.ckpts}}
     analysis = Analysis(rows, curves, notes, runs, cfg, step_labels, rank=w.rank)
     analysis.work = work
+    analysis.coverage = {plan.run.label: plan.coverage for plan in plans}
     return analysis
 
 
@@ -278,6 +282,7 @@ class _Plan(NamedTuple):
     matrices: list[MatrixSpec]
     hidden: int | None
     notes: list[str]  # on its sources and the matrices skipped
+    coverage: Coverage  # the share of the base's parameters the matrices hold, what they leave out
 
 
 class _RunOut(NamedTuple):
@@ -297,7 +302,10 @@ def _plan(run: Run, cfg: AnalysisConfig) -> _Plan:
                           embeddings=cfg.embeddings, on_mismatch=cfg.on_mismatch)
     notes += [f"{run.label}: skipped {name}: {reason}" for name, reason in sel.skipped]
     sel = _adapted_only(run.label, sel, ckpts, notes)
-    return _Plan(run, base, ckpts, sel.matrices, hidden_size(base.source.config), notes)
+    source = getattr(base.source, "base", base.source)  # an adapter's base model
+    cov = source.coverage(sel.matrices)
+    notes.append(f"{run.label}: {cov.line()}")
+    return _Plan(run, base, ckpts, sel.matrices, hidden_size(base.source.config), notes, cov)
 
 
 def _cohorts(plans: list[_Plan]) -> list[list[int]]:
@@ -335,7 +343,8 @@ def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: 
     owner = dist.assign(costs, w.size)
     mine = [i for i, r in enumerate(owner) if r == w.rank]
     label = ", ".join(p.run.label for p in plans)
-    bar = _progress(len(mine) * sum(len(p.ckpts) for p in plans), f"analyze {label}", progress and w.rank == 0)
+    desc = f"analyze {plans[0].run.label}" + (f" and {len(plans) - 1} more runs" if len(plans) > 1 else "")
+    bar = progress_bar(len(mine) * sum(len(p.ckpts) for p in plans), desc, "ckpt-group", progress and w.rank == 0)
     runs = [(p.run.label, p.ckpts) for p in plans]
     done: dict[int, list[_GroupOut]] = {}
     error = None
@@ -460,22 +469,6 @@ def _emit(label: str, steps: list[int], group: list[MatrixSpec], results: list[S
             for kind, tensor in (("angles_u", res.angles_u), ("angles_v", res.angles_v), ("spectrum", res.spectrum)):
                 if tensor is not None:
                     curves.append(Curve(label, step, spec.name, kind, tensor[i].cpu().numpy()))
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="ckpt-group", leave=False)
 
 
 def curves_by(analysis: Analysis, kind: str) -> dict[tuple[str, int, str], np.ndarray]:

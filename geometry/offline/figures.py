@@ -12,6 +12,7 @@ import html
 import math
 
 from geometry import plots
+from geometry.offline import moe
 from geometry.offline.analyze import Analysis, curves_by
 from geometry.offline.markdown import to_html
 from geometry.offline.summary import ATTENTION_MODULES, summarize
@@ -76,7 +77,18 @@ def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_MET
         for i, run in enumerate(first):
             plots.heatmap(a, metric, ax[i], run=run, **scale)  # one colour scale: runs compare cell by cell
         out[f"heatmap_{metric}.png"] = plots.png(fig)
+
+    for run in first:  # mixture-of-experts runs: each metric over layer x expert
+        grid = moe.expert_grid(a, run)
+        for metric, label, _ in moe.METRICS if grid is not None else ():
+            if metric in grid.grids:
+                out[f"experts_{metric}_{_file_safe(run)}.png"] = plots.png(plots.expert_heatmap(grid, metric,
+                                                                                                 label=label))
     return out
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _most_shifted(a: Analysis) -> str | None:

@@ -21,10 +21,12 @@ import numpy as np
 
 from geometry.atomic import fsync_path, write_atomic
 from geometry.errors import GeometryError
+from geometry.offline import moe
 from geometry.offline.analyze import Analysis, Curve, Run
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.markdown import render_summary
 from geometry.offline.summary import DERIVED, onset_rows, summarize, summary_json
+from geometry.selection import Coverage
 from geometry.table import Table
 
 FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")  # the tables
@@ -50,9 +52,9 @@ def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False
     blobs = {
         "metrics.csv": csv_buf.getvalue().encode(),
         "summary.json": _with_labels(summary_json(summaries, analysis.notes, dataclasses.asdict(analysis.config)),
-                                     analysis.labels).encode(),
-        "summary.md": render_summary(summaries, analysis.notes, tau, analysis.config.alpha,
-                                     analysis.config.lock_k).encode(),
+                                     analysis.labels, analysis.coverage).encode(),
+        "summary.md": _with_experts(render_summary(summaries, analysis.notes, tau, analysis.config.alpha,
+                                                   analysis.config.lock_k), analysis).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
     if figures or html:
@@ -78,14 +80,23 @@ def _report_files(analysis: Analysis, summary_md: str, html: bool) -> dict[str, 
     return files
 
 
-def _with_labels(text: str, labels: dict[str, dict[int, str]]) -> str:
-    """summary.json with each run's base and checkpoint names beside its steps."""
+def _with_experts(summary_md: str, table: Table) -> str:
+    """summary.md with the layer x expert view of mixture-of-experts runs (geometry.offline.moe) at its end."""
+    section = moe.markdown(table)
+    return summary_md if not section else summary_md.rstrip() + "\n\n" + section
+
+
+def _with_labels(text: str, labels: dict[str, dict[int, str]], coverage: dict[str, Coverage]) -> str:
+    """summary.json with each run's base and checkpoint names beside its steps, and the share of its model
+    measured (``coverage``: what was left out, by kind)."""
     doc = json.loads(text)
     for run, entry in doc["runs"].items():
         names = labels.get(run)
         if names:
             entry["base"] = names.get(0)
             entry["step_labels"] = [names.get(step, str(step)) for step in entry["steps"]]
+        if run in coverage:
+            entry["coverage"] = coverage[run].as_dict()
     return json.dumps(doc, indent=2)
 
 
@@ -213,4 +224,7 @@ def load(out: str | Path) -> Analysis:
         if "step_labels" in entry:
             labels[run] = {0: entry.get("base"), **dict(zip(entry["steps"], entry["step_labels"], strict=True))}
     runs = [Run(label, "", []) for label in dict.fromkeys(r.run for r in rows)]
-    return Analysis(rows, curves, summary.get("notes", []), runs, config, labels)
+    analysis = Analysis(rows, curves, summary.get("notes", []), runs, config, labels)
+    analysis.coverage = {run: Coverage.from_dict(entry["coverage"]) for run, entry in summary.get("runs", {}).items()
+                         if "coverage" in entry}
+    return analysis

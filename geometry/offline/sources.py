@@ -33,7 +33,16 @@ from geometry.offline.locate import (
     step_of,
     weight_files,
 )
-from geometry.selection import as_patterns, choose, layer_of, matches, module_of, natural_order
+from geometry.selection import (
+    Coverage,
+    as_patterns,
+    choose,
+    coverage,
+    layer_of,
+    matches,
+    module_of,
+    natural_order,
+)
 
 # safetensors dtype codes -> torch dtype names (getattr: older torch builds lack the newest ones).
 _ST_DTYPES = {
@@ -227,6 +236,14 @@ class TensorSource:
             return f.read(name, rows) if cols is None and into is None else f.read(name, rows, cols, into)
         except Exception as e:
             raise GeometryError(f"checkpoint {self.label}: cannot read {name} ({_one_line(e)})") from None
+
+    def coverage(self, specs: Iterable[MatrixSpec]) -> Coverage:
+        """The share of this model's parameters the selected matrices hold, what they leave out by kind."""
+        measured: dict[str, int] = {}
+        for spec in specs:
+            stored = self._parts[spec.tensor].tensor if spec.tensor in self._parts else spec.tensor
+            measured[stored] = measured.get(stored, 0) + math.prod(spec.shape)
+        return coverage({n: f.meta[n][0] for n, f in self._files.items()}, measured)
 
     def _read_expert(self, part: experts.ExpertPart, rows: slice | None, cols: slice | None) -> torch.Tensor:
         """One expert's (out, in) matrix: its slab [1, a, b] of the stacked tensor read alone, then its part."""
