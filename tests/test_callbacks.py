@@ -122,3 +122,18 @@ def test_without_projection_the_update_leaves_the_subspace(tmp_path):
     _, _, V = exact(w5[name] - w0[name])
     later = (wT[name] - w5[name]).double()
     assert (later - later @ V @ V.T).norm() / later.norm() > 0.05
+
+
+def test_the_callback_adds_no_line_to_the_trainers_output(tmp_path, capfd):
+    """Recording every step (and snapshots) prints nothing: the trainer's output has as many lines with the
+    callback as without it."""
+    train(tmp_path / "warm", tiny_llama(), [], steps=1)  # the one-time warnings of the first Trainer
+    capfd.readouterr()
+    train(tmp_path / "plain", tiny_llama(), [], steps=8)
+    plain = capfd.readouterr()
+    train(tmp_path / "recorded", tiny_llama(), [GeometryCallback(tmp_path / "geometry",
+                                                                 RecorderConfig(snapshot_every=2))], steps=8)
+    recorded = capfd.readouterr()
+    assert read_manifest(tmp_path / "geometry").tracking_steps == list(range(1, 9))
+    assert len(recorded.out.splitlines()) == len(plain.out.splitlines())
+    assert len(recorded.err.splitlines()) == len(plain.err.splitlines()), recorded.err

@@ -41,6 +41,8 @@ from geometry.lab.regimes import TRACK_K, RegimeConfig, TrainResult
 from geometry.offline.analyze import Analysis, Run, analyze
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.summary import ATTENTION_MODULES
+from geometry.progress import around_bars
+from geometry.progress import bar as progress_bar
 from geometry.selection import module_of
 from geometry.table import Table
 
@@ -221,8 +223,9 @@ def load_study(out: str | Path) -> StudyResult:
 
 
 def run_study(out: str | Path, config: StudyConfig | None = None, *,
-              log: Callable[[str], None] = print) -> StudyResult:
-    """Train, record, analyze. Seeded: the same config gives the same numbers."""
+              log: Callable[[str], None] = print, progress: bool = False) -> StudyResult:
+    """Train, record, analyze. Seeded: the same config gives the same numbers. ``progress``: a bar over the
+    training runs, then one over the analysis, each with an ETA, when stderr is a terminal (geometry.progress)."""
     t0 = time.perf_counter()
     sc = config or StudyConfig()
     out = Path(out)
@@ -238,15 +241,18 @@ def run_study(out: str | Path, config: StudyConfig | None = None, *,
     if not (sc.no_variants or sc.quick):
         first += [(n, 0) for n in VARIANTS]
     results: dict[str, list[TrainResult]] = {}
+    bar = progress_bar(len(first) + len(PROJECTED) * len(seeds), "training", "run", progress)
+    log = around_bars(log)
 
     def train(todo: list[tuple[str, int]], rc: RegimeConfig, pool) -> None:
         jobs = [(name, replace(rc, seed=seed), student, teacher, out / "runs") for name, seed in todo]
         for res in _map(_train_one, jobs, pool):
             results.setdefault(res.name, []).append(res)
+            bar.update(1)
             log(f"  {res.name}, seed {res.seed}: accuracy {100 * res.acc_before:.1f}% -> {100 * res.acc_after:.1f}% "
                 f"({rc.steps} steps in {res.seconds:.0f} s)")
 
-    with _pool(sc.jobs) as pool:
+    with _pool(sc.jobs) as pool, bar:
         log(f"training {len(first)} runs, {sc.jobs} at a time")
         train(first, cfg, pool)
         hidden = int(regimes.load_model(student).config.hidden_size)
@@ -262,7 +268,7 @@ def run_study(out: str | Path, config: StudyConfig | None = None, *,
     torch.set_num_threads(1)  # thousands of small decompositions: one thread avoids OpenMP waits on a busy machine
     try:
         analysis = analyze([Run(label(r.name, r.seed), r.store / "base", [r.store]) for r in stores],
-                           config=AnalysisConfig(lock_k=bounds.lock_k, device="cpu"))
+                           config=AnalysisConfig(lock_k=bounds.lock_k, device="cpu"), progress=progress)
         tracking = Table(row for r in stores for row in tracking_at(r, bounds.lock_k))
     finally:
         torch.set_num_threads(threads)
