@@ -1,10 +1,13 @@
 """`geometry demo --quick` end to end: every run and seed trained and recorded, report and figures written."""
 
+import contextlib
+import io
 import math
 import re
 
 import pytest
 from matplotlib.image import imread
+from md_tables import assert_tables_keep_columns
 
 from geometry.cli import main
 from geometry.errors import GeometryError
@@ -13,10 +16,17 @@ from geometry.lab.study import CONTROLS, MAIN, PROJECTED, data_dir
 from geometry.table import Table
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
-    assert main(["demo", "--quick", "-o", str(out)]) == 0
+    with contextlib.redirect_stderr(Terminal()) as err:  # as on a terminal: the progress bars are drawn
+        assert main(["demo", "--quick", "-o", str(out)]) == 0
+    (out.parent / "stderr.txt").write_text(err.getvalue())
     return out
 
 
@@ -76,6 +86,16 @@ def test_notes_collapse_to_one_line_per_setting():
              "a note about no run", "opd/s0: k = 8"]
     assert collapse_notes(notes, labels) == ["all runs: k = 16", "sft/s0, opd/s0: one base decomposition",
                                              "a note about no run", "opd/s0: k = 8"]
+
+
+def test_every_table_of_the_report_keeps_its_columns(demo):
+    assert assert_tables_keep_columns((demo / "report.md").read_text()) >= 8
+
+
+def test_a_terminal_sees_the_training_and_analysis_bars_with_an_eta(demo):
+    err = (demo.parent / "stderr.txt").read_text()
+    assert re.search(r"training: .*\d+/14 \[[\d:]+<[\d:]+", err)  # --quick: 2 seeds x 7 runs
+    assert re.search(r"analyze sft/s0 and 13 more runs: .*<[\d:]+", err)
 
 
 def test_every_run_and_seed_is_analyzed_and_tracked(demo):
