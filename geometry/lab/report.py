@@ -12,20 +12,20 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from geometry.lab.claims import (
     EARLY,
     PROJECTION_MARGIN,
     Claim,
     Views,
     accuracy,
-    band,
+    at,
     claims,
     gain_share,
-    growth,
     per_seed,
     sim_early,
+    tracked_curve,
+    tracked_onsets,
+    trajectory_values,
     views,
 )
 from geometry.lab.figures import figures
@@ -33,7 +33,7 @@ from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
 from geometry.lab.stats import ALPHA, VERDICTS, Interval, interval
 from geometry.lab.study import PROJECTED, VARIANTS, StudyResult, label, save_study
 from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
-from geometry.offline.summary import ATTENTION_MODULES, RunSummary
+from geometry.offline.summary import RunSummary
 
 # Shen et al. 2026 (Qwen3-8B student), Table 1 and the localisation table; orders of magnitude in the text.
 PAPER_SPARSITY = {"sft": 0.081, "opd": 0.516, "rlvr": 0.772}
@@ -132,9 +132,9 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
 
 def _k_words(bd) -> str:
     if bd.lock_k < math.ceil(bd.opd_stable_rank) - 1:
-        return (f"{bd.lock_k}, capped (the recorder tracks {bd.lock_k} directions; the paper's value): OPD's update "
-                f"stable rank is {bd.opd_stable_rank:.2f}")
-    return f"{bd.lock_k}, just below OPD's update stable rank {bd.opd_stable_rank:.2f}"
+        return (f"{bd.lock_k}, capped (the recorder tracks {bd.lock_k} directions; the paper's value): OPD's float32 "
+                f"update stable rank is {bd.opd_stable_rank:.2f}")
+    return f"{bd.lock_k}, just below OPD's float32 update stable rank {bd.opd_stable_rank:.2f}"
 
 
 def _params(study: StudyResult) -> int:
@@ -214,27 +214,30 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               "angles, then the mean over matrices; *NSS*: ||s(W_T) - s(W0)|| / ||s(W0)|| (SPEC 3); *intruders*: "
               "top-10 singular vectors of W_T with no singular vector of W0 at |cos| >= 0.5 (SPEC 8)."]
     lines += ["", "## Subspace locking", "",
-              f"Sim_K (K = {K}, right singular subspace) of D_t to the final update at the 20% checkpoint (bf16, "
-              "as the paper), beside the same from the per-step tracking of the float32 master weights, and the "
-              "stable rank of D_t (bf16 checkpoints), on the attention matrices (the paper's view) and on all "
-              f"matrices. Onset = earliest checkpoint from which Sim_K stays >= {tau} (median over matrices; "
-              "'none' if never), seed 0.", "",
-              table(["run", "Sim_K at 20%, attention", "all matrices", "per step, float32, attention", "paper",
-                     "stable rank final, attention", "final / 20%", "band from 20%", "onset (frac), attention",
-                     "all matrices"],
+              f"Read from the per-step tracking of the trained float32 weights (what training did; docs/metrics.md "
+              f"item 7), attention matrices q/k/v/o (the paper's view): Sim_K (K = {K}, right singular subspace) of "
+              "D_t to the final update at the step nearest 20%, the stable rank of D_t, and the locking onset "
+              "located per step. The bf16 checkpoints' values stand beside them, flagged where most entries of the "
+              "update are unchanged at that checkpoint: there bf16 rounding, not training, shapes the update's "
+              "spectrum.", "",
+              table(["run", "Sim_K at 20%, float32", "bf16 checkpoint", "bf16 sparsity at 20%", "paper",
+                     "stable rank final, float32", "final / 20%", "band from 20%", "onset (frac) per seed, float32",
+                     "onset, bf16, seed 0"],
                     _locking_rows(study, V)),
-              "", "*Sim_K at 20%*: Sim_K of D_t's top-K right subspace to D_T's at the checkpoint nearest 20%, mean "
-              "over matrices; *per step, float32*: the same at the tracked step nearest 20%; *paper*: its Figure's "
-              "reading; *stable rank final*: ||D_T||_F^2 / s1(D_T)^2, mean over matrices; *final / 20%*: its ratio "
-              "to the value at 20%; *band from 20%*: (max - min) / mean of the stable rank over the checkpoints "
-              "from 20%; *onset*: step (fraction of training)."]
+              "", "*Sim_K at 20%*: mean over the attention matrices at the tracked step nearest 20%, mean [95% "
+              "interval] over seeds; *bf16 checkpoint*: the same at the bf16 checkpoint nearest 20%, marked "
+              "*(rounding)* where over half of the update's entries are unchanged there; *bf16 sparsity at 20%*: "
+              "that share (%); *paper*: its Figure's reading; *stable rank final*: ||D_T||_F^2 / s1(D_T)^2, mean "
+              "over matrices; *final / 20%*: its ratio to the value at 20%; *band from 20%*: (max - min) / mean of "
+              f"the stable rank over the tracked steps from 20%; *onset*: earliest step from which Sim_K stays >= "
+              f"{tau} (median over matrices; 'none' if never), step (fraction of training), one per seed."]
     lines += ["", "## Are there boundaries at k and K?", "",
               f"A K-dimensional subspace is only well defined when the spectrum has a gap at K. OPD's final "
-              f"update (attention matrices, bf16 checkpoints): stable rank {bd.opd_stable_rank:.2f}, so K = {K}; "
-              f"s_K / s_K+1 = {bd.update_gap:.3g} (median over matrices and seeds). The same update on the float32 "
-              f"master weights (per-step tracking, final step) has stable rank {_tracked_rank(study):.2f}: the bf16 "
-              "rounding of the checkpoints adds spread-out quantisation noise (entries move by whole bf16 "
-              "spacings or not at all), which raises the stable rank the rule reads. The student's W0 at the "
+              f"update on the float32 weights (per-step tracking, attention matrices): stable rank "
+              f"{bd.opd_stable_rank:.2f}, so K = {K}; s_K / s_K+1 = {bd.update_gap:.3g} (median over matrices and "
+              f"seeds). The same update read from the bf16 checkpoints has stable rank "
+              f"{bd.opd_stable_rank_bf16:.2f}: bf16 rounding moves entries by whole bf16 spacings or not at all, "
+              "spread-out quantisation noise that raises the stable rank. The student's W0 at the "
               f"analyzer's k = {bd.principal_k}: s_k / s_k+1 = {bd.base_gap:.3g}. "
               + _gap_words(bd.update_gap, bd.base_gap)]
     lines += ["", "## Gradient projection (the causal test)", "",
@@ -295,16 +298,6 @@ def collapse_notes(notes: list[str], labels: list[str]) -> list[str]:
     return out
 
 
-def _tracked_rank(study: StudyResult) -> float:
-    """OPD's final per-step-tracked stable rank (float32 weights), median over attention matrices, mean over seeds."""
-    vals = []
-    for r in study.runs.get("opd", []):
-        rows = study.tracking.where(run=label("opd", r.seed), metric="track_stable_rank", step=r.steps,
-                                    module=sorted(ATTENTION_MODULES))
-        vals.append(float(np.median(rows.values())) if len(rows) else math.nan)
-    return float(np.mean(vals)) if vals else math.nan
-
-
 def _gap_words(update_gap: float, base_gap: float) -> str:
     flat = [w for w, g in (("OPD's update at K", update_gap), ("W0 at k", base_gap)) if g < 1.1]
     if not flat:
@@ -314,28 +307,25 @@ def _gap_words(update_gap: float, base_gap: float) -> str:
 
 
 def _locking_rows(study: StudyResult, V: Views) -> list[list[str]]:
+    tau = study.analysis.config.tau
+    traj = trajectory_values(study, V, tuple(study.runs))
     rows = []
-    for name in study.runs:
+    for name, results in study.runs.items():
         def iv(S, f, name=name):
             return _iv(per_seed(study, S, name, f))
-        a0, s0 = V.attn.get(label(name, 0)), V.all.get(label(name, 0))
-        tracked = interval([_tracked_sim_early(study, name, r) for r in study.runs[name]])
-        rows.append([name, iv(V.attn, sim_early).show(), iv(V.all, sim_early).show(), tracked.show(),
-                     PAPER_SIM20.get(name, ""),
-                     iv(V.attn, lambda s: s.final("stable_rank")).show(), iv(V.attn, growth).show(),
-                     iv(V.attn, band).show(), _onset(a0.attention_onset_step if a0 else None, a0),
-                     _onset(s0.locking_onset_step if s0 else None, s0)])
+        bf16_sparsity = iv(V.all, lambda s: at(s, "sparsity_bf16", EARLY))
+        flag = " (rounding)" if bf16_sparsity.mean > 0.5 else ""
+        final = {r.seed: c[-1][1] for r in results if (c := tracked_curve(study, name, r.seed, "track_stable_rank"))}
+        onsets = []
+        for r in results:
+            step = tracked_onsets(study, name, r.seed, tau)
+            onsets.append("none" if step is None else f"{step} ({step / r.steps:.2f})")
+        s0 = V.attn.get(label(name, 0))
+        rows.append([name, _iv(traj.sim_early[name]).show(), iv(V.attn, sim_early).show() + flag,
+                     bf16_sparsity.show("%"), PAPER_SIM20.get(name, ""), _iv(final).show(),
+                     _iv(traj.growth[name]).show(), _iv(traj.band[name]).show(), ", ".join(onsets),
+                     _onset(s0.attention_onset_step if s0 else None, s0)])
     return rows
-
-
-def _tracked_sim_early(study: StudyResult, name: str, res) -> float:
-    """Per-step Sim_K (V) to the final update at the tracked step nearest 20%, mean over attention matrices."""
-    rows = study.tracking.where(run=label(name, res.seed), metric="track_sim_final_v", module=sorted(ATTENTION_MODULES))
-    steps = sorted(rows.unique("step"))
-    if not steps:
-        return math.nan
-    step = min(steps, key=lambda s: abs(s - EARLY * steps[-1]))
-    return float(np.nanmean(rows.where(step=step).values()))
 
 
 def _onset(step: int | None, s: RunSummary | None) -> str:

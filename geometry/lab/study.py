@@ -7,8 +7,9 @@ data/), with TRL trainers and our callback (geometry.lab.regimes):
 - the causal test (SPEC 9): SFT and OPD with gradients projected on the rank-K update subspace from 20%;
 - a labelled variant, one seed, in no verdict: TRL's full-vocabulary DistillationTrainer.
 
-K follows the paper's rule (SPEC 7): just below OPD's measured update stable rank, here measured on the
-attention matrices of OPD's final bf16 checkpoints, before the projected runs (which need K) are trained.
+K follows the paper's rule (docs/metrics.md item 7): just below OPD's measured update stable rank, here measured
+on the attention matrices of OPD's final float32 update (the per-step tracking), before the projected runs
+(which need K) are trained.
 The student is already trained on the task, so it plays the part of the paper's SFT anchor from which OPD
 and RLVR start; all runs here start from it.
 """
@@ -32,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from geometry.capture.store import read_snapshot
+from geometry.capture.store import check_store, read_snapshot, read_tracking
 from geometry.capture.trajectory import tracking_table
 from geometry.errors import GeometryError
 from geometry.lab import regimes
@@ -61,10 +62,11 @@ class Boundaries(NamedTuple):
     """How K was picked, and whether the student's spectra have a boundary at k and K at all."""
 
     lock_k: int  # K: the largest integer below OPD's update stable rank (at most TRACK_K)
-    opd_stable_rank: float  # median over attention matrices of OPD's final bf16 update, mean over seeds
-    update_gap: float  # s_K / s_{K+1} of that update, median over the same matrices and seeds
+    opd_stable_rank: float  # of OPD's final float32 update (per-step tracking): median over attention, mean over seeds
+    update_gap: float  # s_K / s_{K+1} of that update (tracked values), median over the same matrices and seeds
     principal_k: int  # the analyzer's k of W0 (round(512 h / 4096))
     base_gap: float  # s_k / s_{k+1} of W0, median over the attention matrices
+    opd_stable_rank_bf16: float = math.nan  # the same from the final bf16 checkpoint, shown beside it
 
 
 class StudyResult(NamedTuple):
@@ -170,23 +172,33 @@ def _svals(d: torch.Tensor) -> torch.Tensor:
 
 
 def boundaries(opd: list[TrainResult], hidden: int) -> Boundaries:
-    """K by the paper's rule from OPD's final bf16 updates of the attention matrices, and the spectral gaps
-    at K (of those updates) and at the analyzer's k (of W0)."""
-    srs, gaps_by_seed, base_gaps = [], [], []
+    """K by the paper's rule (docs/metrics.md item 7) from OPD's final float32 updates of the attention matrices
+    (the per-step tracking: ||D||_F exact, top singular values tracked), and the spectral gaps at K (of those
+    updates) and at the analyzer's k (of W0). The bf16 checkpoint's stable rank is kept beside it: there
+    rounding leaves most entries unchanged and moves the rest by whole bf16 spacings, which spreads energy."""
+    srs, srs_bf16, tracked, base_gaps = [], [], [], []
     for res in opd:
         base, final = read_snapshot(res.store, None), read_snapshot(res.store, res.steps)
         attn = [n for n in base if module_of(n) in ATTENTION_MODULES]
-        svals = {n: _svals(final[n].float() - base[n].float()) for n in attn}
-        srs.append(float(torch.tensor([float((s ** 2).sum() / s[0] ** 2) for s in svals.values()]).median()))
-        gaps_by_seed.append(svals)
+        srs_bf16.append(float(torch.tensor([_stable_rank(_svals(final[n].float() - base[n].float()))
+                                            for n in attn]).median()))
+        last = read_tracking(res.store, check_store(res.store).tracking_steps[-1])
+        ests = [last[n] for n in attn if n in last and last[n].fro > 0]
+        srs.append(float(torch.tensor([e.fro ** 2 / float(e.s[0]) ** 2 for e in ests]).median()))
+        tracked.append(ests)
         if not base_gaps:
             base_gaps = [_svals(base[n].float()) for n in attn]
     sr = sum(srs) / len(srs)
     k_lock = max(1, min(TRACK_K, math.ceil(sr) - 1))
-    upd = [float(s[k_lock - 1] / s[k_lock]) for svals in gaps_by_seed for s in svals.values()]
+    upd = [float(e.s[k_lock - 1] / e.s[k_lock]) for ests in tracked for e in ests if len(e.s) > k_lock]
     k = max(1, round(512 * hidden / 4096))
-    return Boundaries(k_lock, sr, float(torch.tensor(upd).median()), k,
-                      float(torch.tensor([float(s[k - 1] / s[k]) for s in base_gaps]).median()))
+    return Boundaries(k_lock, sr, float(torch.tensor(upd).median()) if upd else math.nan, k,
+                      float(torch.tensor([float(s[k - 1] / s[k]) for s in base_gaps]).median()),
+                      sum(srs_bf16) / len(srs_bf16))
+
+
+def _stable_rank(s: torch.Tensor) -> float:
+    return float((s ** 2).sum() / s[0] ** 2)
 
 
 def tracking_at(res: TrainResult, k: int) -> Table:
@@ -258,8 +270,8 @@ def run_study(out: str | Path, config: StudyConfig | None = None, *,
         hidden = int(regimes.load_model(student).config.hidden_size)
         bounds = boundaries(results["opd"], hidden)
         cfg = replace(cfg, lock_k=bounds.lock_k)
-        log(f"K = {bounds.lock_k} (OPD's update stable rank {bounds.opd_stable_rank:.2f}, attention matrices, bf16 "
-            f"checkpoints; K is the largest integer below it, at most {TRACK_K})")
+        log(f"K = {bounds.lock_k} (OPD's update stable rank {bounds.opd_stable_rank:.2f}, attention matrices, float32 "
+            f"weights; K is the largest integer below it, at most {TRACK_K})")
         log(f"training {len(PROJECTED) * len(seeds)} projected runs")
         train([(n, s) for s in seeds for n in PROJECTED], cfg, pool)
     log("analyzing the bf16 snapshots of every run")
