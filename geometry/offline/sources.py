@@ -285,6 +285,9 @@ def _open(p: Path, hub: str | None, allow_pickle: bool) -> TensorSource:
         found: list[tuple[Path, list[str] | None]] | None = [(p, None)]
     elif p.is_dir():
         found = weight_files(p, allow_pickle)
+        framework = _framework(p, allow_pickle) if found is None else None
+        if framework:
+            return framework.source
     else:
         raise GeometryError(f"{p}: neither a file nor a folder")
     if found is None:
@@ -301,6 +304,21 @@ class Checkpoint(NamedTuple):
     step: int | None  # optimizer step: a checkpoint-N name or trainer_state.json; None where the files do not say
     source: TensorSource
     label: str  # name in the outputs: the folder or file name, or the hub name (geometry.offline.locate.label_of)
+
+
+def _framework(d: Path, allow_pickle: bool) -> Checkpoint | None:
+    """A folder holding no weights of its own as an RL framework's checkpoint: verl's FSDP shards
+    (geometry.offline.verl) or a DeepSpeed ZeRO checkpoint (geometry.offline.zero); None when it is neither."""
+    from geometry.offline import verl, zero
+
+    return verl.open_step(d, allow_pickle) or zero.open_step(d, allow_pickle)
+
+
+def _framework_steps(run: Path) -> list[tuple[int, Path]]:
+    """verl's ``global_step_N`` or DeepSpeed's ``global_stepN`` subfolders, in step order."""
+    from geometry.offline import verl, zero
+
+    return verl.step_dirs(run) or zero.step_dirs(run)
 
 
 def _checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
@@ -342,13 +360,16 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, base: TensorSource
             from geometry.capture.store import check_store  # here only: plain checkpoints need no capture code
 
             check_store(p)
-        steps = _checkpoint_dirs(p)
+        steps = _checkpoint_dirs(p) or (_framework_steps(p) if weight_files(p, allow_pickle) is None else [])
         if steps:
             return [Checkpoint(n, one(d, None), d.name) for n, d in steps]
         if is_adapter(p):
             return [Checkpoint(step_of(p), one(p, hub), label_of(p, hub))]
         if weight_files(p, allow_pickle) is None:
-            raise GeometryError(f"{p}: no checkpoint-N folders and no model weights")
+            framework = _framework(p, allow_pickle)
+            if framework is None:
+                raise GeometryError(f"{p}: no checkpoint-N folders and no model weights")
+            return [framework if step_of(p) is None else framework._replace(step=step_of(p))]
     return [Checkpoint(step_of(p), _open(p, hub, allow_pickle), label_of(p, hub))]
 
 
