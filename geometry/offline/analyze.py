@@ -34,6 +34,7 @@ from geometry.offline.engine import (
     locking_sims,
     measure_step,
 )
+from geometry.offline.pairs import Cell, Pairs, Subspaces, compare_group
 from geometry.offline.sources import (
     Checkpoint,
     MatrixSpec,
@@ -77,7 +78,8 @@ class Analysis(Table):
 
     curves: per-matrix angle curves and spectra; notes: fallbacks taken and matrices skipped, in words;
     runs: the runs analysed, in order; labels: run -> step -> the name of the checkpoint measured at that
-    step (step 0: the base), for the outputs; rank: this process's torchrun rank (only rank 0 holds the
+    step (step 0: the base), for the outputs; pairs: runs of one base compared with each other
+    (geometry.offline.pairs, docs/metrics.md item 10); rank: this process's torchrun rank (only rank 0 holds the
     rows and curves of a distributed analysis; the others' are empty and write nothing).
     """
 
@@ -88,6 +90,7 @@ class Analysis(Table):
         self.labels = labels or {}
         self.rank = rank
         self.coverage: dict[str, Coverage] = {}  # run -> the share of its model measured (geometry.selection)
+        self.pairs = Pairs()
         self.work: list[tuple[int, float]] = []
 
 
@@ -114,7 +117,7 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
         raise GeometryError(f"run labels must be unique, got {labels}")
     _return_freed_memory()
     w = dist.world() if distributed else dist.World(0, 1, 0)
-    rows, curves, notes, step_labels = [], [], [], {}
+    rows, curves, notes, step_labels, cells = [], [], [], {}, []
     work = [(0, 0.0)] * w.size
     try:
         plans = [_plan(run, cfg) for run in runs]  # every input opened and checked before anything is measured
@@ -128,10 +131,12 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
         rows += outs[i].rows
         curves += outs[i].curves
         notes += plan.notes + outs[i].notes
+        cells += outs[i].pairs
         step_labels[plan.run.label] = {0: plan.base.label, **{c.step: c.label for c in plan.ckpts}}
     analysis = Analysis(rows, curves, notes, runs, cfg, step_labels, rank=w.rank)
     analysis.work = work
     analysis.coverage = {plan.run.label: plan.coverage for plan in plans}
+    analysis.pairs = Pairs.from_cells(cells, labels)
     return analysis
 
 
@@ -271,6 +276,7 @@ class _GroupOut(NamedTuple):
     curves: list[Curve]
     methods: Counter
     sizes: tuple[int, int]  # (k, r) the group was measured with
+    pairs: tuple[Cell, ...] = ()  # the runs compared with each other (on the first run's output)
 
 
 class _Plan(NamedTuple):
@@ -291,6 +297,7 @@ class _RunOut(NamedTuple):
     rows: list[Row]
     curves: list[Curve]
     notes: list[str]  # on the measuring: sizes, fallbacks
+    pairs: tuple[Cell, ...] = ()  # runs of its base compared with each other (on the first run of those)
 
 
 def _plan(run: Run, cfg: AnalysisConfig) -> _Plan:
@@ -390,12 +397,13 @@ def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: 
 def _finish(label: str, groups: list[list[MatrixSpec]], outs: list[_GroupOut], hidden: int | None,
             cfg: AnalysisConfig) -> _RunOut:
     """One run's rows and curves in group order, and its notes on the sizes used and the fallbacks taken."""
-    rows, curves, notes = [], [], []
+    rows, curves, notes, cells = [], [], [], []
     methods: Counter = Counter()
     sizes: dict[tuple[int, int], list] = defaultdict(list)  # (k, r) -> shapes measured with them
     for group, out in zip(groups, outs, strict=True):
         rows += out.rows
         curves += out.curves
+        cells += out.pairs
         methods.update(out.methods)
         sizes[out.sizes].append(group[0].shape)
     where = f"hidden size {hidden}" if hidden else "no hidden_size in config.json: scaled to each matrix's smaller side"
@@ -409,14 +417,16 @@ def _finish(label: str, groups: list[list[MatrixSpec]], outs: list[_GroupOut], h
     for method, count in sorted(methods.items()):
         if "->" in method:
             notes.append(f"{label}: {count} batch decompositions fell back {method} (fast path failed its check)")
-    return _RunOut(rows, curves, notes)
+    return _RunOut(rows, curves, notes, tuple(cells))
 
 
 def _measure_group(base: TensorSource, runs: list[tuple[str, list[Checkpoint]]], group: list[MatrixSpec],
                    cfg: AnalysisConfig, device: torch.device, hidden: int | None, bar) -> list[_GroupOut]:
-    """One group of matrices: its base decomposed once, then each run's (label, checkpoints) visited."""
+    """One group of matrices: its base decomposed once, then each run's (label, checkpoints) visited; two runs or
+    more are then compared with each other (``compare_group``), from the update subspaces kept for it."""
     factors = decompose_base(_stored_group(base, group, device), cfg, hidden)
     outs = []
+    kept: dict[str, dict[int, Subspaces]] = {}  # run -> step -> its update's top-K subspaces (O((m + n) K) each)
     for label, ckpts in runs:
         rows: list[Row] = []
         curves: list[Curve] = []
@@ -424,10 +434,16 @@ def _measure_group(base: TensorSource, runs: list[tuple[str, list[Checkpoint]]],
             if factors.svd is not None:  # None: the quick suite, W0 not decomposed
                 curves.append(Curve(label, 0, spec.name, "spectrum", factors.svd.S[i].cpu().numpy()))
         results = _visit_checkpoints(factors, ckpts, group, cfg, device, bar)
+        if len(runs) > 1:
+            kept[label] = {c.step: Subspaces(res.UK, res.VK, res.values["fro_norm"] > 0)
+                           for c, res in zip(ckpts, results, strict=True)}
         _emit(label, [c.step for c in ckpts], group, results, rows, curves)
         outs.append(_GroupOut(rows, curves, Counter(m for res in results for m in res.methods),
                               (factors.k, factors.r)))
         del results  # freed before the next run's checkpoints are visited, not after
+    if len(runs) > 1:
+        cells = compare_group(factors.W0, runs, kept, group, lambda source: _stored_group(source, group, device))
+        outs[0] = outs[0]._replace(pairs=tuple(cells))
     return outs
 
 

@@ -25,16 +25,19 @@ from geometry.offline import moe
 from geometry.offline.analyze import Analysis, Curve, Run
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.markdown import render_summary
+from geometry.offline.pairs import Pairs, PairSummary
 from geometry.offline.summary import DERIVED, onset_rows, summarize, summary_json
 from geometry.selection import Coverage
 from geometry.table import Table
 
 FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")  # the tables
+PAIRS = "pairs.csv"  # where two runs or more share a base: the runs compared with each other (offline.pairs)
 REPORT = ("figures", "report.md")  # with figures=True (the CLI's default); report.html with html=True
 
 
 def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False, html: bool = False) -> list[Path]:
-    """metrics.csv (the tidy table), summary.json, summary.md and curves.npz (angle curves, spectra); with
+    """metrics.csv (the tidy table), summary.json, summary.md and curves.npz (angle curves, spectra); pairs.csv
+    where runs share a base (their run-level values under summary.json's "pairs" and in summary.md); with
     ``figures``, the standard figures (figures/*.png) and report.md embedding them; with ``html``, also
     report.html, one self-contained file (geometry.offline.figures).
 
@@ -52,11 +55,14 @@ def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False
     blobs = {
         "metrics.csv": csv_buf.getvalue().encode(),
         "summary.json": _with_labels(summary_json(summaries, analysis.notes, dataclasses.asdict(analysis.config)),
-                                     analysis.labels, analysis.coverage).encode(),
-        "summary.md": _with_experts(render_summary(summaries, analysis.notes, tau, analysis.config.alpha,
-                                                   analysis.config.lock_k), analysis).encode(),
+                                     analysis.labels, analysis.coverage, analysis.pairs).encode(),
+        "summary.md": _with_pairs(_with_experts(render_summary(summaries, analysis.notes, tau, analysis.config.alpha,
+                                                               analysis.config.lock_k), analysis),
+                                  analysis.pairs).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
+    if len(analysis.pairs):
+        blobs[PAIRS] = analysis.pairs.to_csv().encode()
     if figures or html:
         blobs.update(_report_files(analysis, blobs["summary.md"].decode(), html))
     try:
@@ -86,10 +92,22 @@ def _with_experts(summary_md: str, table: Table) -> str:
     return summary_md if not section else summary_md.rstrip() + "\n\n" + section
 
 
-def _with_labels(text: str, labels: dict[str, dict[int, str]], coverage: dict[str, Coverage]) -> str:
-    """summary.json with each run's base and checkpoint names beside its steps, and the share of its model
-    measured (``coverage``: what was left out, by kind)."""
+def _with_pairs(summary_md: str, pairs: Pairs) -> str:
+    """summary.md with the runs compared with each other (geometry.offline.pairs) before its notes."""
+    section = pairs.markdown()
+    if not section:
+        return summary_md
+    head, sep, notes = summary_md.partition("\n## Notes\n")
+    return head.rstrip() + "\n\n" + section.rstrip() + "\n" + (sep + notes if sep else "")
+
+
+def _with_labels(text: str, labels: dict[str, dict[int, str]], coverage: dict[str, Coverage],
+                 pairs: Pairs | None = None) -> str:
+    """summary.json with each run's base and checkpoint names beside its steps, the share of its model
+    measured (``coverage``: what was left out, by kind), and the runs compared with each other (``pairs``)."""
     doc = json.loads(text)
+    if pairs is not None and pairs.summaries:
+        doc["pairs"] = [s.to_json() for s in pairs.summaries]
     for run, entry in doc["runs"].items():
         names = labels.get(run)
         if names:
@@ -227,4 +245,10 @@ def load(out: str | Path) -> Analysis:
     analysis = Analysis(rows, curves, summary.get("notes", []), runs, config, labels)
     analysis.coverage = {run: Coverage.from_dict(entry["coverage"]) for run, entry in summary.get("runs", {}).items()
                          if "coverage" in entry}
+    if (out / PAIRS).is_file():
+        try:
+            analysis.pairs = Pairs(Pairs.rows_from_csv((out / PAIRS).read_text()),
+                                   [PairSummary.from_json(d) for d in summary.get("pairs", [])])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise GeometryError(f"{out}: unreadable {PAIRS} ({type(e).__name__}: {e})") from None
     return analysis
