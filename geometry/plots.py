@@ -234,6 +234,24 @@ def expert_heatmap(grid, metric: str, ax=None, *, label: str | None = None):
     return fig
 
 
+def run_grid(runs: Sequence[str], grid: np.ndarray, ax=None, *, title: str = "", vmin: float | None = None,
+             vmax: float | None = None, cmap: str = "viridis"):
+    """A run x run grid (geometry.offline.pairs.Pairs.grid): one cell per pair of runs, its value written in it
+    when the runs are few; a blank cell was not compared (the diagonal, runs of other bases)."""
+    fig, ax = _axes(ax, figsize=(2.0 + 0.5 * len(runs), 1.6 + 0.5 * len(runs)))
+    image = ax.imshow(grid, cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(runs)), runs, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(runs)), runs, fontsize=8)
+    if len(runs) <= 12:
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                        color="k" if image.norm(v) > 0.6 else "w")  # dark on viridis' light end
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.9)
+    return fig
+
+
 def png(fig, dpi: int = 110) -> bytes:
     """The figure as PNG bytes; the figure is closed (pyplot keeps every open figure alive)."""
     buf = io.BytesIO()

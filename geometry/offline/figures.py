@@ -18,11 +18,17 @@ from geometry.offline.markdown import to_html
 from geometry.offline.summary import ATTENTION_MODULES, summarize
 
 HEATMAP_METRICS = ("sparsity_bf16", "overlap_2s_ratio", "stable_rank")  # where in the network each update sits
+# runs against each other at their final steps (docs/metrics.md item 10): metric, title, colour scale
+PAIR_GRIDS = (("pair_mask_jaccard", "Jaccard of changed masks", {"vmin": 0.0, "vmax": 1.0}),
+              ("pair_mask_overlap_ratio", "changed entries shared / by chance (1: independent)", {"vmin": 0.0}),
+              ("pair_update_cosine", "update cosine (all matrices)", {"vmin": -1.0, "vmax": 1.0}),
+              ("pair_sim_v", "Sim_K of the right update subspaces (mean)", {"vmin": 0.0, "vmax": 1.0}))
 
 
 def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_METRICS) -> dict[str, bytes]:
     """File name -> PNG of each standard figure: sparsity and localisation, angles and spectra, rank and norm,
-    locking (all matrices and attention only), and a layer x module heatmap per metric in ``heatmaps``."""
+    locking (all matrices and attention only), a layer x module heatmap per metric in ``heatmaps``, and where
+    runs share a base, run x run grids of their pair metrics (``PAIR_GRIDS``)."""
     a, cfg = analysis, analysis.config
     runs = a.unique("run")
     summaries = {s.run: s for s in summarize(a, cfg.tau)}
@@ -77,6 +83,14 @@ def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_MET
         for i, run in enumerate(first):
             plots.heatmap(a, metric, ax[i], run=run, **scale)  # one colour scale: runs compare cell by cell
         out[f"heatmap_{metric}.png"] = plots.png(fig)
+
+    if a.pairs.summaries:  # runs of one base compared with each other (geometry.offline.pairs)
+        n = len(a.pairs.grid(PAIR_GRIDS[0][0])[0])  # runs compared
+        fig, ax = plots.panels(len(PAIR_GRIDS), width=max(4.5, 2.5 + 0.45 * n), height=max(3.8, 2.0 + 0.45 * n),
+                               cols=2)
+        for i, (metric, title, scale) in enumerate(PAIR_GRIDS):
+            plots.run_grid(*a.pairs.grid(metric), ax[i], title=title, **scale)
+        out["pairs_heatmap.png"] = plots.png(fig)
 
     for run in first:  # mixture-of-experts runs: each metric over layer x expert
         grid = moe.expert_grid(a, run)
