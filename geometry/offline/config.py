@@ -48,8 +48,9 @@ class AnalysisConfig:
     embeddings: bool = option(False, "also measure embeddings and lm_head (SPEC: only when asked)")
     on_mismatch: str = option("error", "a matrix missing from a checkpoint or of another shape: 'error', or "
                               "'skip' it and list it in the notes", choices=("error", "skip"))
-    allow_pickle: bool = option(False, "read .bin pickle checkpoints (with weights_only=True); only for files you "
-                                "trust: unpickling can run code")
+    allow_pickle: bool = option(False, "read pickle checkpoints: .bin files and verl's FSDP shards (with "
+                                "weights_only=True), DeepSpeed ZeRO checkpoints (through DeepSpeed, which unpickles "
+                                "them in full); only for files you trust: unpickling can run code")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     memory_mb: float = option(2048.0, "memory budget of the matrices measured at once (a group of same-shape "
                               "matrices per thread), working copies included")

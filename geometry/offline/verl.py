@@ -201,7 +201,7 @@ class VerlShards:
 
     def _local(self, name: str, lay: _Layout, coord: tuple[int, ...]) -> torch.Tensor:
         t = self._ranks[lay.ranks[coord]][name]
-        return t.to_local() if _is_dtensor(t) else t
+        return (t.to_local() if _is_dtensor(t) else t).detach()  # a saved Parameter may require grad
 
     def _gather(self, name: str, lay: _Layout, coord: tuple[int, ...]) -> torch.Tensor:
         """The part of the tensor under mesh coordinate prefix ``coord``: DTensor splits mesh dimension 0 first,

@@ -151,6 +151,6 @@ class ZeroStates:
     def read(self, name: str, rows: slice | None, cols: slice | None = None, into: Scratch | None = None
              ) -> torch.Tensor:
         """One parameter rebuilt from the ranks' partitions (or its ``rows``, ``cols``), fp32, on the CPU."""
-        t = self._tensors[name].contiguous()
+        t = self._tensors[name].contiguous().detach()  # DeepSpeed's fp32 partitions require grad
         t = t if rows is None else t[rows]
         return t if cols is None else t[:, cols]
