@@ -1,4 +1,4 @@
-"""The ``geometry`` command: analyze, demo, lab. Bad input ends in one line on stderr and exit code 2;
+"""The ``geometry`` command: analyze, compare, plot, demo, lab. Bad input ends in one line on stderr and exit code 2;
 Ctrl-C or SIGTERM in one line and 130 or 143 (the shell's codes for them); analyze then leaves no partial output."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import typing
+from pathlib import PurePath
 
 from geometry.errors import GeometryError
 from geometry.offline import threads
@@ -121,12 +122,16 @@ def _runs(args):
 
 
 def cmd_analyze(args) -> int:
-    from geometry.offline.analyze import analyze
     from geometry.offline.config import AnalysisConfig
+
+    return _analyze_and_write(_runs(args), config_from_args(AnalysisConfig, args), args)
+
+
+def _analyze_and_write(runs, cfg, args) -> int:
+    """``analyze`` the runs and write args.out (analyze's and compare's common path)."""
+    from geometry.offline.analyze import analyze
     from geometry.offline.outputs import check_output, write_analysis
 
-    cfg = config_from_args(AnalysisConfig, args)
-    runs = _runs(args)
     check_output(args.out)  # before the analysis, not after hours of it
     analysis = analyze(runs, config=cfg, progress=not args.no_progress, distributed=True)
     if analysis.rank != 0:  # torchrun: rank 0 gathered every rank's rows and writes the outputs
@@ -141,8 +146,64 @@ def cmd_analyze(args) -> int:
         if cov.share_non_embedding() < 0.5:
             print(f"warning: {run}: under half of the non-embedding parameters measured: {cov.line()}",
                   file=sys.stderr)
+    if args.command == "compare" and not len(analysis.pairs):
+        print("warning: no two runs were compared: their selected matrices differ (see the notes)", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _compare_args(sub) -> None:
+    from geometry.offline.config import AnalysisConfig
+
+    p = sub.add_parser("compare", help="compare runs of one base with each other (pairs.csv)",
+                       description="Compare runs from one base with each other (docs/metrics.md item 10): shared "
+                       "changed entries, update cosine, sign agreement and Sim_K of the update subspaces, per matrix "
+                       "and step in pairs.csv, per pair in summary.md and a run x run figure. `geometry compare BASE "
+                       "RUN_A RUN_B ...` is `geometry analyze --run A BASE RUN_A --run B BASE RUN_B ...` and writes "
+                       "the same directory (metrics.csv, summary.json, summary.md, curves.npz, figures/, report.md) "
+                       "plus pairs.csv: the pair metrics use each run's top-K update subspaces, which the analysis "
+                       "computes. --quick measures the updates alone (sparsity, rank, locking), the fast way to the "
+                       "pairs.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="BASE, then one checkpoint or run directory per run (at "
+                   "least two)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="the runs' labels, in order (default: the shortest "
+                   "distinct ends of their paths)")
+    p.add_argument("-o", "--out", default="geometry-compare", help="output directory (default: geometry-compare)")
+    add_config_options(p, AnalysisConfig)
+    _progress_option(p)
+    p.add_argument("--no-figures", action="store_true", help="no figures/ and report.md (tables only)")
+    p.add_argument("--html", action="store_true", help="also report.html: one self-contained file, figures inlined")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # dropped from a label
+
+
+def path_labels(paths: list[str]) -> list[str]:
+    """The shortest distinct ends of the paths, '/'-joined ('sft/checkpoint-100', 'rlvr/checkpoint-100'), a
+    weights file's suffix dropped; the paths as given where no end tells them apart."""
+    parts = []
+    for path in map(PurePath, paths):
+        path = path.with_suffix("") if path.suffix in WEIGHT_SUFFIXES else path
+        parts.append([p for p in path.parts if p != path.anchor] or [str(path)])
+    for n in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(ps[-n:]) for ps in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def cmd_compare(args) -> int:
+    from geometry.offline.analyze import Run
+    from geometry.offline.config import AnalysisConfig
+
+    if len(args.paths) < 3:
+        raise GeometryError("compare needs a BASE and at least two runs (checkpoints or run directories)")
+    base, paths = args.paths[0], args.paths[1:]
+    labels = args.labels or path_labels(paths)
+    if len(labels) != len(paths):
+        raise GeometryError(f"--labels gives {len(labels)} labels for {len(paths)} runs")
+    runs = [Run(label, base, [path]) for label, path in zip(labels, paths, strict=True)]
+    return _analyze_and_write(runs, config_from_args(AnalysisConfig, args), args)
 
 
 def _plot_args(sub) -> None:
@@ -205,13 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="geometry", description="Parameter-space update geometry of LLM post-training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _analyze_args(sub)
+    _compare_args(sub)
     _plot_args(sub)
     _demo_args(sub)
     _lab_args(sub)
     return parser
 
 
-COMMANDS = {"analyze": cmd_analyze, "plot": cmd_plot, "demo": cmd_demo, "lab": cmd_lab}
+COMMANDS = {"analyze": cmd_analyze, "compare": cmd_compare, "plot": cmd_plot, "demo": cmd_demo, "lab": cmd_lab}
 
 
 def main(argv: list[str] | None = None) -> int:
