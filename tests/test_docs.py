@@ -38,7 +38,8 @@ def test_every_analyze_option_in_the_readme_exists(capsys):
 def test_cli_defaults_are_the_config_defaults():
     args = build_parser().parse_args(["analyze", "base", "ckpt"])
     assert config_from_args(AnalysisConfig, args) == AnalysisConfig()
-    args = build_parser().parse_args(["analyze", "b", "c", "--k", "7", "--K", "5", "--include", "a", "--include", "b",
+    args = build_parser().parse_args(["analyze", "b", "c", "--principal-k", "7", "--lock-k", "5", "--include", "a",
+                                      "--include", "b",
                                       "--skip-mismatch"])
     cfg = config_from_args(AnalysisConfig, args)
     assert (cfg.principal_k, cfg.lock_k, cfg.include, cfg.on_mismatch) == (7, 5, ("a", "b"), "skip")

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from geometry.atomic import TMP, fsync_path
 from geometry.capture.manifest import MANIFEST, Manifest
 from geometry.capture.trackfile import chunk_path, tracking_path
-from geometry.errors import GeometryError
+from geometry.errors import GeometryError, one_line
 
 CREATING = ".geometry-store-creating"  # present from the first byte of a new store until its manifest lands
 _STEP_FILE = re.compile(r"(\d+)\.safetensors")
@@ -106,7 +106,7 @@ def _existing_snapshot(run_dir: str | Path, step: int | None) -> Path:
 
 
 def _unreadable(path: Path, e: Exception) -> GeometryError:
-    return GeometryError(f"{path}: unreadable ({' '.join(str(e).split())})")
+    return GeometryError(f"{path}: unreadable ({one_line(e)})")
 
 
 def missing_files(run_dir: str | Path, man: Manifest) -> list[Path]:

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from geometry.capture.tracking import Estimate
-from geometry.errors import GeometryError
+from geometry.errors import GeometryError, one_line
 
 PARTS = ("stats", "s", "u", "v")
 
@@ -131,4 +131,4 @@ def _read(path: Path, steps: list[int], chunked: bool) -> dict[int, dict[str, Es
     except (FileNotFoundError, GeometryError):
         raise
     except Exception as e:  # noqa: BLE001 - SafetensorError, a bad "groups" list, a missing tensor: one cause
-        raise GeometryError(f"{path}: unreadable tracking file ({' '.join(str(e).split())})") from None
+        raise GeometryError(f"{path}: unreadable tracking file ({one_line(e)})") from None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from geometry.errors import GeometryError
-from geometry.options import option
+from geometry.options import check_choices, option
 from geometry.selection import as_patterns
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 PAPER_HIDDEN = 4096  # Qwen3-8B's hidden size: the width the paper's k = 512 and r = 64 were chosen for
 PAPER_K, PAPER_MASK_RANK = 512, 64
+ON_MISMATCH = ("error", "skip")  # what a matrix missing from a checkpoint (or of another shape) does
 
 
 def scaled(at_paper_width: int, hidden: int) -> int:
@@ -29,9 +30,9 @@ def scaled(at_paper_width: int, hidden: int) -> int:
 class AnalysisConfig:
     principal_k: int | None = option(
         None, "k of SPEC 2 and 4: size of W0's principal subspace (default: round(512 h / 4096), h the "
-        "model's hidden size, else the matrix's smaller side; at most the rank)", aliases=("--k",))
+        "model's hidden size, else the matrix's smaller side; at most the rank)")
     lock_k: int = option(16, "K of SPEC 7: size of the update subspaces compared for locking (the paper's "
-                         "Sim_16)", aliases=("--K",))
+                         "Sim_16)")
     tau: float = option(0.9, "locking threshold on Sim_K to the final update (SPEC 7)")
     # 0.3: the paper's 30% random baseline; its SFT row (29.66% overlap at 92.73% density) rules out 0.5
     alpha: float = option(0.3, "mask fraction of the localisation masks (SPEC 5); also their random baseline")
@@ -47,7 +48,7 @@ class AnalysisConfig:
     exclude: tuple[str, ...] = option((), "regex over parameter names to drop (repeatable)")
     embeddings: bool = option(False, "also measure embeddings and lm_head (SPEC: only when asked)")
     on_mismatch: str = option("error", "a matrix missing from a checkpoint or of another shape: 'error', or "
-                              "'skip' it and list it in the notes", choices=("error", "skip"))
+                              "'skip' it and list it in the notes", choices=ON_MISMATCH)
     allow_pickle: bool = option(False, "read pickle checkpoints: .bin files and verl's FSDP shards (with "
                                 "weights_only=True), DeepSpeed ZeRO checkpoints (through DeepSpeed, which unpickles "
                                 "them in full); only for files you trust: unpickling can run code")
@@ -78,10 +79,7 @@ class AnalysisConfig:
             raise GeometryError(f"alpha must lie in (0, 1), got {self.alpha}")
         if self.mask_rank is not None and self.mask_rank < 1:
             raise GeometryError(f"mask_rank must be a positive integer, got {self.mask_rank}")
-        if self.update_svd not in ("gram", "randomized", "exact"):
-            raise GeometryError(f"update_svd must be 'gram', 'randomized' or 'exact', got {self.update_svd!r}")
-        if self.on_mismatch not in ("error", "skip"):
-            raise GeometryError(f"on_mismatch must be 'error' or 'skip', got {self.on_mismatch!r}")
+        check_choices(self)  # update_svd, on_mismatch
         if self.threads < 0:
             raise GeometryError(f"threads must be 0 (one per core) or a positive integer, got {self.threads}")
         if self.memory_mb <= 0:

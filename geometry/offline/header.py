@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from geometry.errors import GeometryError
+from geometry.errors import GeometryError, one_line
 
 # Real LLM headers are well under 1 MB per shard (a 100k-tensor file would need ~13 MB). The library allows
 # 100 MB, but parsing that many tiny entries costs ~3 GB and half a minute (measured); 16 MiB, ~0.4 GB and
@@ -118,5 +118,4 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
     except OSError as e:
         raise GeometryError(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError too
-        msg = " ".join(str(e).split())[:300]
-        raise GeometryError(f"{path}: not a readable safetensors file ({msg})") from None
+        raise GeometryError(f"{path}: not a readable safetensors file ({one_line(e)})") from None

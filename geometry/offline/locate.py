@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from geometry.errors import GeometryError
+from geometry.errors import GeometryError, one_line
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's folder name
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -79,7 +79,7 @@ def _from_hub(repo_id: str) -> Path:
         if offline:
             raise GeometryError(f"{repo_id}: not a local path, and not in the Hugging Face cache {where} "
                                 "(offline: HF_HUB_OFFLINE is set)") from None
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        reason = one_line(e, 200)
         raise GeometryError(f"{repo_id}: not a local path, and the hub did not provide it ({reason})") from None
     return Path(folder)
 
@@ -110,7 +110,7 @@ def read_json(path: Path) -> dict | None:
     except RecursionError:
         raise GeometryError(f"{path}: not valid JSON (nested too deeply)") from None
     except (OSError, ValueError) as e:
-        raise GeometryError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+        raise GeometryError(f"{path}: not valid JSON ({one_line(e, 200)})") from None
     if not isinstance(doc, dict):
         raise GeometryError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     return doc

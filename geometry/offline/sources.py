@@ -20,7 +20,9 @@ from safetensors import safe_open
 
 from geometry import experts
 from geometry.buffers import Scratch
-from geometry.errors import GeometryError
+from geometry.capture.layout import is_store
+from geometry.errors import GeometryError, one_line
+from geometry.offline.config import ON_MISMATCH
 from geometry.offline.header import read_header
 from geometry.offline.locate import (
     CHECKPOINT,
@@ -56,10 +58,6 @@ _ST_DTYPES = {
 MEASURABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 class _SafetensorsFile:
     """One .safetensors file; shapes and dtypes come from its header, data is read per tensor."""
 
@@ -70,7 +68,7 @@ class _SafetensorsFile:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 handle.keys()
         except Exception as e:  # SafetensorError
-            raise GeometryError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+            raise GeometryError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
     def dtype(self, name: str) -> torch.dtype:
         code = self.meta[name][1]
@@ -160,7 +158,7 @@ class _PickleFile:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise GeometryError(f"{path}: not a readable torch checkpoint ({_one_line(e)})") from None
+            raise GeometryError(f"{path}: not a readable torch checkpoint ({one_line(e)})") from None
         if not isinstance(obj, dict):
             raise GeometryError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
         self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -235,7 +233,7 @@ class TensorSource:
         try:
             return f.read(name, rows) if cols is None and into is None else f.read(name, rows, cols, into)
         except Exception as e:
-            raise GeometryError(f"checkpoint {self.label}: cannot read {name} ({_one_line(e)})") from None
+            raise GeometryError(f"checkpoint {self.label}: cannot read {name} ({one_line(e)})") from None
 
     def coverage(self, specs: Iterable[MatrixSpec]) -> Coverage:
         """The share of this model's parameters the selected matrices hold, what they leave out by kind."""
@@ -251,7 +249,7 @@ class TensorSource:
         try:
             slab = f.read(part.tensor, slice(part.expert, part.expert + 1))  # (1, a, b)
         except Exception as e:
-            raise GeometryError(f"checkpoint {self.label}: cannot read {part.name} ({_one_line(e)})") from None
+            raise GeometryError(f"checkpoint {self.label}: cannot read {part.name} ({one_line(e)})") from None
         m = part.of(slab)  # (out, in)
         return m[rows if rows is not None else slice(None), cols if cols is not None else slice(None)].contiguous()
 
@@ -356,7 +354,7 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, base: TensorSource
 
     p, hub = locate(path)
     if p.is_dir():
-        if (p / "geometry-store.json").is_file():  # a recorder's store: refused whole if its manifest was edited
+        if is_store(p):  # a recorder's store: refused whole if its manifest was edited
             from geometry.capture.store import check_store  # here only: plain checkpoints need no capture code
 
             check_store(p)
@@ -448,9 +446,9 @@ def _mismatch(name: str, base: TensorSource, checkpoints: list[TensorSource]) ->
 def select_matrices(base: TensorSource, checkpoints: list[TensorSource], *, include: Sequence[str] = (),
                     exclude: Sequence[str] = (), embeddings: bool = False, on_mismatch: str = "error") -> Selection:
     """The matrices to measure (geometry.selection), checked against every checkpoint; fused matrices are
-    split as `_fused_parts` says."""
-    if on_mismatch not in ("error", "skip"):
-        raise GeometryError(f"on_mismatch must be 'error' or 'skip', got {on_mismatch!r}")
+    split as `_fused_parts` says. on_mismatch (AnalysisConfig's): "error" raises, "skip" lists."""
+    if on_mismatch not in ON_MISMATCH:
+        raise GeometryError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
     shapes = {name: base.shape(name) for name in base.names()}
     chosen = choose(shapes, include=include, exclude=exclude, embeddings=embeddings)
     if not chosen:
