@@ -3,11 +3,9 @@ buffer in turn (``Scratch``), and while a group of matrices is measured (``reusi
 computation is done with lent to the next (``spare``).
 
 Why: a tensor above the mmap threshold (offline.analyze) is mapped afresh at every allocation and its pages
-faulted in and zeroed by the kernel again. Measured on the 90M pair, one thread: a new product a band, a new
-Gram matrix a decomposition, a new band buffer a pass made 1.16M page faults and 2.3-2.4 s of system time
-(of 21.1-21.5 CPU s). With the bands, products and scores in one buffer each and a group's Gram matrices in
-one kept buffer: 0.47-0.55M page faults, system time 2.7-3.1 -> 1.7-1.9 s (interleaved runs, one thread), the
-same peak memory and the same bits. And a new tensor a block fragments the heap.
+faulted in and zeroed by the kernel again, and a new tensor a block fragments the heap. Reused buffers halve
+the page faults at the same peak memory and give the same bits (benchmarks/bench_analyze.py; figures in
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -60,11 +58,9 @@ class Scratch:
 
 
 # the largest buffer a thread keeps: a buffer's page faults cost in proportion to its size, and the work done in
-# it (a Gram matrix of side r: r^3) grows faster, while what is kept idle adds to the peak. Measured, one
-# 8B-shaped layer (Gram matrices of 128 MB), one round each against the code before: all kept, system time
-# 8.8 -> 5.5 s of 197 CPU s and peak RSS 731 -> 832 MB; up to 16 MiB, with a pass's product buffer then held
-# by the update throughout, 738 -> 773 MB; up to 8 MiB, the product held for its pass only, 731 -> 738 MB
-# (system time 10.7 -> 7.8 s). The 90M pair's Gram matrices are 8 MiB: kept
+# it (a Gram matrix of side r: r^3) grows faster, while what is kept idle adds to the peak. 8 MiB keeps the 90M
+# pair's Gram matrices and not an 8B-shaped layer's (128 MB), where keeping them raised the peak more than it
+# saved (benchmarks/bench_analyze.py, the 8B-shaped layer)
 KEEP_BYTES = 8 << 20
 
 _lent = threading.local()  # .kept: [] or [the spare this thread keeps], within ``reusing``
@@ -89,8 +85,7 @@ def spare() -> Iterator[Scratch]:
     ``reusing``, the one this thread kept, if any (its pages resident), and of the spares given back the largest
     up to ``KEEP_BYTES`` is kept: a group's Gram matrices (the base's, W_t's, the update's) are formed in one
     buffer in turn, each taken first where it is needed (``linalg.gram_svd``, ``offline.blocked``). Only one:
-    a spare kept is held through the group, and the peak memory rises by what is held idle (measured, the 90M
-    pair on two threads: all spares kept, four a thread, 297 -> 303-311 MB; the largest alone 299-300 MB)."""
+    a spare kept is held through the group, and the peak memory rises by what is held idle."""
     kept = getattr(_lent, "kept", None)
     scratch = kept.pop() if kept else Scratch()
     try:

@@ -1,10 +1,10 @@
 """The LAPACK and BLAS routines the CPU kernels need, called without holding Python's GIL.
 
 scipy's f2py wrappers (``scipy.linalg.lapack``) keep the GIL for the whole call, so two threads measuring two
-matrices take turns in every eigensolver (measured: two threads tridiagonalising 1024 x 1024 matrices, 1.96 s
-against 1.76 s one after the other). The same routines are reached here through the function pointers scipy
-exports for Cython (``scipy.linalg.cython_lapack``, ``cython_blas``: the LAPACK scipy itself links, whatever
-the build), called by ctypes, which releases the GIL (measured: 1.07 -> 0.53 s). Arguments follow the Fortran
+matrices would take turns in every eigensolver. The same routines are reached here through the function
+pointers scipy exports for Cython (``scipy.linalg.cython_lapack``, ``cython_blas``: the LAPACK scipy itself
+links, whatever the build), called by ctypes, which releases the GIL: two threads then run two eigensolvers
+at once (benchmarks/bench_kernels.py). Arguments follow the Fortran
 interface (pointers to everything, column-major arrays); results are bit-identical to scipy's wrappers given
 the same workspace. A failure (LAPACK's info != 0) raises torch.linalg.LinAlgError.
 """

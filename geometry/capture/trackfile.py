@@ -38,7 +38,7 @@ def encode(records: Mapping[str, Estimate], dtype: torch.dtype) -> tuple[dict[st
     """Estimates (top K columns) -> (tensors, metadata) of a tracking file, u and v cast to ``dtype``.
 
     A few tensors per shape rather than four per matrix: writing a file costs Python time per tensor, and
-    the writer thread holds the GIL for it (measured: 2-3 ms a step for 28 matrices, now ~0.3 ms).
+    the writer thread holds the GIL for it (benchmarks/bench_store.py).
     """
     by_shape: dict[tuple, list[str]] = {}
     for name, t in records.items():

@@ -146,21 +146,14 @@ MMAP_THRESHOLD = 1 << 20  # blocks below it are reused from the heap; larger one
 def _return_freed_memory() -> None:
     """Reuse freed blocks within a group; give them back to the OS between groups (``_trim``).
 
-    glibc otherwise raises its mmap threshold after the first large free and carves later groups out of
-    a heap that fragments: peak memory then grows with the number of checkpoints (measured: +78% from
-    2 to 10 checkpoints). Serving every block above 128 KiB by mmap (the earlier fix) paid a page fault
-    per 4 KiB of every temporary instead (30% of the CPU time in system time). Then: blocks up to 32 MiB
-    came from the heap and were reused from one checkpoint to the next, and the heap is trimmed after
-    each group (measured, 8 x 7 matrices of hidden 512, 3 checkpoints: system time 6.9 -> 3.4 s, page
-    faults 3.5M -> 1.7M, peak RSS 983 -> 766 MB). Now that the many small temporaries are gone (blocks
-    widened into one reused buffer, masks packed), the blocks above 1 MiB that remain (factors, Gram
-    matrices, matrices as stored) are mapped afresh: within a group the heap kept up to 140 MB of them
-    freed but resident (measured, same wall time: the 90M pair on 2 threads 388 -> 343 MB, system time
-    1.5 -> 2.5 s; on one 314 -> 297 MB; one 8B-shaped layer 1206 -> 1065 MB, system time 4.9 -> 7.4 s of
-    185 CPU s; hidden 512, 5 checkpoints 321 -> 313 MB).
-    The measuring threads (geometry.offline.threads) share one arena: glibc would give each its own heap, and
-    each would keep its own freed blocks (measured, the 90M pair on 2 threads: peak RSS 729 -> 581 MB, same
-    time). No-op where glibc is not the allocator.
+    glibc would raise its mmap threshold after the first large free and carve later groups out of a heap that
+    fragments, so that peak memory grows with the number of checkpoints. Blocks up to ``MMAP_THRESHOLD`` come
+    from the heap and are reused from one checkpoint to the next (a smaller threshold pays a page fault per
+    4 KiB of every temporary); larger ones (factors, Gram matrices, matrices as stored) are mapped afresh and
+    returned when freed, so a group's freed blocks are not kept resident; the heap is trimmed after each group.
+    The measuring threads (geometry.offline.threads) share one arena: glibc would give each its own heap, each
+    keeping its own freed blocks. benchmarks/bench_analyze.py measures peak memory and system time.
+    No-op where glibc is not the allocator.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -211,9 +204,9 @@ def _open_checkpoints(run: Run, cfg: AnalysisConfig, base: TensorSource | None =
 
 
 # On the CPU every decomposition runs a matrix at a time (geometry.linalg), so a batch saves only the per-call
-# overhead of small matrices, and costs memory: batches are kept to this many float64 bytes (measured, the 90M
-# pair: peak RSS 375 -> 324 MB for --quick, no change in time). A GPU batches its kernels: up to the budget
-# and this many float64 bytes a batch.
+# overhead of small matrices, and costs memory: batches are kept to this many float64 bytes (a larger cap raises
+# the peak at the same time: benchmarks/bench_analyze.py). A GPU batches its kernels: up to the budget and this
+# many float64 bytes a batch.
 CPU_BATCH_BYTES, GPU_BATCH_BYTES = 4 << 20, 32 << 20
 
 
@@ -238,10 +231,8 @@ def batch_size(shape: tuple[int, int], memory_mb: float, device: torch.device | 
 
 def _stored_group(source: TensorSource, group: list[MatrixSpec], device: torch.device):
     """The group as the suite reads it: on the CPU a matrix of its own is left in its file, read a band at a time
-    by each pass (offline.stored); otherwise (L, m, n) read whole (``_read_group``). Measured, the same table
-    bit for bit: the quick suite on the 90M pair, 2 threads, peak RSS 319 -> 288 MB, 3.6 -> 3.8 s wall; on one
-    8B-shaped layer 816 -> 576 MB, 23.8 -> 23.7 s; the full suite, which reads each matrix more often, on the
-    90M pair 342 -> 313 MB, 14.1 -> 15.3 s; on the 8B-shaped layer 1065 -> 777 MB, 96.9 -> 108.7 s."""
+    by each pass (offline.stored): a lower peak for a little more time, the same table bit for bit (tested;
+    benchmarks/bench_analyze.py); otherwise (L, m, n) read whole (``_read_group``)."""
     if device.type == "cpu" and len(group) == 1 and StoredMatrix.fits(source, group[0]):
         return StoredMatrix(source, group[0])
     return _read_group(source, group, device)

@@ -1,14 +1,12 @@
 """Groups of matrices measured side by side on the CPU's cores, the results in group order.
 
-LAPACK runs one matrix at a time on the CPU, and a multithreaded BLAS spends a small matrix's work waiting:
-measured on the 90M pair (2 cores), OpenBLAS's default of a thread per core took 74 CPU s (42 s wall) where
-one thread took 29 s. So each group is measured by one thread with single-threaded kernels, and the cores
-take groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products).
-Groups too large for the memory budget to hold one per core are measured fewer at a time, and the cores
-left over go to their kernels (``phases``) where a multithreaded BLAS pays, on matrices whose smaller side
-is at least ``THREADED_SIDE`` (measured, one core against two: a 4096 x 4096 Gram matrix 3.9 -> 2.0 s, its
-tridiagonalisation 6.2 -> 3.3 s; a layer of hidden 2048 21.4 -> 16.8 s wall, of hidden 1536 10.7 -> 11.3 s,
-of hidden 1024 4.9 -> 6.8 s: there the BLAS threads spin between small calls).
+LAPACK runs one matrix at a time on the CPU, and a multithreaded BLAS spends a small matrix's work waiting
+between calls. So each group is measured by one thread with single-threaded kernels, and the cores take
+groups in turn: the heavy kernels release the GIL (geometry.lapack; numpy's and torch's products). Groups too
+large for the memory budget to hold one per core are measured fewer at a time, and the cores left over go to
+their kernels (``phases``) where a multithreaded BLAS pays: on matrices whose smaller side is at least
+``THREADED_SIDE`` (below it the BLAS threads spin between small calls; benchmarks/bench_analyze.py measures
+both settings, benchmarks/README.md gives the figures).
 A group measured with single-threaded kernels gives the same bits whatever the number of threads, whichever
 measured it and whenever (tested); one measured with threaded kernels agrees with it to rounding.
 """
