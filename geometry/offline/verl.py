@@ -22,9 +22,9 @@ from typing import NamedTuple
 import torch
 
 from geometry.buffers import Scratch
-from geometry.errors import GeometryError
+from geometry.errors import GeometryError, one_line
 from geometry.offline.locate import PICKLE_REFUSED, read_json
-from geometry.offline.sources import Checkpoint, TensorSource, _one_line
+from geometry.offline.sources import Checkpoint, TensorSource
 
 STEP = re.compile(r"global_step_(\d+)")  # verl's folder of one save
 SHARD = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
@@ -101,7 +101,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         with _quiet_mesh(), torch.serialization.safe_globals([c for c in classes if c not in allowed]):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise GeometryError(f"{path}: not a readable verl shard ({_one_line(e)[:300]})") from None
+        raise GeometryError(f"{path}: not a readable verl shard ({one_line(e)})") from None
     if not isinstance(obj, dict):
         raise GeometryError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from geometry.buffers import Scratch
-from geometry.errors import GeometryError
+from geometry.errors import GeometryError, one_line
 from geometry.offline.locate import PICKLE_REFUSED, read_json
-from geometry.offline.sources import Checkpoint, TensorSource, _one_line
+from geometry.offline.sources import Checkpoint, TensorSource
 
 STEP = re.compile(r"global_step(\d+)")  # DeepSpeed's default tag
 EXTRA = "pip install geometry[deepspeed]"
@@ -138,7 +138,7 @@ class ZeroStates:
                                                                             lazy_mode=True)
                                  if self.stage3 else _zero2(z, step_dir))
         except Exception as e:  # DeepSpeed raises ValueError, FileNotFoundError, unpickling errors, ...
-            raise GeometryError(f"{step_dir}: not a readable DeepSpeed ZeRO checkpoint ({_one_line(e)[:300]})"
+            raise GeometryError(f"{step_dir}: not a readable DeepSpeed ZeRO checkpoint ({one_line(e)})"
                                 ) from None
         self.meta = {n: (tuple(t.shape), str(t.dtype)) for n, t in self._tensors.items()}
 
