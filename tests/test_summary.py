@@ -25,6 +25,21 @@ def test_sparsity_is_parameter_weighted_and_mask_overlap_pooled():
     assert s.final("nss") == pytest.approx(2.0)  # unweighted mean
 
 
+def test_sparsity_ladders_are_parameter_weighted_and_concentration_averaged():
+    # docs/metrics.md item 11: every sparsity rung weighted by n_params; energies and signal rank plain means
+    ladder = {"sparsity_abs_1e-8": (0.2, 0.6), "sparsity_rel_1e-2": (0.9, 0.1)}
+    others = {"energy_top_1pct": (0.3, 0.5), "sv_energy_top_4": (0.8, 0.4), "signal_rank": (3, 6),
+              "signal_energy_interval": (0.5, 0.7)}
+    rows = []
+    for i, (matrix, n) in enumerate((("a", 100), ("b", 300))):
+        rows += _rows("r", 1, matrix, n_params=n, sim_final_v=1, **{k: v[i] for k, v in {**ladder, **others}.items()})
+    (s,) = summarize(Table(rows))
+    for name, (a, b) in ladder.items():
+        assert s.final(name) == pytest.approx((a * 100 + b * 300) / 400), name
+    for name, (a, b) in others.items():
+        assert s.final(name) == pytest.approx((a + b) / 2), name
+
+
 def _trajectory(run, matrix, sims):
     out = []
     for step, sim in zip((10, 20, 30, 40), sims, strict=True):

@@ -7,12 +7,14 @@ import math
 from collections import defaultdict
 from typing import NamedTuple
 
+from geometry.concentration import ABS_TOLS, REL_TOLS
 from geometry.locking import locking_onset, median_onset
 from geometry.table import Row, Table
 
-# SPEC 1: sparsity is parameter-count-weighted. SPEC 5: a mask overlap is pooled over the update masks,
-# |M* ∩ M| / |M| summed over matrices, i.e. weighted by each matrix's changed-entry count.
-WEIGHTED_BY_PARAMS = ("sparsity_bf16", "sparsity_abs")
+# SPEC 1 and 11: sparsity, at every tolerance, is parameter-count-weighted. SPEC 5: a mask overlap is pooled over
+# the update masks, |M* ∩ M| / |M| summed over matrices, i.e. weighted by each matrix's changed-entry count.
+WEIGHTED_BY_PARAMS = ("sparsity_bf16", "sparsity_abs", *(f"sparsity_abs_{t}" for t in ABS_TOLS),
+                      *(f"sparsity_rel_{t}" for t in REL_TOLS))
 WEIGHTED_BY_CHANGED = ("mask_overlap_principal", "mask_overlap_lowmag", "mask_overlap_principal_ratio",
                        "mask_overlap_lowmag_ratio")
 ONSET_METRIC = "sim_final_v"  # onset follows the right subspace, the one gradient projection (SPEC 9) uses
