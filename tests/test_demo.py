@@ -96,6 +96,8 @@ def test_a_terminal_sees_the_training_and_analysis_bars_with_an_eta(demo):
     err = (demo.parent / "stderr.txt").read_text()
     assert re.search(r"training: .*\d+/14 \[[\d:]+<[\d:]+", err)  # --quick: 2 seeds x 7 runs
     assert re.search(r"analyze sft/s0 and 13 more runs: .*<[\d:]+", err)
+    bars = {line.split(":")[0] for line in err.splitlines() if "%|" in line}
+    assert bars == {"training", "analyze sft/s0 and 13 more runs"}  # no library's bar besides ours
 
 
 def test_every_run_and_seed_is_analyzed_and_tracked(demo):

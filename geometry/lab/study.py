@@ -238,9 +238,26 @@ def run_study(out: str | Path, config: StudyConfig | None = None, *,
               log: Callable[[str], None] = print, progress: bool = False) -> StudyResult:
     """Train, record, analyze. Seeded: the same config gives the same numbers. ``progress``: a bar over the
     training runs, then one over the analysis, each with an ETA, when stderr is a terminal (geometry.progress)."""
+    with _no_library_bars():
+        return _study(Path(out), config or StudyConfig(), log, progress)
+
+
+@contextmanager
+def _no_library_bars() -> Iterator[None]:
+    """transformers' model-loading bars off (they would reach logs and pipes too): the study draws its own."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _study(out: Path, sc: StudyConfig, log: Callable[[str], None], progress: bool) -> StudyResult:
     t0 = time.perf_counter()
-    sc = config or StudyConfig()
-    out = Path(out)
     data = data_dir(sc.data)
     student, teacher = data / "student", data / "teacher"
     prepare_out(out)
