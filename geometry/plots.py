@@ -109,21 +109,40 @@ def locking(table: Table, ax=None, *, side: str = "v", tau: float = 0.9, tracked
 
 def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, ylabel: str = "",
          baseline: float | None = None, baseline_label: str = "random", colors: dict[str, str] | None = None,
-         fmt: str = "{:.1f}"):
+         fmt: str = "{:.1f}", points: dict[str, Sequence[Sequence[float]]] | None = None,
+         errors: dict[str, Sequence[tuple[float, float]]] | None = None,
+         marks: dict[str, Sequence[float]] | None = None, marks_label: str = "paper"):
     """Grouped bars: one group per entry of ``groups``, one bar per series (e.g. per run); values printed while
-    there are few enough bars to read them, group labels slanted when there are many groups."""
+    there are few enough bars to read them, group labels slanted when there are many groups.
+
+    points: series -> per group the values behind the bar (one dot each, e.g. per seed); errors: series -> per
+    group an interval (lo, hi) drawn as an error bar (e.g. the 95% interval of the mean); marks: series -> per
+    group a reference value drawn as a black diamond (e.g. the paper's figure; NaN: none)."""
     fig, ax = _axes(ax)
     names = list(series)
     width = 0.8 / max(1, len(names))
     x = np.arange(len(groups))
+    marked = False
     for i, name in enumerate(names):
         vals = np.asarray(series[name], dtype=float)
         pos = x - 0.4 + width * (i + 0.5)
         rects = ax.bar(pos, np.nan_to_num(vals), width, label=name,
                        color=(colors or {}).get(name, color(name, names)))
-        if len(names) * len(groups) <= 24:
-            ax.bar_label(rects, labels=[fmt.format(v) if np.isfinite(v) else "n/a" for v in vals], fontsize=7,
-                         padding=1)
+        if errors and name in errors:
+            lo, hi = np.asarray(errors[name], dtype=float).T
+            ax.errorbar(pos, vals, yerr=[vals - lo, hi - vals], fmt="none", ecolor="k", elinewidth=1, capsize=3)
+        for j, values in enumerate((points or {}).get(name, ())):
+            ax.scatter(np.full(len(values), pos[j]), values, s=12, color="k", alpha=0.6, zorder=3,
+                       label="per seed" if i == 0 and j == 0 else None)
+        for j, v in enumerate((marks or {}).get(name, ())):
+            if np.isfinite(v):
+                ax.scatter([pos[j]], [v], marker="D", s=30, color="k", zorder=4,
+                           label=marks_label if not marked else None)
+                marked = True
+        if len(names) * len(groups) <= 24:  # inside the bar where dots and error bars sit on its top
+            inside = bool(points or errors)
+            ax.bar_label(rects, labels=[fmt.format(v) if np.isfinite(v) else "n/a" for v in vals], fontsize=8,
+                         padding=1, label_type="center" if inside else "edge")
     if baseline is not None:
         ax.axhline(baseline, color="k", ls="--", lw=0.8, label=baseline_label)
     ax.set_xticks(x, groups, rotation=45 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center",
@@ -148,8 +167,9 @@ def localisation(table: Table, ax=None, *, runs: Sequence[str] | None = None, al
 
 
 def angle_curves(curves: dict[tuple[str, int, str], np.ndarray], ax=None, *, step: int | None = None,
-                 runs: Sequence[str] | None = None):
-    """Principal angles (degrees) vs index i of the top-k subspace, mean over matrices, at the last step."""
+                 runs: Sequence[str] | None = None, stat: str = "mean"):
+    """Principal angles (degrees) vs index i of the top-k subspace, the mean (or ``stat="median"``) over matrices,
+    at the last step."""
     fig, ax = _axes(ax)
     runs = list(runs or dict.fromkeys(r for r, _, _ in curves))
     for run in runs:
@@ -159,8 +179,8 @@ def angle_curves(curves: dict[tuple[str, int, str], np.ndarray], ax=None, *, ste
         at = step if step is not None else steps[-1]
         stack = [v for (r, s, _), v in curves.items() if r == run and s == at]
         n = min(len(v) for v in stack)
-        ax.plot(np.arange(1, n + 1), np.mean([v[:n] for v in stack], axis=0), color=color(run, runs),
-                label=f"{run} (step {at})")
+        pooled = (np.median if stat == "median" else np.mean)([v[:n] for v in stack], axis=0)
+        ax.plot(np.arange(1, n + 1), pooled, color=color(run, runs), label=f"{run} (step {at})")
     ax.set_xlabel("principal angle index i (ascending)")
     ax.set_ylabel("angle (degrees)")
     ax.set_yscale("log")

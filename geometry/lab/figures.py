@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from geometry.lab.paper import PAPER_LOCALISATION, PAPER_SPARSITY
 from geometry.lab.stats import interval
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, VARIANTS, StudyResult, label
 from geometry.offline.summary import ATTENTION_MODULES, RunSummary
@@ -45,15 +46,17 @@ def figures(study: StudyResult, final: dict[str, RunSummary], fig_dir: Path) -> 
         saved.append(name)
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
-    def seed0(kind: str) -> dict:  # seed 0's curves under the bare run names (colours as in the other figures)
-        return {(run.rpartition("/")[0], step, m): v for (run, step, m), v in curves_by(a, kind).items()
-                if run in {label(n, 0) for n in main}}
+    def pooled(kind: str) -> dict:  # every seed's curves under the bare run names, matrix@seed apart
+        return {(run.rpartition("/")[0], step, f"{m}@{run.rpartition('/')[2]}"): v
+                for (run, step, m), v in curves_by(a, kind).items() if run.rpartition("/")[0] in main}
 
-    plots.angle_curves(seed0("angles_u"), ax[0], runs=main)
-    ax[0].set_title("principal angles, top-k U of W0 vs W_T (seed 0, mean over matrices)", fontsize=9)
+    plots.angle_curves(pooled("angles_u"), ax[0], runs=main, stat="median")
+    ax[0].set_title("principal angles, top-k U of W0 vs W_T (median over matrices and seeds)", fontsize=10)
     matrix = next(m for m in a.unique("matrix") if "mlp.up_proj" in m)
-    plots.spectra(seed0("spectrum"), matrix, ax[1], runs=main)
-    ax[1].set_title(f"relative spectral change, {matrix} (seed 0)", fontsize=9)
+    seed0 = {(run.rpartition("/")[0], step, m): v for (run, step, m), v in curves_by(a, "spectrum").items()
+             if run in {label(n, 0) for n in main}}
+    plots.spectra(seed0, matrix, ax[1], runs=main)
+    ax[1].set_title(f"relative spectral change, {matrix} (seed 0)", fontsize=10)
     save(fig, "angles_spectra.png")
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
@@ -65,31 +68,51 @@ def figures(study: StudyResult, final: dict[str, RunSummary], fig_dir: Path) -> 
 
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.2), layout="constrained")
     plots.locking(snaps_attn, ax[0], tau=tau, runs=main)
-    ax[0].set_title(f"bf16 checkpoints, Sim_{K}, attention (mean over matrices and seeds)", fontsize=9)
+    ax[0].set_title(f"bf16 checkpoints, Sim_{K}, attention (mean over matrices and seeds)", fontsize=10)
     plots.locking(track_attn, ax[1], tracked=True, tau=tau, runs=main)
-    ax[1].set_title(f"per step (float32 weights), Sim_{K}, attention", fontsize=9)
+    ax[1].set_title(f"per step (float32 weights), Sim_{K}, attention", fontsize=10)
     plots.locking(track_attn, ax[2], tracked=True, tau=tau, runs=controls)
-    ax[2].set_title("OPD, its controls and variants, per step, attention", fontsize=9)
+    ax[2].set_title("OPD, its controls and variants, per step, attention", fontsize=10)
     save(fig, "locking.png")
 
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
-    sp = {n: 100 * interval([final[label(n, r.seed)].final("sparsity_bf16") for r in study.runs[n]]).mean
-          for n in main}
-    plots.bars(["bf16 sparsity"], {n: [v] for n, v in sp.items()}, ax[0], ylabel="% (mean over seeds)")
-    ax[0].set_title("update sparsity (final)")
-    plots.localisation(seed_pooled(a, main), ax[1], runs=main, alpha=a.config.alpha)
-    ax[1].set_title("localisation of the update mask (seeds pooled)")
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    def per_seed(n: str, f) -> list[float]:
+        return [100 * f(final[label(n, r.seed)]) for r in study.runs[n]]
+
+    def mean_ci(values: list[float]) -> tuple[float, tuple[float, float]]:
+        iv = interval(values)
+        return iv.mean, (iv.lo, iv.hi) if iv.n > 1 else (iv.mean, iv.mean)
+
+    sparsity = {n: per_seed(n, lambda s: s.final("sparsity_bf16")) for n in main}
+    plots.bars(["bf16 sparsity"], {n: [mean_ci(v)[0]] for n, v in sparsity.items()}, ax[0],
+               ylabel="% of entries unchanged (final)", points={n: [v] for n, v in sparsity.items()},
+               errors={n: [mean_ci(v)[1]] for n, v in sparsity.items()},
+               marks={n: [100 * PAPER_SPARSITY.get(n, float("nan"))] for n in main}, marks_label="paper (8B)")
+    ax[0].set_title("update sparsity: mean over seeds, 95% interval, each seed", fontsize=10)
+    loc = {n: [per_seed(n, lambda s: 1 - s.final("sparsity_bf16")),
+               per_seed(n, lambda s: s.final("mask_overlap_principal")),
+               per_seed(n, lambda s: s.final("mask_overlap_lowmag"))] for n in main}
+    plots.bars(["update density", "principal-mask overlap", "low-magnitude overlap"],
+               {n: [mean_ci(v)[0] for v in vs] for n, vs in loc.items()}, ax[1], ylabel="% (final checkpoint)",
+               points=loc, errors={n: [mean_ci(v)[1] for v in vs] for n, vs in loc.items()},
+               marks={n: [100 * x for x in PAPER_LOCALISATION[n]] for n in main if n in PAPER_LOCALISATION},
+               marks_label="paper (8B)", baseline=100 * a.config.alpha,
+               baseline_label=f"random mask overlap ({100 * a.config.alpha:.0f}%)")
+    ax[1].set_title("localisation of the update mask: mean over seeds, 95% interval, each seed", fontsize=10)
     save(fig, "sparsity_localisation.png")
 
     pairs = [(b, p) for p, b in PROJECTED.items() if p in study.runs and b in study.runs]
     if pairs:
-        def acc(name: str) -> float:
-            return 100 * interval([r.acc_after for r in study.runs[name]]).mean
+        def gains(name: str) -> list[float]:  # points gained over the student, by seed
+            return [100 * (r.acc_after - r.acc_before) for r in study.runs[name]]
 
-        series = {"unconstrained": [acc(b) for b, _ in pairs], "projected from 20%": [acc(p) for _, p in pairs]}
-        fig = plots.bars([b.upper() for b, _ in pairs], series, ylabel="task accuracy (%), mean over seeds",
+        series = {"unconstrained": [gains(b) for b, _ in pairs], "projected from 20%": [gains(p) for _, p in pairs]}
+        fig = plots.bars([b.upper() for b, _ in pairs], {k: [mean_ci(v)[0] for v in vs] for k, vs in series.items()},
+                         ylabel="accuracy gained over the student (points)", points=series,
+                         errors={k: [mean_ci(v)[1] for v in vs] for k, vs in series.items()},
                          colors={"unconstrained": "#4c72b0", "projected from 20%": "#dd8452"},
-                         baseline=100 * study.runs[pairs[0][0]][0].acc_before, baseline_label="student before")
-        fig.axes[0].set_title(f"gradient projection on the rank-{K} update subspace")
+                         baseline=0.0, baseline_label="the student before training")
+        fig.axes[0].set_title(f"gradient projection on the rank-{K} update subspace from 20%\n"
+                              "gain: mean over seeds, 95% interval, each seed", fontsize=10)
         save(fig, "projection.png")
     return saved
