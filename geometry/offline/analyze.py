@@ -34,6 +34,7 @@ from geometry.offline.engine import (
     locking_sims,
     measure_step,
 )
+from geometry.offline.lens import LensDirection, lens
 from geometry.offline.pairs import Cell, Pairs, Subspaces, compare_group
 from geometry.offline.sources import (
     Checkpoint,
@@ -79,8 +80,9 @@ class Analysis(Table):
     curves: per-matrix angle curves and spectra; notes: fallbacks taken and matrices skipped, in words;
     runs: the runs analysed, in order; labels: run -> step -> the name of the checkpoint measured at that
     step (step 0: the base), for the outputs; pairs: runs of one base compared with each other
-    (geometry.offline.pairs, docs/metrics.md item 10); rank: this process's torchrun rank (only rank 0 holds the
-    rows and curves of a distributed analysis; the others' are empty and write nothing).
+    (geometry.offline.pairs, docs/metrics.md item 10); lens: with ``config.lens``, each run's final update read as
+    tokens (geometry.offline.lens); rank: this process's torchrun rank (only rank 0 holds the rows and curves of a
+    distributed analysis; the others' are empty and write nothing).
     """
 
     def __init__(self, rows: Iterable[Row], curves: list[Curve], notes: list[str], runs: list[Run],
@@ -91,6 +93,7 @@ class Analysis(Table):
         self.rank = rank
         self.coverage: dict[str, Coverage] = {}  # run -> the share of its model measured (geometry.selection)
         self.pairs = Pairs()
+        self.lens: list[LensDirection] = []
         self.work: list[tuple[int, float]] = []
 
 
@@ -137,6 +140,10 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     analysis.work = work
     analysis.coverage = {plan.run.label: plan.coverage for plan in plans}
     analysis.pairs = Pairs.from_cells(cells, labels)
+    for plan in plans if cfg.lens and w.rank == 0 else ():  # reads each run's unembedding: opt-in
+        found, lens_notes = lens(plan.run.label, plan.base.source, plan.ckpts[-1], plan.matrices, cfg)
+        analysis.lens += found
+        analysis.notes += lens_notes
     return analysis
 
 

@@ -67,6 +67,13 @@ class AnalysisConfig:
     seed: int = option(0, "seed of every randomized method")
     n_iter: int = option(4, "power iterations of the randomized SVD")
     oversample: int = option(8, "extra columns of the randomized SVD")
+    # opt-in: the lens reads the unembedding, which the analysis otherwise leaves out
+    lens: bool = option(False, "static logit lens (docs/metrics.md): the top singular directions of each run's final "
+                        "update of the matrices writing to the residual stream (o_proj, down_proj, experts' down "
+                        "projections), read through the final norm and the unembedding as the tokens they promote "
+                        "and suppress; lens.json and a section in summary.md")
+    lens_top: int = option(4, "singular directions per matrix of the logit lens")
+    lens_tokens: int = option(10, "tokens promoted and suppressed listed per direction of the logit lens")
 
     def __post_init__(self):
         if self.principal_k is not None and self.principal_k < 1:
@@ -84,6 +91,9 @@ class AnalysisConfig:
             raise GeometryError(f"threads must be 0 (one per core) or a positive integer, got {self.threads}")
         if self.memory_mb <= 0:
             raise GeometryError(f"memory_mb must be positive, got {self.memory_mb}")
+        if self.lens_top < 1 or self.lens_tokens < 1:
+            raise GeometryError(f"lens_top and lens_tokens must be positive integers, got {self.lens_top} and "
+                                f"{self.lens_tokens}")
         self.include, self.exclude = as_patterns(self.include, "include"), as_patterns(self.exclude, "exclude")
         self.torch_device()  # validates the device string
 

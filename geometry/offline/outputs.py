@@ -21,7 +21,7 @@ import numpy as np
 
 from geometry.atomic import fsync_path, write_atomic
 from geometry.errors import GeometryError
-from geometry.offline import moe
+from geometry.offline import lens, moe
 from geometry.offline.analyze import Analysis, Curve, Run
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.markdown import render_summary
@@ -32,12 +32,14 @@ from geometry.table import Table
 
 FILES = ("metrics.csv", "summary.json", "summary.md", "curves.npz")  # the tables
 PAIRS = "pairs.csv"  # where two runs or more share a base: the runs compared with each other (offline.pairs)
+LENS = "lens.json"  # with --lens: each run's final update read as tokens (offline.lens)
 REPORT = ("figures", "report.md")  # with figures=True (the CLI's default); report.html with html=True
 
 
 def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False, html: bool = False) -> list[Path]:
     """metrics.csv (the tidy table), summary.json, summary.md and curves.npz (angle curves, spectra); pairs.csv
-    where runs share a base (their run-level values under summary.json's "pairs" and in summary.md); with
+    where runs share a base (their run-level values under summary.json's "pairs" and in summary.md); lens.json
+    with ``config.lens`` (its largest updates' directions in summary.md); with
     ``figures``, the standard figures (figures/*.png) and report.md embedding them; with ``html``, also
     report.html, one self-contained file (geometry.offline.figures).
 
@@ -58,11 +60,13 @@ def write_analysis(analysis: Analysis, out: str | Path, *, figures: bool = False
                                      analysis.labels, analysis.coverage, analysis.pairs).encode(),
         "summary.md": _with_pairs(_with_experts(render_summary(summaries, analysis.notes, tau, analysis.config.alpha,
                                                                analysis.config.lock_k), analysis),
-                                  analysis.pairs).encode(),
+                                  analysis.pairs, lens.markdown(analysis.lens)).encode(),
         "curves.npz": npz_buf.getvalue(),
     }
     if len(analysis.pairs):
         blobs[PAIRS] = analysis.pairs.to_csv().encode()
+    if analysis.config.lens:
+        blobs[LENS] = lens.to_json(analysis.lens).encode()
     if figures or html:
         blobs.update(_report_files(analysis, blobs["summary.md"].decode(), html))
     try:
@@ -92,9 +96,10 @@ def _with_experts(summary_md: str, table: Table) -> str:
     return summary_md if not section else summary_md.rstrip() + "\n\n" + section
 
 
-def _with_pairs(summary_md: str, pairs: Pairs) -> str:
-    """summary.md with the runs compared with each other (geometry.offline.pairs) before its notes."""
-    section = pairs.markdown()
+def _with_pairs(summary_md: str, pairs: Pairs, *more: str) -> str:
+    """summary.md with the runs compared with each other (geometry.offline.pairs), then the sections ``more``,
+    before its notes."""
+    section = "\n\n".join(s.rstrip() for s in (pairs.markdown(), *more) if s)
     if not section:
         return summary_md
     head, sep, notes = summary_md.partition("\n## Notes\n")
@@ -251,4 +256,9 @@ def load(out: str | Path) -> Analysis:
                                    [PairSummary.from_json(d) for d in summary.get("pairs", [])])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise GeometryError(f"{out}: unreadable {PAIRS} ({type(e).__name__}: {e})") from None
+    if (out / LENS).is_file():
+        try:
+            analysis.lens = lens.from_json((out / LENS).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise GeometryError(f"{out}: unreadable {LENS} ({type(e).__name__}: {e})") from None
     return analysis
