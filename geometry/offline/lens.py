@@ -200,7 +200,7 @@ def lens(label: str, base: TensorSource, final: Checkpoint, matrices: Sequence[M
     gamma = out.gamma.to(device)
     found: list[LensDirection] = []
     pending: list[_Pending] = []
-    skipped = []
+    skipped, fallbacks = [], 0
     for spec in chosen:
         side = spec.shape[1] if conv1d else spec.shape[0]  # the residual side of D
         if side != h:
@@ -209,6 +209,7 @@ def lens(label: str, base: TensorSource, final: Checkpoint, matrices: Sequence[M
         D = read_matrix(source, spec).to(device, torch.float64)  # (m, n)
         D -= read_matrix(base, spec).to(device)
         svd = top_directions(D, min(cfg.lens_top, *spec.shape), cfg)
+        fallbacks += "->" in svd.method
         vectors = svd.V if conv1d else svd.U  # (h, k)
         norm = float(torch.linalg.vector_norm(D))
         del D
@@ -224,6 +225,9 @@ def lens(label: str, base: TensorSource, final: Checkpoint, matrices: Sequence[M
     found += _score(label, final.step, pending, out.unembedding, tokenizer, cfg.lens_tokens)
     notes = [f"{label}: logit lens of {len(chosen) - len(skipped)} matrices at step {final.step}: {out.names}; "
              + (f"tokens decoded by the tokenizer at {where}" if tokenizer is not None else f"token ids ({where})")]
+    if fallbacks:
+        notes.append(f"{label}: logit lens: {fallbacks} decompositions fell back to the exact SVD (fast path failed "
+                     "its check)")
     if skipped:
         notes.append(f"{label}: logit lens: {len(skipped)} matrices whose output side is not the unembedding's "
                      f"width {h} left out, e.g. {skipped[0]}")
