@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from geometry.cli import main
 from geometry.errors import GeometryError
@@ -113,6 +113,35 @@ def test_every_direction_matches_numpy_reference_and_ids_without_tokenizer(base,
         np.testing.assert_allclose([t.logit for t in d.promoted], logits, rtol=1e-4, atol=1e-7)
         assert all(t.token is None for t in d.promoted + d.suppressed)
     assert any("token ids (no tokenizer" in n for n in a.notes)
+
+
+def test_gpt2_conv1d_reads_columns_through_a_centred_layernorm(tmp_path, one_thread):
+    """GPT-2 stores its weights (in, out) and ties lm_head to wte: the right singular vectors, centred and scaled
+    by ln_f's weight, through wte."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=16, n_positions=16))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.uniform_(0.5, 2.0)
+    model.save_pretrained(tmp_path / "base")
+    name = "transformer.h.0.attn.c_proj.weight"  # square: only the orientation tells the sides apart
+    saved = open_source(tmp_path / "base")
+    state = {n: saved.read(n).clone() for n in saved.names()}  # wte only: lm_head is tied to it
+    state[name] += 0.01 * torch.randn(32, 32, generator=torch.Generator().manual_seed(2))
+    (tmp_path / "ckpt").mkdir()
+    save_file(state, str(tmp_path / "ckpt" / "model.safetensors"))
+    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "ckpt" / "config.json")
+    cfg = AnalysisConfig(lens=True, quick=True, device="cpu", include=("attn.c_proj",), lens_tokens=4)
+    got = _by(analyze(tmp_path / "base", [tmp_path / "ckpt"], config=cfg).lens, name)
+    E, gamma = state["transformer.wte.weight"].double().numpy(), state["transformer.ln_f.weight"].double().numpy()
+    D = (state[name].double() - saved.read(name).double()).numpy()
+    _, _, Vh = np.linalg.svd(D)
+    assert "lm_head.weight" not in state and len(got) == 4
+    for d in got:  # the reference: right singular vectors, centred, through gamma and E
+        v = Vh[d.direction] - Vh[d.direction].mean()
+        logits = E @ (gamma * v)
+        logits = -logits if logits.max() < -logits.min() else logits
+        assert [t.id for t in d.promoted] == list(np.argsort(-logits)[:4])
+        np.testing.assert_allclose([t.logit for t in d.promoted], np.sort(logits)[::-1][:4], rtol=1e-4, atol=1e-7)
 
 
 def test_cli_writes_lens_json_and_summary_section(base, tmp_path, one_thread, capsys):
