@@ -6,7 +6,7 @@ contender in a fresh process (OMP_WAIT_POLICY=PASSIVE for all) and prints one ta
 
 - floor: read each matrix once, plus the spectra the full suite cannot do without: W0's once, then W_t's,
   D_t's and d_t's at every checkpoint (d_t only where it differs from D_t: at the first checkpoint it is
-  D_t), as float64 Gram eigenvalues by the fastest kernels we know (geometry.linalg.gram and sym_eig:
+  D_t), as float64 Gram eigenvalues by the fastest kernels we know (geometry.kernels.gram and symeig.sym_eig:
   syrk and LAPACK), nothing else. The floor of the quick suite: D_t's spectrum alone;
 - ours: ``geometry analyze`` (every SPEC metric, tables only), the whole process; ours-quick: ``--quick``
   (the update alone: sparsity, norms, rank metrics, locking; what the peers compute);
@@ -130,10 +130,11 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
     (0: a core each) with single-threaded kernels, as ours. Nothing else."""
     import torch
 
-    from geometry.linalg import gram, sym_eig
+    from geometry.kernels import gram
     from geometry.offline import threads as th
     from geometry.offline.analyze import batch_size
     from geometry.offline.sources import open_source
+    from geometry.symeig import sym_eig
 
     base = open_source(root / "base")
     by_shape: dict[tuple[int, int], list[str]] = {}

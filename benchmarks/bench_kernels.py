@@ -31,7 +31,9 @@ def main() -> None:
     import torch
 
     from geometry import lapack
-    from geometry.linalg import SymEig, gram, randomized_svd, sym_eig
+    from geometry.kernels import gram
+    from geometry.linalg import randomized_svd
+    from geometry.symeig import SymEig, sym_eig
 
     torch.set_num_threads(args.threads)
     m, n = map(int, args.shape.lower().split("x"))
@@ -48,7 +50,7 @@ def main() -> None:
     t_mm, _ = timed(lambda: x.mT @ x if m >= n else x @ x.mT)
     rows.append(("Gram, torch matmul (float64)", t_mm))
     t_g, G = timed(lambda: gram(x))
-    rows.append(("Gram, BLAS syrk (geometry.linalg.gram)", t_g))
+    rows.append(("Gram, BLAS syrk (geometry.kernels.gram)", t_g))
     t_vals, (vals, _) = timed(lambda: sym_eig(G))
     rows.append(("all eigenvalues (LAPACK sytrd + sterf, no vectors)", t_vals))
     t_top, _ = timed(lambda: sym_eig(G, k))

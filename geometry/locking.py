@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from geometry.linalg import subspace_sim
+from geometry.subspaces import subspace_sim
 
 
 class StepSims(NamedTuple):

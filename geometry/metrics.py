@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from geometry.buffers import spare
-from geometry.linalg import degrees, mm, principal_angles, row_bands, subspace_sim
+from geometry.kernels import mm, row_bands
+from geometry.subspaces import degrees, principal_angles, subspace_sim
 
 __all__ = [
     "bf16_bits", "changed_mask", "fraction", "sparsity_bf16", "sparsity_abs", "count_small", "angle_stats", "nss",
@@ -192,7 +193,7 @@ def _within(above: int, between: np.ndarray, k: int):
 
 def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int, alpha: float) -> torch.Tensor:
     """``_top_fraction`` of a score (..., m, n) given a band of rows at a time (``score(rows)`` -> (..., b, n)),
-    the same mask, bit for bit, without the whole score: on the CPU, bands of ``linalg.row_bands``, three passes
+    the same mask, bit for bit, without the whole score: on the CPU, bands of ``kernels.row_bands``, three passes
     (a seeded sample; the counts above two bounds from it and the entries between them, whose selection gives
     the threshold; the mask, ties taken in position order as a stable sort takes them). A score whose bounds
     miss, or that holds NaN, is formed whole for ``_top_fraction`` (a 12288 x 4096 score is 400 MB). A band

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from geometry.buffers import Scratch, reusing, spare
-from geometry.linalg import gram, long_product, mm, principal_angles
+from geometry.kernels import gram, long_product, mm
+from geometry.subspaces import principal_angles
 
 
 def test_scratch_serves_any_dtype_from_one_buffer_and_grows_to_the_largest():

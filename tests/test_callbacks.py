@@ -9,7 +9,7 @@ from geometry.capture.recorder import RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.capture.trajectory import tracking_table
 from geometry.errors import GeometryError
-from geometry.linalg import subspace_sim
+from geometry.subspaces import subspace_sim
 
 K = 16
 

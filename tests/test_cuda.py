@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from planted import top_of
 
 from geometry import metrics as M
-from geometry.linalg import exact_svd, gram_top, subspace_sim
+from geometry.linalg import exact_svd
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.engine import decompose_base, locking_sims, measure_step
+from geometry.subspaces import subspace_sim
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
@@ -42,10 +44,10 @@ def test_measure_step_on_cuda_matches_cpu(m, n):
             np.testing.assert_allclose(b[name].cpu().numpy(), value.numpy(), atol=1e-6, err_msg=name)
 
 
-def test_gram_top_on_cuda_matches_exact():
+def test_top_from_gram_on_cuda_matches_exact():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 300, 200, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 200, dtype=torch.float64)
-    res, ref = gram_top(x.cuda(), 8, tol=1e-9), exact_svd(x, 8)
+    res, ref = top_of(x.cuda(), 8, tol=1e-9), exact_svd(x, 8)
     assert res.method in ("subspace", "gram")
     assert (1 - subspace_sim(res.V.cpu(), ref.V) < 1e-12).all()
 
@@ -62,10 +64,10 @@ def test_mask_selection_on_cuda_equals_the_sort():
 @pytest.mark.parametrize("m, n", [(96, 64), (64, 96)])
 def test_quick_suite_on_cuda_matches_cpu(m, n, monkeypatch):
     # the blocked update (several blocks) and SymEig's CUDA branch, against the same on the CPU
-    import geometry.linalg as linalg
+    import geometry.kernels as kernels
 
-    monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
-    monkeypatch.setattr(linalg, "BLOCK_ROWS", 10)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 10)
     cfg = AnalysisConfig(principal_k=8, lock_k=4, mask_rank=4, quick=True)
     W0, _, Wt = _stack(3, 3, m, n)
     res = {dev: measure_step(decompose_base(W0.to(dev), cfg), Wt.to(dev), W0.to(dev), cfg) for dev in ("cpu", "cuda")}

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from geometry.capture.distributed import FullParameters, clean_name, is_sharded, layout
 from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
-from geometry.linalg import subspace_sim
+from geometry.subspaces import subspace_sim
 
 STEPS = 6
 CONFIG = dict(snapshot_every=3, lock_k=4, oversample=4)

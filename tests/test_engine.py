@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from geometry import metrics as M
-from geometry.linalg import subspace_sim
 from geometry.locking import locking_onset, median_onset
 from geometry.offline.analyze import analyze
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.engine import decompose_base, group_mb, group_size, locking_sims, measure_step
+from geometry.subspaces import subspace_sim
 
 
 def _orthonormal(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
@@ -166,14 +166,14 @@ def test_a_packed_mask_gives_back_its_bands_bit_for_bit(m, n):
 def test_updates_in_blocks_agree_with_the_whole_update(m, n, quick, monkeypatch):
     # blocks of 7 rows (or columns) of the updates D_t and d_t against each formed whole (one block), and the
     # masks' scores in bands: the Gram matrices and projections are summed in another order, nothing else
-    import geometry.linalg as linalg
+    import geometry.kernels as kernels
     import geometry.offline.blocked as blocked
 
     cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu", quick=quick)
     W0, Ws, Wt = _stack(6, 2, m, n)
     whole = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
-    monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
-    monkeypatch.setattr(linalg, "BLOCK_ROWS", 7)  # bands of 7 rows
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 7)  # bands of 7 rows
     assert len(blocked.BlockedUpdate(W0, Wt).bands) == math.ceil(max(m, n) / 7)
     parts = measure_step(decompose_base(W0, cfg), Wt, Ws, cfg)
     assert set(parts.values) == (QUICK if quick else set(whole.values))

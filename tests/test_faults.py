@@ -32,8 +32,8 @@ from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import MANIFEST, read_manifest, read_snapshot, read_tracking
 from geometry.capture.trajectory import tracking_table
 from geometry.errors import GeometryError
-from geometry.linalg import subspace_sim
 from geometry.offline.sources import open_run
+from geometry.subspaces import subspace_sim
 
 ROOT = Path(__file__).parent.parent
 N, SNAP = 150, 10  # steps of the killed run; a snapshot every SNAP steps, tracking every step

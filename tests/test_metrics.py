@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg as sl
 import torch
 
-from geometry import linalg
+from geometry import kernels
 from geometry import metrics as M
 from geometry.buffers import Scratch
 from geometry.linalg import exact_svd, spectrum
@@ -228,8 +228,8 @@ def test_mask_selection_in_bands_equals_the_stable_sort(kind, alpha, monkeypatch
              "nan": np.where(rng.random((L, m, n)) < 1e-3, np.nan, rng.standard_normal((L, m, n))),
              "bounds miss": rng.standard_normal((L, m, n))}[kind]
     score = torch.as_tensor(score, dtype=torch.float64)
-    monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
-    monkeypatch.setattr(linalg, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 7)
     if kind == "bounds miss":
         monkeypatch.setattr(M, "_bounds", lambda sample, k, total: (math.inf, math.inf))
     seen, whole = [], []

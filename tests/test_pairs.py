@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from geometry import linalg
+from geometry import kernels
 from geometry.offline.analyze import Run, analyze
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.outputs import PAIRS, load, write_analysis
@@ -52,8 +52,8 @@ PLANTED = {"pair_mask_jaccard": 0.2, "pair_mask_overlap_ratio": 400 * 3072 / 120
 
 @pytest.fixture
 def small_bands(monkeypatch):
-    monkeypatch.setattr(linalg, "BLOCK_ROWS", 5)  # several bands, one ending short
-    monkeypatch.setattr(linalg, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 5)  # several bands, one ending short
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 1)
 
 
 @pytest.mark.parametrize("wide", [False, True])

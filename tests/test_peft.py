@@ -18,7 +18,7 @@ from geometry.capture.callbacks import GeometryCallback
 from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.errors import GeometryError
-from geometry.linalg import subspace_sim
+from geometry.subspaces import subspace_sim
 
 peft = pytest.importorskip("peft")
 

@@ -15,8 +15,8 @@ from geometry.capture.recorder import Recorder, RecorderConfig, select_parameter
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.capture.trajectory import TRACK_METRICS, tracking_table
 from geometry.errors import GeometryError
-from geometry.linalg import subspace_sim
 from geometry.metrics import sparsity_bf16
+from geometry.subspaces import subspace_sim
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

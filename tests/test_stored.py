@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from geometry import linalg
+from geometry import kernels
 from geometry.errors import GeometryError
 from geometry.offline import engine, sources
 from geometry.offline.analyze import analyze
@@ -22,8 +22,8 @@ SHAPES = {"tall": (45, 16), "wide": (12, 50), "square": (20, 20)}
 
 @pytest.fixture
 def small_bands(monkeypatch):
-    monkeypatch.setattr(linalg, "BLOCK_BYTES", 0)
-    monkeypatch.setattr(linalg, "BLOCK_ROWS", 7)  # bands of 7 rows of the long side, the last one short
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 7)  # bands of 7 rows of the long side, the last one short
     monkeypatch.setattr(sources, "ROWS_A_READ", 5)  # a wide matrix's 12 rows by three scattering reads
 
 
@@ -55,12 +55,12 @@ def test_bands_and_passes_are_those_of_the_tensor_read_whole(tmp_path, small_ban
         stored, whole = StoredMatrix(b_src, spec), _whole(base, spec)
         assert stored.shape == whole.shape and stored.dtype == whole.dtype
         bands = 0  # each block is valid until the next: compared in step
-        for (part, block), (part_w, block_w) in zip(linalg.long_blocks(stored), linalg.long_blocks(whole),
+        for (part, block), (part_w, block_w) in zip(kernels.long_blocks(stored), kernels.long_blocks(whole),
                                                     strict=True):
             assert part == part_w and torch.equal(block, block_w)
             bands += 1
         assert bands > 1  # several bands, and for the wide matrix several chunks of columns
-        assert torch.equal(linalg.fro_norm(stored), linalg.fro_norm(whole))
+        assert torch.equal(kernels.fro_norm(stored), kernels.fro_norm(whole))
         streamed = BlockedUpdate(stored, StoredMatrix(f_src, spec))
         held = BlockedUpdate(whole, _whole(final, spec))
         a, b = streamed.gather(1e-3), held.gather(1e-3)
@@ -116,14 +116,14 @@ def test_bad_values_and_files_met_band_by_band(tmp_path, small_bands):
     (tmp_path / "nan").mkdir()
     save_file(bad, str(tmp_path / "nan" / "model.safetensors"))
     with pytest.raises(GeometryError, match=r"tensor tall has NaN/Inf values"):
-        list(linalg.long_blocks(StoredMatrix(open_source(tmp_path / "nan"), tall)))
+        list(kernels.long_blocks(StoredMatrix(open_source(tmp_path / "nan"), tall)))
     with pytest.raises(GeometryError, match=r"tensor tall has shape \(45, 16\), expected \(44, 16\)"):
         StoredMatrix(b_src, tall._replace(shape=(44, 16)))
     stored = StoredMatrix(b_src, specs[1])  # the wide one; then the file is cut short under it
     path = tmp_path / "base" / "model.safetensors"
     os.truncate(path, path.stat().st_size - 64)
     with pytest.raises(GeometryError, match="truncated"):
-        list(linalg.long_blocks(stored))
+        list(kernels.long_blocks(stored))
 
 
 def test_what_is_read_whole(tmp_path):

@@ -16,7 +16,7 @@ from geometry.capture.tracking import (
     rayleigh_ritz,
     subspace_iteration,
 )
-from geometry.linalg import subspace_sim
+from geometry.subspaces import subspace_sim
 
 K = 16
 

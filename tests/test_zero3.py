@@ -18,7 +18,7 @@ import torch
 import workers
 
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
-from geometry.linalg import subspace_sim
+from geometry.subspaces import subspace_sim
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed: pip install deepspeed==0.19.8")
 

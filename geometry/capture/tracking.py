@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import torch
 
-from geometry.linalg import subspace_sim
+from geometry.subspaces import subspace_sim
 
 # Per-step test (module docstring). Measured on tiny Llama training runs (tests/test_callbacks.py,
 # benchmarks/bench_recorder.py): about one iteration per step, Sim_K >= 0.99 against the exact SVD.

@@ -18,14 +18,7 @@ import torch
 
 from geometry import metrics as M
 from geometry.buffers import spare
-from geometry.linalg import (
-    add_gram,
-    long_band,
-    long_rows,
-    mm,
-    row_bands,
-    symmetric,
-)
+from geometry.kernels import add_gram, long_band, long_rows, mm, row_bands, symmetric
 
 
 class Pass(NamedTuple):
@@ -70,7 +63,7 @@ class BlockedUpdate:
         """W0, Wt: (L, m, n) tensors, or matrices left in their files (offline.stored), read a band at a time."""
         self.m, self.n = W0.shape[-2:]
         self.tall = self.m >= self.n
-        self.W0, self.Wt = W0, Wt  # their long side as rows (linalg.long_band): D itself when tall, else D^T
+        self.W0, self.Wt = W0, Wt  # their long side as rows (kernels.long_band): D itself when tall, else D^T
         self.L, self.rows, self.cols = W0.shape[0], max(self.m, self.n), min(self.m, self.n)
         self.device = W0.device
         self.bands = row_bands(self.rows, 8 * self.cols * max(1, self.L))
@@ -88,7 +81,7 @@ class BlockedUpdate:
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(rows, W0 block, W_t block as stored, D block in float64 (L, b, r)), each D block valid until the next
-        (``linalg.Scratch``). An update that is one block is formed once and kept (it is within the block
+        (``buffers.Scratch``). An update that is one block is formed once and kept (it is within the block
         budget)."""
         if self._whole is not None:
             yield slice(0, self.rows), *self._whole

@@ -14,25 +14,12 @@ import torch
 
 from geometry import metrics as M
 from geometry.buffers import spare
-from geometry.linalg import (
-    SVD,
-    all_eigenpairs,
-    exact_svd,
-    factored_svd,
-    fro_norm,
-    gram,
-    gram_svd,
-    mm,
-    randomized_svd,
-    short_product,
-    singular_values,
-    spectrum,
-    sym_eig,
-    top_from_gram,
-)
+from geometry.kernels import fro_norm, gram, mm, short_product
+from geometry.linalg import SVD, exact_svd, factored_svd, gram_svd, randomized_svd, spectrum, top_from_gram
 from geometry.locking import step_sims
 from geometry.offline.blocked import BlockedUpdate, LongMask, Pass, overlap
 from geometry.offline.config import AnalysisConfig
+from geometry.symeig import all_eigenpairs, singular_values, sym_eig
 
 N_INTRUDER = 10  # SPEC item 8: the top-10 singular vectors of W_t
 
@@ -261,7 +248,7 @@ def group_size(shape: tuple[int, int], memory_mb: float, k: int | None = None) -
 
 
 # the float64 blocks a group's updates, Gram matrices and mask scores are formed in, whatever its size
-# (offline.blocked, linalg.long_blocks, metrics._top_fraction_banded), with room for the allocator's slack
+# (offline.blocked, kernels.long_blocks, metrics._top_fraction_banded), with room for the allocator's slack
 BLOCKS_MB = 48
 
 

@@ -25,8 +25,9 @@ import torch
 
 from geometry import metrics as M
 from geometry.buffers import spare
-from geometry.linalg import long_band, row_bands, subspace_sim
+from geometry.kernels import long_band, row_bands
 from geometry.offline.sources import Checkpoint, MatrixSpec
+from geometry.subspaces import subspace_sim
 
 PAIR_METRICS = ("pair_mask_jaccard", "pair_mask_overlap_ratio", "pair_update_cosine", "pair_sign_agreement",
                 "pair_sim_u", "pair_sim_v")

@@ -1,6 +1,6 @@
 """A matrix left in its safetensors file and read a band of its long side at a time, never held whole.
 
-Every pass the suites make over a matrix goes a band of rows at a time: of its long side (``linalg.long_blocks``,
+Every pass the suites make over a matrix goes a band of rows at a time: of its long side (``kernels.long_blocks``,
 offline.blocked), or of its rows (the low-magnitude mask). Handed a ``StoredMatrix`` instead of the tensor,
 each pass reads its bands from the file again (from the page cache: a 12288 x 4096 float32 matrix is 200 MB
 not held), and gets the same bands, bit for bit, as from the tensor read whole (tested). A wide matrix's long
@@ -15,7 +15,7 @@ import torch
 from geometry.buffers import Scratch
 from geometry.offline.sources import MatrixSpec, TensorSource, check_finite, check_shape
 
-NARROW = (torch.float32, torch.bfloat16, torch.float16)  # float64 is used whole by the kernels (geometry.linalg)
+NARROW = (torch.float32, torch.bfloat16, torch.float16)  # float64 is used whole by the kernels (geometry.kernels)
 WIDE_BANDS = 4  # a wide matrix's bands read together (``StoredMatrix._columns``)
 
 
@@ -52,7 +52,7 @@ class StoredMatrix:
         return StoredMatrix(self.source, self.spec, batched=False)
 
     def long_band(self, part: slice) -> torch.Tensor:
-        """(1, b, r): rows ``part`` of the long side (``linalg.long_rows``) as stored, valid until the next band
+        """(1, b, r): rows ``part`` of the long side (``kernels.long_rows``) as stored, valid until the next band
         is read; a wide matrix's columns as the transposed view of the (m, b) read."""
         m, n = self.shape[-2:]
         return self._checked(self._rows(part, self._buf) if m >= n else self._columns(part).mT)
