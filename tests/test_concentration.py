@@ -2,12 +2,16 @@
 the sparsity ladders and top-entry energies exact whatever the bands, the singular-value energies, and the
 signal rank of planted low-rank-plus-noise updates of known rank."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from concentration_ref import entry_reference, spectral_reference
 
 import geometry.concentration as C
+from geometry.offline.config import AnalysisConfig
+from geometry.offline.engine import decompose_base, measure_step
 
 ENTRY = [f"sparsity_abs_{t}" for t in C.ABS_TOLS] + [f"sparsity_rel_{t}" for t in C.REL_TOLS] + \
     [f"energy_top_{p}" for p, _ in C.TOP_ENTRIES]
@@ -144,3 +148,21 @@ def test_an_exactly_low_rank_update_has_its_rank_as_signal_rank():
     s = torch.where(s > 1e-12, s, torch.zeros_like(s))  # the resolved spectrum (exact zeros past the rank)
     r, e = C.signal(s, 60)
     assert r.item() == 3 and e.item() == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_engine_gives_the_signal_rank_of_a_planted_update(quick):
+    # through measure_step: W0 + a rank-5 signal in noise; the update's spectrum from its Gram matrix
+    rng = np.random.default_rng(5)
+    W0 = rng.standard_normal((1, 200, 100)) * 0.05
+    D = 1e-3 * _low_rank_plus_noise(rng, 200, 100, [150, 130, 110, 90, 75])
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=8, device="cpu", quick=quick)
+    W0t, Wt = torch.from_numpy(W0), torch.from_numpy(W0 + D)
+    v = measure_step(decompose_base(W0t, cfg), Wt, W0t, cfg).values
+    ref = entry_reference(W0[0], (W0 + D)[0] - W0[0]) | spectral_reference((W0 + D)[0] - W0[0])
+    assert v["signal_rank"].item() == 5
+    for name, value in ref.items():
+        assert v[name].item() == pytest.approx(value, rel=1e-10), name
+    if not quick:  # the first checkpoint's interval update is the cumulative one
+        assert v["signal_rank_interval"].item() == 5
+        assert math.isclose(v["signal_energy_interval"].item(), v["signal_energy"].item(), rel_tol=1e-12)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 import torch
+from concentration_ref import LADDERS, NAMES, entry_reference, spectral_reference
 from safetensors.torch import save_file
 
 from geometry import metrics as M
@@ -84,6 +85,8 @@ def _reference_step(W0: np.ndarray, Wt: np.ndarray, Ws: np.ndarray, cfg: Analysi
     out["overlap_right_ratio"] = out["overlap_right"] / (k / W0.shape[1])
     out.update(_ranks(sl.svdvals(D)))
     out["rel_norm"] = np.linalg.norm(D) / np.linalg.norm(W0)
+    out.update(entry_reference(W0, D) | spectral_reference(D))  # docs/metrics.md items 11, 12
+    out.update({f"{name}_interval": v for name, v in spectral_reference(d).items() if name.startswith("signal")})
     interval = _ranks(sl.svdvals(d))
     out.update({f"{name}_interval": interval[name] for name in ("stable_rank", "effective_rank", "r90", "r99",
                                                                   "fro_norm")})
@@ -127,7 +130,7 @@ def test_measure_step_matches_scipy_reference(m, n):
 
 
 QUICK = {"n_params", "sparsity_bf16", "sparsity_abs", "stable_rank", "effective_rank", "r90", "r99", "fro_norm",
-         "hill_alpha", "rel_norm"}
+         "hill_alpha", "rel_norm", *NAMES}
 
 
 def test_quick_suite_measures_the_update_alone_as_the_full_one_does():
@@ -145,7 +148,8 @@ def test_quick_suite_measures_the_update_alone_as_the_full_one_does():
 
 
 COUNTS = {"n_params", "sparsity_bf16", "sparsity_abs", "r90", "r99", "r90_interval", "r99_interval", "intruders",
-          "mask_overlap_principal", "mask_overlap_lowmag", "mask_overlap_principal_ratio", "mask_overlap_lowmag_ratio"}
+          "mask_overlap_principal", "mask_overlap_lowmag", "mask_overlap_principal_ratio", "mask_overlap_lowmag_ratio",
+          "signal_rank", "signal_rank_interval", *LADDERS}
 
 
 @pytest.mark.parametrize("m, n", [(90, 43), (43, 90), (16, 16)])

@@ -18,6 +18,7 @@ import torch
 
 from geometry import metrics as M
 from geometry.buffers import spare
+from geometry.concentration import Tally
 from geometry.kernels import add_gram, long_band, long_rows, mm, row_bands, symmetric
 
 
@@ -95,10 +96,11 @@ class BlockedUpdate:
             yield rows, w0, wt, d
 
     def gather(self, abs_tol: float | None = None, masks: tuple[LongMask, ...] = (),
-               basis: torch.Tensor | None = None) -> Pass:
+               basis: torch.Tensor | None = None, tally: Tally | None = None) -> Pass:
         """The Gram matrix, and in the same pass: with ``abs_tol``, the bf16 changes, the small entries and the
         changes inside each of ``masks``; with ``basis`` (L, long side, k), its product with the long side (what
-        ``overlap`` needs besides the Gram matrix). The Gram matrix is valid until the next pass."""
+        ``overlap`` needs besides the Gram matrix); with ``tally``, the entry metrics of SPEC 11 (fed every
+        block). The Gram matrix is valid until the next pass."""
         L, r = self.L, self.cols
         gram = self._gram.take((L, r, r), device=self.device).zero_()
         counted = abs_tol is not None
@@ -119,6 +121,8 @@ class BlockedUpdate:
                         acc += M.count(moved & mask.band(rows)).cpu()
                 if basis is not None:
                     projected += mm(basis[:, rows].mT, d, product)
+                if tally is not None:
+                    tally.add(d)
         return Pass(symmetric(gram), changed, small, within, projected)
 
     def long(self, X: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from geometry import metrics as M
 from geometry.buffers import spare
+from geometry.concentration import Tally, spectral_metrics
 from geometry.kernels import fro_norm, gram, mm, short_product
 from geometry.linalg import SVD, exact_svd, factored_svd, gram_svd, randomized_svd, spectrum, top_from_gram
 from geometry.locking import step_sims
@@ -72,7 +73,7 @@ def decompose_base(W0: torch.Tensor, cfg: AnalysisConfig, hidden: int | None = N
 def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: AnalysisConfig,
                  warm: torch.Tensor | None = None,
                  update: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
-    """Every per-checkpoint metric of SPEC items 1-6 and 8, plus the top-K update subspaces for item 7;
+    """Every per-checkpoint metric of SPEC items 1-6, 8, 11 and 12, plus the top-K update subspaces for item 7;
     with ``cfg.quick`` (a base without factors), only those of the update alone (``_quick``).
 
     ``warm``: the previous checkpoint's update subspace (StepResult.VK or UK, the smaller side), a start
@@ -98,11 +99,12 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     del top  # W_t's vectors are done with: not held through the update's passes
 
     with BlockedUpdate(W0, Wt) as blocks:  # its Gram matrix and blocks, buffers lent until the end of the block
-        p = blocks.gather(cfg.abs_tol, (base.principal, base.lowmag), long)
-        out = _counts(p, m, n)
+        tally = Tally(base.norm, m, n)
+        p = blocks.gather(cfg.abs_tol, (base.principal, base.lowmag), long, tally)
+        out = _counts(p, m, n, tally)
         ov = overlap(p, short, m, n)
         upd = _decompose_update(blocks, p.gram, cfg, warm, update)
-    _rank(out, upd.S, base.norm)
+    _rank(out, upd.S, base.norm, max(m, n))
     out["angle_max_u"], out["angle_mean_u"], angles_u = angle_u
     out["angle_max_v"], out["angle_mean_v"], angles_v = angle_v
     out["nss"] = M.nss(base.svd.S, spectrum_t)
@@ -128,6 +130,7 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
     stats = M.rank_stats(S_int)
     for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm"):
         out[f"{name}_interval"] = getattr(stats, name)
+    out.update(spectral_metrics(S_int, max(m, n), "_interval"))
 
     out["intruders"] = intruders
 
@@ -137,21 +140,23 @@ def measure_step(base: BaseFactors, Wt: torch.Tensor, Wprev: torch.Tensor, cfg: 
 def _quick(base: BaseFactors, Wt: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
            update: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], SVD]:
     """The quick suite: bf16 and absolute sparsity (SPEC 1), the update's rank metrics (SPEC 6), its norm
-    relative to W0's and its top-K subspaces (SPEC 7), from W0 and W_t as stored, the update a block at a time
-    (geometry.offline.blocked)."""
+    relative to W0's, its top-K subspaces (SPEC 7), its sparsity ladders and energy concentration (SPEC 11) and
+    signal rank (SPEC 12), from W0 and W_t as stored, the update a block at a time (geometry.offline.blocked)."""
     m, n = base.W0.shape[-2:]
     with BlockedUpdate(base.W0, Wt) as blocks:
-        p = blocks.gather(cfg.abs_tol)
-        out = _counts(p, m, n)
+        tally = Tally(base.norm, m, n)
+        p = blocks.gather(cfg.abs_tol, tally=tally)
+        out = _counts(p, m, n, tally)
         upd = _decompose_update(blocks, p.gram, cfg, warm, update)
-    _rank(out, upd.S, base.norm.to(upd.S.device))
+    _rank(out, upd.S, base.norm.to(upd.S.device), max(m, n))
     return out, upd
 
 
-def _counts(p: Pass, m: int, n: int) -> dict[str, torch.Tensor]:
-    """Parameter count and both sparsity variants (SPEC 1) from a pass's counts."""
+def _counts(p: Pass, m: int, n: int, tally: Tally) -> dict[str, torch.Tensor]:
+    """Parameter count and both sparsity variants (SPEC 1) from a pass's counts, and the sparsity ladders and
+    top-entry energies (SPEC 11) from its tally."""
     return {"n_params": torch.full_like(p.changed, float(m * n)), "sparsity_bf16": 1.0 - p.changed / (m * n),
-            "sparsity_abs": p.small / (m * n)}
+            "sparsity_abs": p.small / (m * n), **tally.values()}
 
 
 def _decompose_update(blocks: BlockedUpdate, G: torch.Tensor, cfg: AnalysisConfig, warm: torch.Tensor | None,
@@ -182,11 +187,13 @@ def _spectrum(blocks: BlockedUpdate, G: torch.Tensor) -> torch.Tensor:
         return torch.linalg.svdvals(blocks.dense())
 
 
-def _rank(out: dict[str, torch.Tensor], S: torch.Tensor, base_norm: torch.Tensor) -> None:
-    """The rank metrics of an update with spectrum S (SPEC 6), and its norm relative to W0's, into ``out``."""
+def _rank(out: dict[str, torch.Tensor], S: torch.Tensor, base_norm: torch.Tensor, long: int) -> None:
+    """The rank metrics of an update with spectrum S (SPEC 6), its norm relative to W0's, its singular-value
+    energies (SPEC 11) and signal rank (SPEC 12; ``long``: its longer side), into ``out``."""
     for name, value in zip(M.RankStats._fields, M.rank_stats(S), strict=True):
         out[name] = value
     out["rel_norm"] = out["fro_norm"] / base_norm
+    out.update(spectral_metrics(S, long))
 
 
 def _intruders(base: BaseFactors, Ut_top: torch.Tensor, cfg: AnalysisConfig) -> torch.Tensor:
@@ -262,7 +269,8 @@ def group_mb(shape: tuple[int, int], count: int = 1, k: int | None = None) -> fl
 
 def _matrix_bytes(shape: tuple[int, int], k: int | None) -> int:
     """One matrix's share: W0, W_t and W_s as stored (float32 counted) and the masks (one bool while it is made,
-    then both packed, a quarter of a byte an entry), 13 mn bytes; three
+    then both packed, a quarter of a byte an entry; while the update's pass runs, the masks packed and its
+    top-entry candidates, concentration.Tally, up to 0.8 bytes an entry), 13 mn bytes; three
     r x r float64 matrices (a Gram matrix, LAPACK's copy of it, all of W0's singular vectors where intruders need
     them); W0's and W_t's top-k singular vectors, their products and the angles' working copies, 40 (m + n) k."""
     m, n = shape
