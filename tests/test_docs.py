@@ -56,3 +56,20 @@ def test_every_emitted_metric_is_defined_in_docs():
                                  "locking_onset_frac"}
     emitted |= set(TRACK_METRICS)
     assert not sorted(emitted - defined), f"metrics emitted but not defined in docs/metrics.md: {emitted - defined}"
+
+
+def test_every_test_docs_design_names_exists():
+    """docs/design.md names the test that holds each decision: `file.py::test_name`, or a bare `test_name` in a
+    cell or sentence that has named its file before."""
+    tests = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    missing = []
+    for line in (ROOT / "docs" / "design.md").read_text().splitlines():
+        current = None
+        for file, name in re.findall(r"`(?:(test_\w+\.py)(?:::)?)?(test_\w+)?`", line):
+            current = file or current
+            if not name:
+                continue
+            where = [current] if current else list(tests)
+            if not any(re.search(rf"^def {name}\(", tests.get(f, ""), re.M) for f in where):
+                missing.append(f"{current or 'tests/'}::{name}")
+    assert not missing, f"docs/design.md names tests that do not exist: {missing}"
