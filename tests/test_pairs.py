@@ -199,3 +199,73 @@ def test_one_run_writes_no_pairs(subspace_runs, tmp_path):
     write_analysis(a, tmp_path / "out")
     assert not (tmp_path / "out" / PAIRS).exists()
     assert "pairs" not in json.loads((tmp_path / "out" / "summary.json").read_text())
+
+
+def test_compare_is_the_short_form_of_analyze(subspace_runs, tmp_path, capsys):
+    from geometry.cli import main, path_labels
+
+    root = subspace_runs
+    code = main(["compare", str(root / "base"), str(root / "a"), str(root / "b" / "checkpoint-20"), "--quick",
+                 "--lock-k", "4", "--no-figures", "--no-progress", "-o", str(tmp_path / "cmp")])
+    assert code == 0, capsys.readouterr().err
+    back = load(tmp_path / "cmp")
+    assert back.unique("run") == ["a", "checkpoint-20"]
+    (s,) = back.pairs.summaries
+    assert (s.run_a, s.run_b, s.steps, s.final_steps) == ("a", "checkpoint-20", [20], (20, 20))
+    assert s.final("pair_sim_u") == pytest.approx(0.75, abs=1e-7)
+    assert path_labels(["runs/sft/checkpoint-9", "runs/rlvr/checkpoint-9", "x/model.safetensors"]) == [
+        "sft/checkpoint-9", "rlvr/checkpoint-9", "x/model"]
+    assert main(["compare", str(root / "base"), str(root / "a")]) == 2  # one run: nothing to compare
+    assert "at least two runs" in capsys.readouterr().err
+
+
+def test_every_pair_metric_is_defined_in_docs():
+    import re
+    from pathlib import Path
+
+    from geometry.offline.pairs import RUN_METRICS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    assert set(RUN_METRICS) <= set(re.findall(r"`([a-z0-9_]+)`", doc))
+
+
+def test_checkpoints_read_a_few_at_a_time_give_the_same_rows(subspace_runs, monkeypatch):
+    import geometry.offline.analyze as A
+
+    runs = [Run(r, subspace_runs / "base", [subspace_runs / r]) for r in "abc"]
+    cfg = AnalysisConfig(lock_k=4, quick=True)
+    reads = []
+    real = A._stored_group
+    monkeypatch.setattr(A, "_stored_group", lambda *a: reads.append(a[0]) or real(*a))
+    together = analyze(runs, config=cfg)
+    n_together = len(reads)
+    monkeypatch.setattr(A, "group_mb", lambda *a, **k: 1e-6)  # room for one checkpoint: two read at a time
+    apart = analyze(runs, config=cfg)
+    assert [(*r[:-1], repr(r.value)) for r in apart.pairs.rows] == [(*r[:-1], repr(r.value))
+                                                                     for r in together.pairs.rows]
+    # 2 groups x 2 steps: the 3 checkpoints read once together, or each pair's two (6 reads) apart
+    assert len(reads) - 2 * n_together == 2 * 2 * (6 - 3)
+
+
+def test_every_pair_of_several_updates_at_once(small_bands):
+    # four updates read together: each pair as the reference gives it, an entry moved from +0 to -0 (changed bits,
+    # zero update) by two of them included
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((2, 30, 20)).astype(np.float32)
+    w0[:, 0, 0] = 0.0
+    ws = []
+    for i in range(4):
+        w = w0 + (rng.random(w0.shape) < 0.2 + 0.2 * i) * rng.standard_normal(w0.shape).astype(np.float32)
+        if i < 2:
+            w[:, 0, 0] = -0.0
+        ws.append(w.astype(np.float32))
+    from geometry.offline.pairs import pair_grams
+
+    grams = pair_grams(torch.from_numpy(w0), [torch.from_numpy(w) for w in ws])
+    for i in range(4):
+        for j in range(i + 1, 4):
+            got = grams.pair(i, j).values()
+            for k in range(2):
+                ref = reference(w0[k], ws[i][k], ws[j][k])
+                for name, want in ref.items():
+                    assert float(got[name][k]) == pytest.approx(want, rel=1e-12), (i, j, k, name)

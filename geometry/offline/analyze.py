@@ -440,7 +440,8 @@ def _measure_group(base: TensorSource, runs: list[tuple[str, list[Checkpoint]]],
                               (factors.k, factors.r)))
         del results  # freed before the next run's checkpoints are visited, not after
     if len(runs) > 1:
-        cells = compare_group(factors.W0, runs, kept, group, lambda source: _stored_group(source, group, device))
+        cells = compare_group(factors.W0, runs, kept, group, lambda source: _stored_group(source, group, device),
+                              held_bytes=group_mb(group[0].shape, len(group), factors.k) * 2**20)  # the group's share
         outs[0] = outs[0]._replace(pairs=tuple(cells))
     return outs
 

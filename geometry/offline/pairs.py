@@ -25,7 +25,7 @@ import torch
 
 from geometry import metrics as M
 from geometry.buffers import spare
-from geometry.kernels import long_band, row_bands
+from geometry.kernels import long_band, mm, row_bands
 from geometry.offline.sources import Checkpoint, MatrixSpec
 from geometry.subspaces import subspace_sim
 
@@ -58,27 +58,59 @@ class Counts(NamedTuple):
                 "pair_sign_agreement": c.agree / c.both}
 
 
-def pair_counts(W0, Wa, Wb) -> Counts:
-    """``Counts`` of each matrix of a group, (L, m, n) tensors or matrices left in their files (offline.stored),
-    visited a band of their long side at a time: each band's masks and float64 updates are formed and dropped,
-    so memory is a few bands whatever the matrices' size."""
+class Grams(NamedTuple):
+    """``Counts`` of every pair of R updates of a group at once: (L, R, R) float64, the diagonal each update with
+    itself (|M_i|, ||D_i||_F^2)."""
+
+    entries: torch.Tensor  # (L,) N
+    both: torch.Tensor  # |M_i ∩ M_j|
+    agree: torch.Tensor  # entries of M_i ∩ M_j where sign(D_i) = sign(D_j)
+    dot: torch.Tensor  # <D_i, D_j>_F
+
+    def pair(self, i: int, j: int) -> Counts:
+        """Updates i and j, (L,)."""
+        return Counts(self.entries, self.both[:, i, i], self.both[:, j, j], self.both[:, i, j], self.agree[:, i, j],
+                      self.dot[:, i, j], self.dot[:, i, i], self.dot[:, j, j])
+
+
+EXACT_FLOAT32 = 1 << 24  # 0/1 products summed in float32 are exact up to this many entries
+
+
+def pair_grams(W0, Ws: Sequence) -> Grams:
+    """``Grams`` of the updates W - W0 for each W of ``Ws``, all (L, m, n) tensors or matrices left in their files
+    (offline.stored), visited a band of their long side at a time: a band of one matrix of every update, as
+    float64 values and as 0/1 indicators of its changed entries (those moved up, down, or to the other zero), and
+    every pair's counts are their Gram matrices (BLAS): memory is R bands, never a mask whole."""
     m, n = W0.shape[-2:]
-    L, rows, cols = W0.shape[0], max(m, n), min(m, n)
-    sums = torch.zeros(7, L, dtype=torch.float64)  # changed_a, changed_b, both, agree, dot, energy_a, energy_b
-    with spare() as s0, spare() as sa, spare() as sb:
-        for part in row_bands(rows, 8 * cols * max(1, L)):
-            w0, wa, wb = (long_band(W, part) for W in (W0, Wa, Wb))
-            ma, mb = M.changed_mask(w0, wa), M.changed_mask(w0, wb)
-            both = ma & mb
-            base = s0.widen(w0)
-            da, db = sa.widen(wa), sb.widen(wb)
-            da -= base
-            db -= base
-            agree = both & (da.sign() == db.sign())
-            sums += torch.stack([M.count(ma), M.count(mb), M.count(both), M.count(agree),
-                                 (da * db).sum((-2, -1)).cpu(), da.square().sum((-2, -1)).cpu(),
-                                 db.square().sum((-2, -1)).cpu()])
-    return Counts(torch.full((L,), float(m * n), dtype=torch.float64), *sums)
+    L, rows, cols, R = W0.shape[0], max(m, n), min(m, n), len(Ws)
+    both, agree, dot = (torch.zeros(L, R, R, dtype=torch.float64) for _ in range(3))
+    with spare() as s0, spare() as sd, spare() as si:
+        for part in row_bands(rows, (8 * L + 24 * R) * cols):  # W0's band, and D and ind for one matrix
+            w0, bands = long_band(W0, part), [long_band(W, part) for W in Ws]  # each valid until its next band
+            base, bits = s0.widen(w0), M.bf16_bits(w0)  # (L, b, r)
+            size = (part.stop - part.start) * cols
+            kind = torch.float32 if size < EXACT_FLOAT32 else torch.float64
+            for k in range(L):
+                D = sd.take((R, size), device=base.device)  # one matrix's band of every update
+                ind = si.take((4, R, size), kind, base.device)  # changed; up, down, to the other zero (+0 <-> -0)
+                for i, w in enumerate(bands):
+                    d = D[i].view(base.shape[1:])
+                    d.copy_(w[k])
+                    d -= base[k]
+                    changed = (bits[k] != M.bf16_bits(w[k])).reshape(-1)  # in D's (logical) order
+                    ind[0, i] = changed
+                    ind[1, i], ind[2, i], ind[3, i] = changed & (D[i] > 0), changed & (D[i] < 0), changed & (D[i] == 0)
+                dot[k] += mm(D, D.mT).cpu()
+                both[k] += mm(ind[0], ind[0].mT).double().cpu()
+                for x in ind[1:]:  # equal signs: both up, both down, or both to the other zero
+                    if x.any():
+                        agree[k] += mm(x, x.mT).double().cpu()
+    return Grams(torch.full((L,), float(m * n), dtype=torch.float64), both, agree, dot)
+
+
+def pair_counts(W0, Wa, Wb) -> Counts:
+    """``Counts`` of one pair of updates, (L,) (``pair_grams`` of the two)."""
+    return pair_grams(W0, [Wa, Wb]).pair(0, 1)
 
 
 class Subspaces(NamedTuple):
@@ -110,7 +142,7 @@ class Visit(NamedTuple):
 
 def visits(steps: dict[str, Sequence[int]]) -> list[Visit]:
     """Every pair of runs (in the order given) at each step both have, ascending, then at their final steps
-    where these differ; ordered by step, then pair (a run's checkpoint is read once for all its pairs)."""
+    where these differ; ordered by step, then pair."""
     runs = list(steps)
     pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
     out = [Visit(a, b, s, s, s) for a, b in pairs for s in sorted(set(steps[a]) & set(steps[b]))]
@@ -125,29 +157,48 @@ class Cell(NamedTuple):
     matrix: str
     layer: int | None
     module: str
-    counts: Counts  # of this matrix, float64 scalars
-    sim_u: float
-    sim_v: float
+    counts: Counts  # of this matrix, floats: what run-level values pool
+    values: dict[str, float]  # PAIR_METRICS
 
 
 def compare_group(W0, runs: Sequence[tuple[str, Sequence[Checkpoint]]], subspaces: dict[str, dict[int, Subspaces]],
-                  group: Sequence[MatrixSpec], read: Callable[[object], object]) -> list[Cell]:
+                  group: Sequence[MatrixSpec], read: Callable[[object], object],
+                  held_bytes: float = math.inf) -> list[Cell]:
     """Every pair of ``runs`` (label, checkpoints) on one group of matrices; W0 the group's base, ``read(source)``
-    a checkpoint's group as the analysis reads it, two checkpoints at a time; ``subspaces``: run -> step -> its
-    update's top-K subspaces."""
+    a checkpoint's group as the analysis reads it, ``subspaces``: run -> step -> its update's top-K subspaces.
+    At each step the checkpoints visited are read together (``pair_grams``), as many at once as
+    ``held_bytes`` holds (each counted whole, as float32), and at least two."""
     ckpts = {label: {c.step: c for c in cs} for label, cs in runs}
+    per_read = 4 * math.prod(W0.shape)
     cells: list[Cell] = []
-    held: tuple[tuple[str, int], object] | None = None  # run a's checkpoint, kept for its next pairs
-    for v in visits({label: [c.step for c in cs] for label, cs in runs}):
-        if held is None or held[0] != (v.a, v.step_a):
-            held = None  # the previous one goes first
-            held = (v.a, v.step_a), read(ckpts[v.a][v.step_a].source)
-        counts = pair_counts(W0, held[1], read(ckpts[v.b][v.step_b].source))
-        sim_u, sim_v = pair_sims(subspaces[v.a][v.step_a], subspaces[v.b][v.step_b])
-        for i, spec in enumerate(group):
-            cells.append(Cell(v, spec.name, spec.layer, spec.module, Counts(*(c[i] for c in counts)),
-                              float(sim_u[i]), float(sim_v[i])))
+    for todo in _rounds(visits({label: [c.step for c in cs] for label, cs in runs})):
+        entries = list(dict.fromkeys(e for v in todo for e in ((v.a, v.step_a), (v.b, v.step_b))))
+        # all at once where they fit, else in chunks read two at a time
+        size = len(entries) if len(entries) * per_read <= held_bytes else max(1, int(held_bytes // per_read) // 2)
+        chunk = {e: i // size for i, e in enumerate(entries)}
+        for pair in sorted({tuple(sorted((chunk[v.a, v.step_a], chunk[v.b, v.step_b]))) for v in todo}):
+            read_now = [e for e in entries if chunk[e] in pair]
+            grams = pair_grams(W0, [read(ckpts[r][s].source) for r, s in read_now])
+            index = {e: i for i, e in enumerate(read_now)}
+            for v in todo:
+                if tuple(sorted((chunk[v.a, v.step_a], chunk[v.b, v.step_b]))) != pair:
+                    continue
+                counts = grams.pair(index[v.a, v.step_a], index[v.b, v.step_b])
+                sims = pair_sims(subspaces[v.a][v.step_a], subspaces[v.b][v.step_b])
+                values = {**counts.values(), "pair_sim_u": sims[0], "pair_sim_v": sims[1]}  # name -> (L,)
+                columns = {name: x.tolist() for name, x in values.items()}
+                per_matrix = torch.stack(counts, 1).tolist()  # (L, 8)
+                cells += [Cell(v, spec.name, spec.layer, spec.module, Counts(*per_matrix[i]),
+                               {name: columns[name][i] for name in PAIR_METRICS}) for i, spec in enumerate(group)]
     return cells
+
+
+def _rounds(todo: list[Visit]) -> list[list[Visit]]:
+    """Visits of one step together (those of the final steps, ``step`` None, together)."""
+    out: dict[int | None, list[Visit]] = {}
+    for v in todo:
+        out.setdefault(v.step, []).append(v)
+    return list(out.values())
 
 
 class PairRow(NamedTuple):
@@ -199,13 +250,12 @@ def _summary(cells: list[Cell]) -> PairSummary:
         by.setdefault(c.visit, []).append(c)
     per_step: dict[str, list[float]] = {m: [] for m in RUN_METRICS}
     for same in by.values():
-        pooled = Counts(*(torch.stack(x).sum() for x in zip(*(c.counts for c in same), strict=True)))
+        pooled = Counts(*torch.tensor([c.counts for c in same], dtype=torch.float64).sum(0))
         for name, value in pooled.values().items():
             per_step[name].append(float(value))
-        cosines = [float(c.counts.values()["pair_update_cosine"]) for c in same]
-        for name, values in (("pair_update_cosine_mean", cosines), ("pair_sim_u", [c.sim_u for c in same]),
-                             ("pair_sim_v", [c.sim_v for c in same])):
-            finite = [x for x in values if math.isfinite(x)]
+        for name, of in (("pair_update_cosine_mean", "pair_update_cosine"), ("pair_sim_u", "pair_sim_u"),
+                         ("pair_sim_v", "pair_sim_v")):
+            finite = [c.values[of] for c in same if math.isfinite(c.values[of])]
             per_step[name].append(float(np.mean(finite)) if finite else math.nan)
     last = list(by)[-1]
     return PairSummary(first.a, first.b, [v.step for v in by], (last.step_a, last.step_b), per_step)
@@ -227,9 +277,8 @@ class Pairs:
         order = {r: i for i, r in enumerate(runs)}
         cells = sorted(cells, key=lambda c: (order[c.visit.a], order[c.visit.b],
                                              math.inf if c.visit.step is None else c.visit.step))
-        rows = [PairRow(c.visit.a, c.visit.b, c.visit.step, c.matrix, c.layer, c.module, name, float(value))
-                for c in cells for name, value in (*c.counts.values().items(), ("pair_sim_u", c.sim_u),
-                                                   ("pair_sim_v", c.sim_v))]
+        rows = [PairRow(c.visit.a, c.visit.b, c.visit.step, c.matrix, c.layer, c.module, name, c.values[name])
+                for c in cells for name in PAIR_METRICS]
         by_pair: dict[tuple[str, str], list[Cell]] = {}
         for c in cells:
             by_pair.setdefault((c.visit.a, c.visit.b), []).append(c)
