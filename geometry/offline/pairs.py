@@ -8,8 +8,10 @@ independent masks of those densities; ``pair_update_cosine`` <D_a, D_b>_F / (||D
 
 The analysis (geometry.offline.analyze) measures the runs of one base together, a group of matrices at a time;
 once every run's checkpoints of a group are measured, each pair of runs is compared at every step both have
-and at their final steps (``visits``). Masks, signs and inner products come from W0, W_a and W_b a band of
-rows at a time, no mask ever whole (``pair_counts``); the subspaces are those the engine keeps for locking.
+and at their final steps (``visits``). The checkpoints of a step are read together (as many as the group's
+memory share holds) and visited a band of rows at a time: each update's band and changed entries are formed
+once, and every pair's intersections, sign agreements and inner products are their Gram matrices
+(``pair_grams``), no mask ever whole. The subspaces are those the engine keeps for locking.
 """
 
 from __future__ import annotations
