@@ -269,3 +269,25 @@ def test_every_pair_of_several_updates_at_once(small_bands):
                 ref = reference(w0[k], ws[i][k], ws[j][k])
                 for name, want in ref.items():
                     assert float(got[name][k]) == pytest.approx(want, rel=1e-12), (i, j, k, name)
+
+
+def test_torchrun_gives_the_pairs_of_one_process(subspace_runs, tmp_path):
+    # the groups split across two ranks: each rank's pairs travel to rank 0 with its rows
+    import os
+    import subprocess
+    import sys
+
+    from geometry.cli import main
+
+    root = subspace_runs
+    args = ["compare", str(root / "base"), str(root / "a"), str(root / "b"), "--quick", "--lock-k", "4",
+            "--no-figures", "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "geometry", *args, "-o", str(tmp_path / "multi")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "2 ranks" in res.stderr
+    for name in (PAIRS, "summary.json"):
+        assert (tmp_path / "multi" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
