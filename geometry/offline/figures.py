@@ -86,8 +86,8 @@ def standard_figures(analysis: Analysis, heatmaps: tuple[str, ...] = HEATMAP_MET
 
     if a.pairs.summaries:  # runs of one base compared with each other (geometry.offline.pairs)
         n = len(a.pairs.grid(PAIR_GRIDS[0][0])[0])  # runs compared
-        fig, ax = plots.panels(len(PAIR_GRIDS), width=max(4.5, 2.5 + 0.45 * n), height=max(3.8, 2.0 + 0.45 * n),
-                               cols=2)
+        side = min(10.0, 2.5 + 0.45 * n)  # inches a panel, at most 10 however many runs
+        fig, ax = plots.panels(len(PAIR_GRIDS), width=max(4.5, side), height=max(3.8, side - 0.5), cols=2)
         for i, (metric, title, scale) in enumerate(PAIR_GRIDS):
             plots.run_grid(*a.pairs.grid(metric), ax[i], title=title, **scale)
         out["pairs_heatmap.png"] = plots.png(fig)
