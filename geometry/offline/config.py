@@ -28,6 +28,25 @@ def scaled(at_paper_width: int, hidden: int) -> int:
 
 @dataclass
 class AnalysisConfig:
+    """What an analysis measures and how; every field is also a ``geometry analyze`` option (``--field-name``),
+    with the help text given here (docs/metrics.md defines each quantity).
+
+    Raises
+    ------
+    GeometryError
+        A value out of range (k, K below 1; tau outside (0, 1]; alpha outside (0, 1); a choice not offered).
+
+    Examples
+    --------
+    >>> from geometry import AnalysisConfig
+    >>> AnalysisConfig(quick=True, lock_k=8).lock_k
+    8
+    >>> AnalysisConfig(tau=2)
+    Traceback (most recent call last):
+    ...
+    geometry.errors.GeometryError: tau must lie in (0, 1], got 2
+    """
+
     principal_k: int | None = option(
         None, "k of SPEC 2 and 4: size of W0's principal subspace (default: round(512 h / 4096), h the "
         "model's hidden size, else the matrix's smaller side; at most the rank)")
@@ -40,9 +59,9 @@ class AnalysisConfig:
                                    "(default: round(64 h / 4096), h as for --principal-k)")
     abs_tol: float = option(1e-5, "tolerance of the older absolute sparsity variant (SPEC 1)")
     intruder_threshold: float = option(0.5, "|cos| below which a top-10 direction of W_t is an intruder (SPEC 8)")
-    quick: bool = option(False, "measure the update alone: bf16 sparsity, norms, rank metrics and locking of D_t "
-                         "(what checkpoint-diff tools report); no decomposition of W0 or W_t, so no angles, NSS, "
-                         "overlaps, masks, intruders or interval metrics")
+    quick: bool = option(False, "measure the update alone: sparsity, concentration, norms, rank metrics, signal rank "
+                         "and locking of D_t (what checkpoint-diff tools report, and more); no decomposition of W0 or "
+                         "W_t, so no angles, NSS, overlaps, masks, intruders or interval metrics")
     include: tuple[str, ...] = option((), "regex over parameter names to keep (repeatable); a matched embedding "
                                       "is kept too")
     exclude: tuple[str, ...] = option((), "regex over parameter names to drop (repeatable)")
