@@ -65,6 +65,31 @@ class GeometryCallback(TrainerCallback):
     value added in this callback's own on_log would come after they wrote the logs. TrainerCallback events
     get no handle on the list, so at on_train_begin this callback takes its CallbackHandler from the calling
     frame and puts a one-event helper (on_log only) first; every other event keeps its order.
+
+    Parameters
+    ----------
+    out_dir : path
+        The store the Recorder writes (geometry.capture.recorder.Recorder).
+    config : RecorderConfig, optional
+        What to record and how often.
+    log : bool
+        Add the run-level values to the Trainer's logs (its experiment trackers).
+
+    Raises
+    ------
+    GeometryError
+        ``out_dir`` cannot be written (at creation), or the Recorder refuses the model (at on_train_begin).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from geometry import GeometryCallback, RecorderConfig
+    >>> cb = GeometryCallback(tempfile.mkdtemp() + "/geometry", RecorderConfig(snapshot_every=50))
+    >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+
+    Then ``geometry analyze OUT_DIR/base OUT_DIR -o out/`` measures its snapshots (tests/test_callbacks.py
+    runs it through a real Trainer).
     """
 
     def __init__(self, out_dir: str | Path, config: RecorderConfig | None = None, *, log: bool = True):
@@ -170,6 +195,29 @@ class GradientProjectionCallback(TrainerCallback):
     With plain SGD (no weight decay) the update after t0 then lies in that subspace exactly,
     (D_T - D_t0)(I - V_K V_K^T) = 0. Adam rescales each entry after the projection, so there the gradients,
     not the updates, are constrained (as in the paper's experiment). W0 is kept on the CPU until t0.
+
+    Parameters
+    ----------
+    start_frac : float
+        t0 as a share of ``max_steps``, in (0, 1): the paper projects from 20%.
+    lock_k : int
+        K, the rank of the subspace the gradients are kept in.
+    side : {"right", "left", "both"}
+        Which side of G is projected.
+    include, exclude : tuple of regexes
+        The matrices projected (default: every Linear weight, router and expert, as the Recorder's).
+
+    Raises
+    ------
+    GeometryError
+        Invalid settings (at creation); a resumed run, sharded or DeepSpeed-managed gradients, or a peft model
+        (at on_train_begin).
+
+    Examples
+    --------
+    >>> from geometry import GradientProjectionCallback
+    >>> cb = GradientProjectionCallback(start_frac=0.2, lock_k=16)
+    >>> Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()  # doctest: +SKIP
     """
 
     def __init__(self, start_frac: float = 0.2, lock_k: int = 16, side: str = "right",

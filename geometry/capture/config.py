@@ -17,7 +17,20 @@ IO_KNOBS = ("queue_size", "track_batch_mb", "on_error", "base_device", "label", 
 
 @dataclass
 class RecorderConfig:
-    """What to record and how. Regexes are matched with re.search against parameter names."""
+    """What a Recorder (or GeometryCallback) records and how; regexes are matched with re.search against the
+    matrices' names (as the model's checkpoints name them: geometry.capture.matrices).
+
+    Raises
+    ------
+    GeometryError
+        A negative interval, K below 1, an unknown dtype or choice.
+
+    Examples
+    --------
+    >>> from geometry import RecorderConfig
+    >>> RecorderConfig(snapshot_every=100, include=("self_attn",)).include
+    ('self_attn',)
+    """
 
     include: tuple[str, ...] = ()  # regexes; empty: every 2-D weight of a Linear layer (geometry.selection)
     exclude: tuple[str, ...] = ()

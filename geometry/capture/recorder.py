@@ -118,9 +118,42 @@ def select_parameters(model: nn.Module | Matrices, cfg: RecorderConfig) -> dict[
 class Recorder:
     """Records a training run into a geometry store (module docstring). A context manager.
 
-    step: the optimizer step the model is at now: 0 for a fresh run (its weights are the base W0);
-    a resumed run passes its current step and W0 is read from the store, which must exist.
-    Only rank 0 opens the store (``store`` is None on other ranks).
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model being trained (unwrapped from DDP, DeepSpeed, torch.compile; a peft LoRA model is read as
+        its merged weights). Every Linear weight, router and expert is recorded (``config.include`` and
+        ``exclude`` narrow it); a warning says so when under half of the non-embedding parameters are.
+    out_dir : path
+        The store: a folder of Trainer-style ``checkpoint-N`` snapshots, ``base/`` and tracking files.
+    config : RecorderConfig, optional
+        What to record and how often.
+    step : int
+        The optimizer step the model is at now: 0 for a fresh run (its weights are the base W0); a resumed run
+        passes its current step and W0 is read from the store, which must exist.
+
+    Only rank 0 opens the store (``store`` is None on other ranks). Call ``step(t)`` after each optimizer step.
+
+    Raises
+    ------
+    GeometryError
+        No matrix selected, a store holding another run, an unwritable folder, or (at ``step``) a failed write.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from geometry import Recorder, RecorderConfig
+    >>> from geometry.capture.store import read_manifest
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> store = tempfile.mkdtemp() + "/store"
+    >>> with Recorder(model, store, RecorderConfig(snapshot_every=5)) as rec:
+    ...     for t in range(1, 11):
+    ...         model(torch.randn(4, 16)).square().mean().backward()
+    ...         opt.step(); opt.zero_grad()
+    ...         rec.step(t)
+    >>> read_manifest(store).steps
+    [5, 10]
     """
 
     def __init__(self, model: nn.Module, out_dir: str | Path, config: RecorderConfig | None = None, *,

@@ -56,7 +56,14 @@ M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
 
 class Run(NamedTuple):
     """One training run to analyze: its label, its base model, and checkpoint paths (files, model
-    dirs or Trainer output dirs with checkpoint-N folders)."""
+    dirs or Trainer output dirs with checkpoint-N folders).
+
+    Examples
+    --------
+    >>> from geometry import Run
+    >>> Run("sft", "Qwen/Qwen3-8B", ["runs/sft"])
+    Run(label='sft', base='Qwen/Qwen3-8B', checkpoints=['runs/sft'])
+    """
 
     label: str
     base: str | Path
@@ -75,7 +82,10 @@ class Curve(NamedTuple):
 
 
 class Analysis(Table):
-    """The tidy table of every metric, plus what does not fit in it.
+    """The tidy table of every metric, plus what does not fit in it (returned by ``analyze`` and ``load``).
+
+    A ``geometry.Table`` of rows (run, step, matrix, layer, module, metric, value): ``where``, ``unique``,
+    ``values``, ``write_csv``, ``to_pandas``. Attributes:
 
     curves: per-matrix angle curves and spectra; notes: fallbacks taken and matrices skipped, in words;
     runs: the runs analysed, in order; labels: run -> step -> the name of the checkpoint measured at that
@@ -83,6 +93,13 @@ class Analysis(Table):
     (geometry.offline.pairs, docs/metrics.md item 10); lens: with ``config.lens``, each run's final update read as
     tokens (geometry.offline.lens); rank: this process's torchrun rank (only rank 0 holds the rows and curves of a
     distributed analysis; the others' are empty and write nothing).
+
+    Examples
+    --------
+    >>> from geometry import Analysis, AnalysisConfig, Row
+    >>> a = Analysis([Row("sft", 10, "m", 0, "q_proj", "sparsity_bf16", 0.25)], [], [], [], AnalysisConfig())
+    >>> a.where(run="sft", metric="sparsity_bf16").values()
+    [0.25]
     """
 
     def __init__(self, rows: Iterable[Row], curves: list[Curve], notes: list[str], runs: list[Run],
@@ -100,12 +117,51 @@ class Analysis(Table):
 def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | Path] | None = None, *,
             label: str = "run", config: AnalysisConfig | None = None, progress: bool = False,
             distributed: bool = False) -> Analysis:
-    """Measure every SPEC metric for every run, checkpoint and matrix.
+    """Measure every metric of docs/metrics.md for every run, checkpoint and matrix.
 
-    ``analyze(base, [ckpt_dir])`` for one run, or ``analyze([Run("sft", base, [dir]), Run("opd", ...)])``
-    for several side by side, each with its own base. ``distributed`` (the CLI sets it): under torchrun, every
-    rank calls this and the groups of matrices are split across the ranks by cost (geometry.offline.distributed);
-    rank 0 returns the whole table, the same as one process's. Off, a rank of someone else's job measures all.
+    Parameters
+    ----------
+    runs : Run, sequence of Run, or a path
+        The runs to measure side by side, each with its own base; or one run's base model (a path or hub name),
+        with ``checkpoints``.
+    checkpoints : sequence of paths, optional
+        With a base as ``runs``: its checkpoints (model dirs, weight files, or a Trainer output dir).
+    label : str
+        The run's name in the outputs when ``runs`` is a base.
+    config : AnalysisConfig, optional
+        What to measure and how (default: ``AnalysisConfig()``).
+    progress : bool
+        A progress bar on stderr, drawn only when it is a terminal.
+    distributed : bool
+        Under torchrun, every rank calls this and the groups of matrices are split across the ranks by cost
+        (geometry.offline.distributed); rank 0 returns the whole table, the same as one process's. Off (the
+        default), a rank of someone else's job measures everything.
+
+    Returns
+    -------
+    Analysis
+        The tidy table (one row per run, step, matrix and metric) with curves, notes, pairs and coverage.
+
+    Raises
+    ------
+    GeometryError
+        Bad input, in one line: a missing or truncated file, a shape mismatch, NaN/Inf weights, a pickle
+        checkpoint without ``allow_pickle``, two runs with one label.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> from geometry import AnalysisConfig, analyze
+    >>> d = tempfile.mkdtemp()
+    >>> w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    >>> save_file({"model.layers.0.mlp.up_proj.weight": w}, f"{d}/base.safetensors")
+    >>> save_file({"model.layers.0.mlp.up_proj.weight": w + 0.05}, f"{d}/tuned.safetensors")
+    >>> a = analyze(f"{d}/base.safetensors", [f"{d}/tuned.safetensors"], config=AnalysisConfig(quick=True))
+    >>> a.unique("matrix")
+    ['model.layers.0.mlp.up_proj.weight']
+    >>> [round(v, 6) for v in a.where(metric="stable_rank").values()]  # D = 0.05 everywhere: rank one
+    [1.0]
     """
     cfg = config or AnalysisConfig()
     if isinstance(runs, (str, Path)):

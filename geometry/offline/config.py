@@ -28,6 +28,25 @@ def scaled(at_paper_width: int, hidden: int) -> int:
 
 @dataclass
 class AnalysisConfig:
+    """What an analysis measures and how; every field is also a ``geometry analyze`` option (``--field-name``),
+    with the help text given here (docs/metrics.md defines each quantity).
+
+    Raises
+    ------
+    GeometryError
+        A value out of range (k, K below 1; tau outside (0, 1]; alpha outside (0, 1); a choice not offered).
+
+    Examples
+    --------
+    >>> from geometry import AnalysisConfig
+    >>> AnalysisConfig(quick=True, lock_k=8).lock_k
+    8
+    >>> AnalysisConfig(tau=2)
+    Traceback (most recent call last):
+    ...
+    geometry.errors.GeometryError: tau must lie in (0, 1], got 2
+    """
+
     principal_k: int | None = option(
         None, "k of SPEC 2 and 4: size of W0's principal subspace (default: round(512 h / 4096), h the "
         "model's hidden size, else the matrix's smaller side; at most the rank)")

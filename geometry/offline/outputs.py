@@ -221,10 +221,41 @@ def _signals_held():
 
 
 def load(out: str | Path) -> Analysis:
-    """An analysis back from the directory ``write_analysis`` wrote: rows, curves, notes, settings.
+    """An analysis back from the directory ``write_analysis`` (or ``geometry analyze -o``) wrote.
 
-    The per-matrix onset rows that ``write_analysis`` derives are left out (writing the result again derives
-    them anew); runs carry their labels only (the base and checkpoint paths are not part of the outputs).
+    Parameters
+    ----------
+    out : path
+        The output directory: metrics.csv, summary.json and curves.npz are read (pairs.csv, lens.json too
+        where present).
+
+    Returns
+    -------
+    Analysis
+        Rows, curves, notes, settings, coverage. The per-matrix onset rows that ``write_analysis`` derives are
+        left out (writing the result again derives them anew); runs carry their labels only (the base and
+        checkpoint paths are not part of the outputs).
+
+    Raises
+    ------
+    GeometryError
+        ``out`` is not an output directory of ``geometry analyze``, or a file in it is unreadable.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> from geometry import AnalysisConfig, analyze, load
+    >>> from geometry.offline.outputs import write_analysis
+    >>> d = tempfile.mkdtemp()
+    >>> w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    >>> save_file({"model.layers.0.mlp.up_proj.weight": w}, f"{d}/base.safetensors")
+    >>> save_file({"model.layers.0.mlp.up_proj.weight": 2 * w}, f"{d}/tuned.safetensors")
+    >>> a = analyze(f"{d}/base.safetensors", [f"{d}/tuned.safetensors"], config=AnalysisConfig(quick=True))
+    >>> _ = write_analysis(a, f"{d}/out")
+    >>> back = load(f"{d}/out")
+    >>> back.where(metric="sparsity_bf16").values() == a.where(metric="sparsity_bf16").values()
+    True
     """
     out = Path(out)
     for name in ("metrics.csv", "summary.json", "curves.npz"):
