@@ -3,8 +3,8 @@
 A matrix stored narrower than float64 (float32, bf16) is widened a band of rows of its long side at a time
 (``long_blocks``) and never copied whole: a 12288 x 4096 float64 copy is 400 MB. On the CPU the products go to
 BLAS through numpy and ``geometry.lapack``, a matrix at a time: syrk forms a Gram matrix in half a general
-product's flops, and numpy's dgemm is faster than torch's for float64 (benchmarks/bench_kernels.py). On a GPU
-every product stays one batched torch kernel on the whole tensor.
+product's flops, and numpy's dgemm is faster than torch's for float64 (benchmarks/bench_kernels.py). On the
+GPU plan (geometry.plan) every product is one batched torch kernel on the whole tensor.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from geometry import lapack
+from geometry import lapack, plan
 from geometry.buffers import Scratch, spare
 
 # Matrices are widened, differenced and scored a band of rows at a time (``long_blocks``, offline.blocked, the
@@ -32,9 +32,9 @@ def gram(x: torch.Tensor, into: Scratch | None = None) -> torch.Tensor:
     float64 copy of it. ``into``: a buffer it is formed in (then valid as long as that buffer's contents)."""
     m, n = x.shape[-2:]
     tall = m >= n
-    if x.device.type != "cpu":
+    if plan.gpu(x):
         x = x.double()
-        return x.mT @ x if tall else x @ x.mT
+        return symmetric(x.mT @ x if tall else x @ x.mT)
     r = min(m, n)
     if x.dtype != torch.float64:
         shape = (*x.shape[:-2], r, r)
@@ -82,7 +82,7 @@ def long_blocks(x):
 def fro_norm(x: torch.Tensor) -> torch.Tensor:
     """||x||_F of each matrix (...), float64; a matrix stored narrower widened a block at a time
     (``long_blocks``): no float64 copy of it (torch's norm with a float64 dtype makes one)."""
-    if x.dtype == torch.float64 or x.device.type != "cpu":
+    if x.dtype == torch.float64 or plan.gpu(x):
         return torch.linalg.matrix_norm(x.double())
     total = torch.zeros(x.shape[:-2], dtype=torch.float64)
     for _, block in long_blocks(x):
@@ -93,7 +93,7 @@ def fro_norm(x: torch.Tensor) -> torch.Tensor:
 def long_product(x: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """x's long side times thin X (..., r, k) in float64: x X when m >= n, else x^T X; a narrower x a block at
     a time (``long_blocks``)."""
-    if x.dtype == torch.float64 or x.device.type != "cpu":
+    if x.dtype == torch.float64 or plan.gpu(x):
         x = x.double()
         return mm(x if x.shape[-2] >= x.shape[-1] else x.mT, X)
     out = torch.empty(*x.shape[:-2], max(x.shape[-2:]), X.shape[-1], dtype=torch.float64)
@@ -107,7 +107,7 @@ def short_product(x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """x's long side, transposed, times Y (..., long side, k) in float64: x^T Y when m >= n, else x Y, (..., r, k);
     a narrower x a block at a time (``long_blocks``): no float64 copy of it."""
     Y = Y.double()
-    if x.dtype == torch.float64 or x.device.type != "cpu":
+    if x.dtype == torch.float64 or plan.gpu(x):
         return mm(long_rows(x.double()).mT, Y)
     out = torch.zeros(*x.shape[:-2], min(x.shape[-2:]), Y.shape[-1], dtype=torch.float64)
     with spare() as product:
@@ -120,7 +120,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, into: Scratch | None = None) -> torch.T
     """a @ b, batched. On the CPU by numpy's BLAS (dgemm), faster than torch's there for every float64 shape of
     this package (benchmarks/README.md, "Decomposition kernels"). ``into``: the product is written into that
     buffer (valid until its next use; CPU, operands of one dtype), not a new one."""
-    if a.device.type != "cpu" or b.device.type != "cpu":
+    if plan.gpu(a) or plan.gpu(b):
         return a @ b
     x, y = a.numpy(), b.numpy()
     if into is None or x.dtype != y.dtype:
@@ -133,7 +133,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, into: Scratch | None = None) -> torch.T
 def add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
     """gram += d^T d for each matrix of the batch, (L, r, r) and (L, b, r); on the CPU by BLAS syrk into the
     lower triangle in place (no r x r temporary), mirrored by ``symmetric``."""
-    if gram.device.type != "cpu":
+    if plan.gpu(gram):
         gram += d.mT @ d
         return
     for g, block in zip(gram.numpy(), d.numpy(), strict=True):
@@ -143,9 +143,10 @@ def add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
 
 
 def symmetric(gram: torch.Tensor) -> torch.Tensor:
-    """The lower triangle mirrored into the upper (on the CPU; elsewhere the sum is already symmetric)."""
-    if gram.device.type != "cpu":
-        return gram
+    """gram made exactly symmetric in place: on the CPU plan the lower triangle (``add_gram``'s) mirrored into the
+    upper; on the GPU plan, whose products leave the two triangles a rounding apart, their mean."""
+    if plan.gpu(gram):
+        return gram.copy_(gram + gram.mT).mul_(0.5)  # (a + b) / 2 = (b + a) / 2 exactly
     r = gram.shape[-1]
     for g in gram.numpy():
         for i in range(0, r, 256):  # a band of rows at a time: no r x r temporary

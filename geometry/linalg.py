@@ -99,17 +99,16 @@ def gram_svd(x: torch.Tensor, k: int | None = None, *, small_values: bool = True
 
 def top_from_gram(G: torch.Tensor, k: int, long: Callable[[torch.Tensor], torch.Tensor],
                   dense: Callable[[], torch.Tensor], *, tall: bool, warm: torch.Tensor | None = None,
-                  tol: float = 1e-7, max_iter: int = 60, seed: int = 0, iterate: bool | None = None,
-                  overwrite: bool = False) -> SVD:
+                  tol: float = 1e-7, max_iter: int = 60, seed: int = 0, overwrite: bool = False) -> SVD:
     """Top-k singular vectors and the full spectrum of a matrix x from its Gram matrix G (of the smaller side):
     all eigenvalues, then the top-k eigenvectors by ``top_eigvecs`` (certified subspace iteration, or the
     eigensolver's own where that is cheaper); the long side's vectors by ``long(X)`` (x X when ``tall``, else
     x^T X). A Gram matrix that cannot resolve the top k (LAPACK failure, s_k below ~1e-6 s1) sends ``dense()``
     (x whole, float64) to ``exact_svd``, method "subspace->exact". ``overwrite``: G may be destroyed (``SymEig``;
-    on the CPU the eigensolver's own vectors are then taken)."""
+    on the CPU plan the eigensolver's own vectors are then taken)."""
     try:
         eig = SymEig(G, overwrite=overwrite)
-        found = top_eigvecs(eig, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed, iterate=iterate)
+        found = top_eigvecs(eig, k, warm=warm, tol=tol, max_iter=max_iter, seed=seed)
     except torch.linalg.LinAlgError:
         found = None
     if found is None:

@@ -1,7 +1,8 @@
 """The metrics of SPEC.md items 1-8 as pure tensor functions, batched over leading dimensions.
 
 Inputs are weight tensors ``(..., m, n)`` in any float dtype, or factors from ``geometry.linalg``.
-Outputs are float64 tensors of shape ``(...)``: one value per matrix. No I/O, no device choices.
+Outputs are float64 tensors of shape ``(...)``: one value per matrix. No I/O; where the CPU and the GPU want
+different kernels, ``geometry.plan`` decides.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from geometry import plan
 from geometry.buffers import spare
 from geometry.kernels import mm, row_bands
 from geometry.subspaces import degrees, principal_angles, subspace_sim
@@ -40,9 +42,9 @@ def changed_mask(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
 
 
 def count(mask: torch.Tensor, dim: int | tuple[int, ...] = (-2, -1)) -> torch.Tensor:
-    """True entries of a bool tensor along ``dim`` (per matrix by default), float64. On the CPU by numpy's
-    count_nonzero, a dozen times faster than torch's there (measured: 11.5M entries, 3.5 ms against 45 ms)."""
-    if mask.device.type == "cpu":
+    """True entries of a bool tensor along ``dim`` (per matrix by default), float64. On the CPU plan by numpy's
+    count_nonzero, many times faster than torch's count there; on the GPU plan by torch's."""
+    if not plan.gpu(mask):
         return torch.from_numpy(np.asarray(np.count_nonzero(mask.numpy(), axis=dim), dtype=np.float64))
     return mask.count_nonzero(dim).double()
 
@@ -144,10 +146,10 @@ def _count_last(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry along the last dimension, (..., 1). On the CPU by ``_select`` (numpy), elsewhere
-    torch's kthvalue."""
+    """The k-th largest entry along the last dimension, (..., 1). On the CPU plan by ``_select`` (numpy), on the
+    GPU plan torch's kthvalue."""
     total = flat.shape[-1]
-    if flat.device.type != "cpu":
+    if plan.gpu(flat):
         return flat.kthvalue(total - k + 1, dim=-1, keepdim=True).values
     rows = flat.numpy().reshape(-1, total)
     return torch.from_numpy(np.array([_select(row, k) for row in rows], dtype=rows.dtype)).view(*flat.shape[:-1], 1)
@@ -165,9 +167,9 @@ def _select(a: np.ndarray, k: int):
 
 def _bracketed(a: np.ndarray, k: int):
     """The k-th largest entry of a 1-D array, or None. A seeded sample puts two bounds around it; only the
-    entries between them are partitioned (introselect), the others counted: 2.3x faster than partitioning all
-    (measured, 2.9M float64 entries: 12 against 27 ms). None when the bounds miss it (a sample unlike the
-    whole array)."""
+    entries between them are partitioned (introselect), the others counted: faster than partitioning all
+    (benchmarks/README.md, "Measurements behind the engine's choices"). None when the bounds miss it (a sample
+    unlike the whole array)."""
     n = a.size
     lo, hi = _bounds(a[np.random.default_rng(0).integers(0, n, SELECT_SAMPLE)], k, n)
     return _within(np.count_nonzero(a > hi), a[(a >= lo) & (a <= hi)], k)
@@ -193,13 +195,14 @@ def _within(above: int, between: np.ndarray, k: int):
 
 def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int, alpha: float) -> torch.Tensor:
     """``_top_fraction`` of a score (..., m, n) given a band of rows at a time (``score(rows)`` -> (..., b, n)),
-    the same mask, bit for bit, without the whole score: on the CPU, bands of ``kernels.row_bands``, three passes
+    the same mask, bit for bit, without the whole score: on the CPU plan, bands of ``kernels.row_bands``, three passes
     (a seeded sample; the counts above two bounds from it and the entries between them, whose selection gives
     the threshold; the mask, ties taken in position order as a stable sort takes them). A score whose bounds
     miss, or that holds NaN, is formed whole for ``_top_fraction`` (a 12288 x 4096 score is 400 MB). A band
     ``score`` gives may be valid only until its next call (one buffer, reused: ``geometry.buffers.Scratch``)."""
     first = score(slice(0, 1))
-    batch, device, dtype = first.shape[:-2], first.device, first.numpy().dtype if first.device.type == "cpu" else None
+    batch, batched = first.shape[:-2], plan.gpu(first)
+    dtype = None if batched else first.numpy().dtype
     L = math.prod(batch)
     bands = row_bands(m, 8 * n * max(1, L))
 
@@ -208,7 +211,7 @@ def _top_fraction_banded(score: Callable[[slice], torch.Tensor], m: int, n: int,
 
     if len(bands) == 1:
         return _top_fraction(score(bands[0]), alpha)
-    if device.type != "cpu":
+    if batched:  # the GPU plan: one selection over the whole score
         return _top_fraction(whole(), alpha)
     total = m * n
     count = math.ceil(alpha * total * (1 - 1e-12))  # as _top_fraction counts

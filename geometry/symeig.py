@@ -3,9 +3,9 @@ they resolve of the singular values of the matrix the Gram matrix came from.
 
 - ``SymEig`` / ``sym_eig``: every eigenvalue and the top-k eigenvectors from one solve. On the CPU, LAPACK a
   matrix at a time: one tridiagonalisation gives all eigenvalues, and the k vectors cost only inverse iteration
-  and a back-transformation, not a full eigh. On a GPU, torch's batched eigvalsh and eigh.
+  and a back-transformation, not a full eigh. On the GPU plan (geometry.plan), torch's batched eigvalsh and eigh.
 - ``top_eigvecs``: the top-k eigenvectors by subspace iteration, certified against the exact eigenvalues by
-  Davis-Kahan's bound, where that is cheaper than the eigensolver's own (on a GPU).
+  Davis-Kahan's bound, where that is cheaper than the eigensolver's own (on the GPU plan).
 - ``singular_values`` and ``well_conditioned``: singular values from Gram eigenvalues, and whether a Gram matrix
   resolved them. Squaring a matrix loses its singular values below ~sqrt(eps64) s1.
 
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from geometry import lapack
+from geometry import lapack, plan
 from geometry.kernels import mm
 
 # Below this ratio s_min / s_max a Gram matrix has lost the small singular values (sqrt(eps64) ~ 1.5e-8),
@@ -39,16 +39,16 @@ class SymEig:
 
     CPU: per matrix, LAPACK's tridiagonalisation Q^T G Q = T (sytrd) is kept; the eigenvalues come from T
     (sterf); k eigenvectors of T by inverse iteration on those eigenvalues (stein), or by MRRR (stemr) where
-    inverse iteration fails, taken back to G's basis by Q (ormtr). Elsewhere torch's eigvalsh, then its eigh
-    when vectors are asked. Raises torch.linalg.LinAlgError when LAPACK fails or G is not finite.
-    ``overwrite``: G (float64, contiguous) may be destroyed, saving LAPACK a copy of it (CPU; then ``G`` is
-    None and ``top`` works from the kept tridiagonalisation alone).
+    inverse iteration fails, taken back to G's basis by Q (ormtr). On the GPU plan (geometry.plan, chosen when
+    it is made) torch's eigvalsh, then its eigh when vectors are asked. Raises torch.linalg.LinAlgError when
+    LAPACK fails or G is not finite. ``overwrite``: G (float64, contiguous) may be destroyed, saving LAPACK a copy
+    of it (CPU plan; then ``G`` is None and ``top`` works from the kept tridiagonalisation alone).
     """
 
     def __init__(self, G: torch.Tensor, *, overwrite: bool = False):
         G = _finite(G.double())
-        self.G, self.r, self.batch, self.device = G, G.shape[-1], G.shape[:-2], G.device
-        if G.device.type != "cpu":
+        self.G, self.r, self.batch, self.batched = G, G.shape[-1], G.shape[:-2], plan.gpu(G)
+        if self.batched:
             self.values = torch.linalg.eigvalsh(G).flip(-1)
             return
         self._tri = [_tridiagonal(g, overwrite) for g in G.reshape(-1, self.r, self.r).numpy()]
@@ -57,14 +57,14 @@ class SymEig:
             self.G = None
 
     def vector_flops(self, k: int) -> float:
-        """What ``top(k)`` costs a matrix: on the CPU the back-transformation of k vectors (~4 r^2 k flops; the
-        kept tridiagonal gives them by inverse iteration, O(r k)); elsewhere a full eigh (~9 r^3)."""
-        return 4.0 * self.r * self.r * k if self.device.type == "cpu" else 9.0 * self.r ** 3
+        """What ``top(k)`` costs a matrix: on the CPU plan the back-transformation of k vectors (~4 r^2 k flops;
+        the kept tridiagonal gives them by inverse iteration, O(r k)); on the GPU plan a full eigh (~9 r^3)."""
+        return 9.0 * self.r ** 3 if self.batched else 4.0 * self.r * self.r * k
 
     def top(self, k: int) -> torch.Tensor:
         """The top-k eigenvectors (..., r, k), descending (all r when k > r)."""
         k = min(k, self.r)
-        if self.device.type != "cpu":
+        if self.batched:
             return torch.linalg.eigh(self.G)[1].flip(-1)[..., :k]
         return torch.from_numpy(np.stack([t.top(k) for t in self._tri])).view(*self.batch, self.r, k)
 
@@ -109,13 +109,13 @@ def _tridiagonal(g: np.ndarray, overwrite: bool) -> _Tridiagonal:
 
 def sym_eig(G: torch.Tensor, k: int = 0, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All eigenvalues of symmetric (..., r, r) matrices, descending, and the top-k eigenvectors (..., r, k) in
-    the same order (None when k = 0; all r when k > r): ``SymEig``, or on the CPU a full eigh (syevd) where
-    more than ``FULL_EIGH_SHARE`` of the vectors are asked. Raises torch.linalg.LinAlgError as ``SymEig``.
+    the same order (None when k = 0; all r when k > r): ``SymEig``, or on the CPU plan a full eigh (syevd)
+    where more than ``FULL_EIGH_SHARE`` of the vectors are asked. Raises torch.linalg.LinAlgError as ``SymEig``.
     """
     G = G.double()
     r = G.shape[-1]
     k = min(k, r)
-    if G.device.type == "cpu" and k >= FULL_EIGH_SHARE * r and k > 0:
+    if not plan.gpu(G) and k >= FULL_EIGH_SHARE * r and k > 0:
         _finite(G)
         pairs = [_full_eig(g, k, overwrite) for g in G.reshape(-1, r, r).numpy()]
         return (torch.from_numpy(np.stack([w for w, _ in pairs])).view(*G.shape[:-2], r),
@@ -133,9 +133,10 @@ def _full_eig(g: np.ndarray, k: int, overwrite: bool) -> tuple[np.ndarray, np.nd
 
 def all_eigenpairs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every eigenvalue and eigenvector of one symmetric r x r matrix, in no promised order; G (float64,
-    contiguous) is destroyed on the CPU. There by MRRR (LAPACK syevr), whose workspace is O(r) where divide and
-    conquer's is 2 r^2 (for r = 4096, under 1 MB against 268), the vectors not copied after."""
-    if G.device.type != "cpu":
+    contiguous) is destroyed on the CPU plan. There by MRRR (LAPACK syevr), whose workspace is O(r) where divide
+    and conquer's is 2 r^2 (for r = 4096, under 1 MB against 268), the vectors not copied after; on the GPU plan
+    by torch's eigh."""
+    if plan.gpu(G):
         return torch.linalg.eigh(G.double())
     _finite(G)
     w, z = lapack.syevr(_lapack_input(G.numpy(), overwrite=True))
@@ -166,7 +167,7 @@ def well_conditioned(S: torch.Tensor) -> bool:
 
 
 def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: float = 1e-7, max_iter: int = 60,
-                seed: int = 0, iterate: bool | None = None) -> tuple[torch.Tensor, str] | None:
+                seed: int = 0) -> tuple[torch.Tensor, str] | None:
     """The top-k eigenvectors (..., r, k), descending, of Gram matrices G (..., r, r) whose eigenproblem ``eig``
     has its eigenvalues, and how they were found; None when G cannot resolve them (s_k below ~1e-6 s1: the
     caller takes the exact SVD). Needs G only, not the matrix it came from.
@@ -177,10 +178,9 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
     Iteration stops once every matrix's bound is below ``tol`` (Sim_K then moves by at most ~2 tol), method
     "subspace". A matrix that has not got there in ``max_iter`` steps, or whose gap lambda_k - lambda_{k+1}
     vanishes, takes ``eig``'s own vectors ("subspace->gram", no second solve); so does one where the iteration
-    cannot win on cost ("gram"): on the CPU it never does, ``eig`` keeping its tridiagonal (``SymEig.vector_flops``);
-    ``iterate=True`` iterates wherever the gap allows (a GPU's path, so tested on the CPU too). ``warm``: a start
-    (..., r, >= k), e.g. the previous checkpoint's vectors; else a seeded Gaussian one. Costs a few r x r x 2k
-    products instead of a full eigh.
+    cannot win on cost ("gram"): on the CPU plan it never does, ``eig`` keeping its tridiagonal
+    (``SymEig.vector_flops``). ``warm``: a start (..., r, >= k), e.g. the previous checkpoint's vectors; else a
+    seeded Gaussian one. Costs a few r x r x 2k products instead of a full eigh.
     """
     G, evals = eig.G, eig.values
     r = eig.r
@@ -203,7 +203,7 @@ def top_eigvecs(eig: SymEig, k: int, *, warm: torch.Tensor | None = None, tol: f
     # run without G (an eigenproblem solved in G's place, ``SymEig(overwrite=True)``)
     rate = (evals[..., p] / evals[..., k - 1].clamp_min(tiny)).max().item()
     steps = math.log(tol) / math.log(rate) if 0 < rate < 1 else math.inf
-    if G is None or steps > (max_iter if iterate else min(max_iter, eig.vector_flops(k) / (3 * r * r * p))):
+    if G is None or steps > min(max_iter, eig.vector_flops(k) / (3 * r * r * p)):
         return eigh("gram")
     gen = torch.Generator(device=G.device).manual_seed(seed)
     if warm is not None and warm.shape[-2] == r and warm.shape[-1] >= k:

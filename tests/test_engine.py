@@ -218,16 +218,18 @@ def test_first_checkpoint_measures_the_interval_update_as_the_cumulative_one():
         assert torch.equal(res.values[f"{name}_interval"], res.values[name])
 
 
-def test_intruders_left_undecided_by_the_top_vectors_are_counted_against_all():
+@pytest.mark.parametrize("update_svd", ["gram", "exact"])
+def test_intruders_left_undecided_by_the_top_vectors_are_counted_against_all(update_svd):
     # W_t's top direction replaced by one orthogonal to W0's top k: the top k cannot decide it, and the engine
-    # counts it against every left vector of W0 (a fresh direction: an intruder; one that is W0's 30th: not)
+    # counts it against every left vector of W0 (a fresh direction: an intruder; one that is W0's 30th: not),
+    # from its Gram matrix's eigenvectors, or from the exact SVD where the base was decomposed exactly
     rng = np.random.default_rng(21)
     m, n = 60, 40
     Q = _orthonormal(rng, m, m)
     U, fresh, V = Q[:, :n], Q[:, n:], _orthonormal(rng, n, n)
     s = np.linspace(4, 1, n)
     W0 = (U * s) @ V.T
-    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=2, device="cpu")
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=2, device="cpu", update_svd=update_svd)
     spread = U[:, 20:30].sum(1) / math.sqrt(10)  # |cos| 0.32 with each of ten later vectors: an intruder
     for new, want in ((fresh[:, 0], 1.0), (U[:, 29], 0.0), (spread, 1.0)):
         Ut = U.copy()
@@ -257,6 +259,31 @@ def test_intruders_of_a_wide_base_left_undecided_are_counted_against_all():
         res = measure_step(base, torch.tensor(Wt)[None], base.W0, cfg)
         assert res.values["intruders"].item() == want == _reference_step(W0, Wt, W0, cfg, 6)["intruders"]
         assert 0 in base.left
+
+
+def test_an_interval_update_lapack_refuses_is_measured_by_the_exact_svd(monkeypatch):
+    # LAPACK refusing the interval update's Gram matrix (as it refuses one holding Inf): its spectrum comes from
+    # the update formed whole, by the exact SVD; every metric not drawn from it is the usual path's
+    import geometry.offline.engine as engine
+
+    def refuses(G, k=0, *, overwrite=False):
+        raise torch.linalg.LinAlgError("LAPACK dsytrd failed (info 1)")
+
+    cfg = AnalysisConfig(principal_k=6, lock_k=4, mask_rank=16, device="cpu")
+    W0, Ws, Wt = _stack(7, 2, 60, 40)
+    base = decompose_base(W0, cfg)
+    usual = measure_step(base, Wt, Ws, cfg)
+    monkeypatch.setattr(engine, "sym_eig", refuses)
+    res = measure_step(base, Wt, Ws, cfg)
+    interval = {f"{name}_interval" for name in ("stable_rank", "effective_rank", "r90", "r99", "fro_norm")}
+    for i in range(2):
+        want = _ranks(sl.svdvals((Wt.double() - Ws.double())[i].numpy()))
+        for name in interval:
+            np.testing.assert_allclose(res.values[name][i].item(), want[name.removesuffix("_interval")], rtol=1e-12,
+                                       err_msg=name)
+    for name, value in usual.values.items():
+        if not name.endswith("_interval") or name.startswith("overlap"):  # not from the interval spectrum
+            torch.testing.assert_close(res.values[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def test_measure_step_on_bf16_checkpoints_matches_scipy_reference():

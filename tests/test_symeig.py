@@ -56,6 +56,26 @@ def test_sym_eig_object_gives_values_then_any_top_vectors_from_one_solve(overwri
         np.testing.assert_allclose((v * v_ref.flip(-1)[..., :k]).sum(-2).abs().numpy(), 1.0, atol=1e-10)
 
 
+def test_no_vectors_asked_gives_an_empty_basis():
+    G = gram(torch.tensor(np.random.default_rng(36).standard_normal((2, 30, 20))))
+    assert SymEig(G).top(0).shape == (2, 20, 0)
+
+
+def test_vectors_come_from_mrrr_where_inverse_iteration_fails(monkeypatch):
+    # LAPACK's dstein reports vectors that did not converge (info > 0, a LinAlgError): stemr gives them instead
+    import geometry.symeig as symeig
+
+    def fails(d, e, w):
+        raise torch.linalg.LinAlgError("LAPACK dstein failed (info 1)")
+
+    rng = np.random.default_rng(37)
+    G = gram(torch.tensor(rng.standard_normal((2, 80, 50)) * np.linspace(3, 0.2, 50)))
+    want = SymEig(G).top(8)
+    monkeypatch.setattr(symeig.lapack, "stein", fails)
+    got = SymEig(G).top(8)
+    np.testing.assert_allclose((got * want).sum(-2).abs().numpy(), 1.0, atol=1e-10)  # the same vectors, up to sign
+
+
 def test_sym_eig_refuses_a_matrix_with_nan():
     G = torch.eye(4, dtype=torch.float64)[None].repeat(2, 1, 1)
     G[1, 0, 0] = math.nan

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from geometry import metrics as M
+from geometry import plan
 from geometry.buffers import spare
 from geometry.concentration import Tally
 from geometry.kernels import add_gram, long_band, long_rows, mm, row_bands, symmetric
@@ -34,13 +35,13 @@ class Pass(NamedTuple):
 
 class LongMask:
     """A mask (L, m, n) bool held as the blocks read it: as rows of the long side (``BlockedUpdate``), on the CPU
-    packed 8 entries to a byte, an eighth of a bool tensor's memory (a 12288 x 4096 mask: 6 MB against 50);
-    elsewhere as it is."""
+    plan packed 8 entries to a byte, an eighth of a bool tensor's memory (a 12288 x 4096 mask: 6 MB against 50);
+    on the GPU plan as it is."""
 
     def __init__(self, mask: torch.Tensor):
         long = long_rows(mask)  # as BlockedUpdate lays the update out
         self.cols = long.shape[-1]
-        self._plain = long if long.device.type != "cpu" else None
+        self._plain = long if plan.gpu(long) else None
         self._packed = None if self._plain is not None else torch.from_numpy(
             np.packbits(long.numpy(), axis=-1, bitorder="little"))
 

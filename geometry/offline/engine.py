@@ -215,9 +215,9 @@ def _all_left(base: BaseFactors, i: int) -> tuple[torch.Tensor, bool]:
     takes their largest): (P, False) for cos = P^T u, or (P, True) for cos = P^T W0^T u. From the base's Gram
     matrix (its smaller side's eigenvectors and values, W0 being well-conditioned there): a wide W0's are its
     left vectors; a tall one's left vectors are W0 V / S, so u_j^T u = (v_j / s_j)^T W0^T u, without forming
-    them (measured, 12288 x 4096: a 20 s eigh against a 131 s SVD). The Gram matrix is solved in its own
-    place, the vectors scaled in theirs (``all_eigenpairs``): held with W0 and W_t, its working memory set the
-    peak of an 8B-shaped layer. A base decomposed exactly takes the exact SVD again."""
+    them: a full eigh of the Gram matrix costs a fraction of the SVD (benchmarks/bench_kernels.py). The Gram
+    matrix is solved in its own place, the vectors scaled in theirs (``all_eigenpairs``): held with W0 and W_t,
+    its working memory sets the peak of an 8B-shaped layer. A base decomposed exactly takes the exact SVD again."""
     W0 = _matrix(base.W0, i)
     if "exact" in base.svd.method:
         return exact_svd(W0).U, False
@@ -262,8 +262,8 @@ BLOCKS_MB = 48
 def group_mb(shape: tuple[int, int], count: int = 1, k: int | None = None) -> float:
     """Working memory of measuring ``count`` (m, n) matrices together with principal size ``k`` (default: an
     eighth of the smaller side, as where that side is the hidden size), in MiB, a bound: ``BLOCKS_MB`` and per
-    matrix ``_matrix_bytes``. Measured on the CPU, one thread: a 12288 x 4096 float32 pair at k = 512 1243 MB
-    above the process's libraries (bound 1424); tests/test_engine.py measures others."""
+    matrix ``_matrix_bytes``. tests/test_engine.py checks it against the peak it measures; benchmarks/bench_analyze.py
+    measures the peak of an 8B-shaped layer."""
     return BLOCKS_MB + count * _matrix_bytes(shape, k) / 2**20
 
 
