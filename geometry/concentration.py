@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from geometry import plan
 from geometry.buffers import Scratch
 
 __all__ = ["ABS_TOLS", "REL_TOLS", "TOP_ENTRIES", "TOP_SVS", "Tally", "entry_metrics", "sv_energy_top",
@@ -95,7 +96,7 @@ class Tally:
 
 def _count_at_most(flat: torch.Tensor, tols: torch.Tensor) -> torch.Tensor:
     """(L, t) float64: entries of each row of flat (L, N) at most each of that row's tolerances tols (L, t)."""
-    if flat.device.type != "cpu":
+    if plan.gpu(flat):
         return (flat[:, :, None] <= tols.to(flat.device)[:, None, :]).sum(1).double().cpu()
     x, mask = flat.numpy(), np.empty(flat.shape[1], dtype=bool)
     return torch.tensor([[np.count_nonzero(np.less_equal(row, t, out=mask)) for t in ts]
@@ -106,7 +107,7 @@ def _at_least(x: torch.Tensor, t: float | torch.Tensor, strict: bool = False) ->
     """x[x >= t] (``strict``: x[x > t]) of a 1-D x, a new tensor. On the CPU a mask's positions are taken where
     more than an eighth of it is set: numpy's boolean index mispredicts there (measured, 128K float64 entries, half
     set at random: 9.4 ns an entry against 1.8; a twentieth set: 1.9 against 2.6)."""
-    if x.device.type != "cpu":
+    if plan.gpu(x):
         return x[x > t] if strict else x[x >= t]
     xn = x.numpy()
     mask = xn > float(t) if strict else xn >= float(t)
@@ -120,7 +121,7 @@ def _at_least(x: torch.Tensor, t: float | torch.Tensor, strict: bool = False) ->
 
 def _count_at_least(x: torch.Tensor, t: float) -> int:
     """Entries of a 1-D x at least t."""
-    if x.device.type != "cpu":
+    if plan.gpu(x):
         return int((x >= t).sum())
     return int(np.count_nonzero(x.numpy() >= t))
 
@@ -154,7 +155,7 @@ def _top_sums(parts: list[torch.Tensor], ks: list[int], gen: torch.Generator) ->
         parts = _above(parts, kmax, gen)[1]
     c = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     n = c.numel()
-    if c.device.type == "cpu":
+    if not plan.gpu(c):
         x = c.numpy()
         cuts = sorted({n - k for k in ks if k < n})
         if cuts:
