@@ -11,9 +11,10 @@ from safetensors.torch import save_file
 from geometry import kernels
 from geometry.offline.analyze import Run, analyze
 from geometry.offline.config import AnalysisConfig
+from geometry.offline.matrices import select_matrices
 from geometry.offline.outputs import PAIRS, load, write_analysis
 from geometry.offline.pairs import Visit, pair_counts, visits
-from geometry.offline.sources import open_source, select_matrices
+from geometry.offline.sources import open_source
 from geometry.offline.stored import StoredMatrix
 
 

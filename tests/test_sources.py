@@ -20,16 +20,8 @@ from transformers import (
 from geometry.errors import GeometryError
 from geometry.offline import sources
 from geometry.offline.analyze import Run, analyze
-from geometry.offline.sources import (
-    Checkpoint,
-    MatrixSpec,
-    TensorSource,
-    open_run,
-    open_source,
-    read_matrix,
-    same_tensors,
-    select_matrices,
-)
+from geometry.offline.matrices import MatrixSpec, read_matrix, select_matrices
+from geometry.offline.sources import Checkpoint, TensorSource, open_run, open_source, same_tensors
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, vocab_size=64,
             num_attention_heads=4, num_key_value_heads=2)

@@ -10,11 +10,12 @@ from safetensors.torch import save_file
 
 from geometry import kernels
 from geometry.errors import GeometryError
-from geometry.offline import engine, sources
+from geometry.offline import engine, files
 from geometry.offline.analyze import analyze
 from geometry.offline.blocked import BlockedUpdate
 from geometry.offline.config import AnalysisConfig
-from geometry.offline.sources import MatrixSpec, open_source
+from geometry.offline.matrices import MatrixSpec
+from geometry.offline.sources import open_source
 from geometry.offline.stored import StoredMatrix
 
 SHAPES = {"tall": (45, 16), "wide": (12, 50), "square": (20, 20)}
@@ -24,7 +25,7 @@ SHAPES = {"tall": (45, 16), "wide": (12, 50), "square": (20, 20)}
 def small_bands(monkeypatch):
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 0)
     monkeypatch.setattr(kernels, "BLOCK_ROWS", 7)  # bands of 7 rows of the long side, the last one short
-    monkeypatch.setattr(sources, "ROWS_A_READ", 5)  # a wide matrix's 12 rows by three scattering reads
+    monkeypatch.setattr(files, "ROWS_A_READ", 5)  # a wide matrix's 12 rows by three scattering reads
 
 
 def _pair(d, dtype):

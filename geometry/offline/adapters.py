@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from geometry.errors import GeometryError
+from geometry.offline.files import SafetensorsFile
 from geometry.offline.locate import read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -49,7 +50,6 @@ class AdapterSource:
     in place of each adapted weight (float64). ``adapted``: the base names that carry an update."""
 
     def __init__(self, d: Path, base):
-        from geometry.offline.sources import _SafetensorsFile  # one reader, header checks included
 
         cfg = read_json(d / ADAPTER_CONFIG) or {}
         kind = str(cfg.get("peft_type", "LORA")).upper()
@@ -62,7 +62,7 @@ class AdapterSource:
         if cfg.get("fan_in_fan_out"):
             raise GeometryError(f"{d}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
         self.label, self.base, self.config = str(d), base, base.config
-        self._file = _SafetensorsFile(d / ADAPTER_WEIGHTS)
+        self._file = SafetensorsFile(d / ADAPTER_WEIGHTS)
         self.notes: list[str] = []
         pairs: dict[str, dict[str, str]] = {}
         ignored = []

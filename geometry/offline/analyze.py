@@ -35,18 +35,11 @@ from geometry.offline.engine import (
     measure_step,
 )
 from geometry.offline.lens import LensDirection, lens
+from geometry.offline.matrices import MatrixSpec, read_matrix, select_matrices
 from geometry.offline.pairs import Cell, Pairs, Subspaces, compare_group
-from geometry.offline.sources import (
-    Checkpoint,
-    MatrixSpec,
-    TensorSource,
-    open_base,
-    open_run,
-    read_matrix,
-    same_tensors,
-    select_matrices,
-)
+from geometry.offline.sources import Checkpoint, TensorSource, open_base, open_run, same_tensors
 from geometry.offline.stored import StoredMatrix
+from geometry.plan import gpu as on_gpu_plan
 from geometry.progress import bar as progress_bar
 from geometry.selection import Coverage
 from geometry.table import Row, Table
@@ -287,16 +280,17 @@ def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | No
 def batch_size(shape: tuple[int, int], memory_mb: float, device: torch.device | None = None,
                k: int | None = None) -> int:
     """How many (m, n) matrices are measured as one batch: within the memory budget, and their (L, m, n)
-    float64 tensor under the cap (``CPU_BATCH_BYTES`` on the CPU, ``GPU_BATCH_BYTES`` elsewhere)."""
-    cap = CPU_BATCH_BYTES if device is None or device.type == "cpu" else GPU_BATCH_BYTES
+    float64 tensor under the cap (``CPU_BATCH_BYTES`` on the CPU plan, ``GPU_BATCH_BYTES`` on the GPU plan:
+    geometry.plan)."""
+    cap = GPU_BATCH_BYTES if device is not None and on_gpu_plan(device) else CPU_BATCH_BYTES
     return min(group_size(shape, memory_mb, k), max(1, cap // (8 * shape[0] * shape[1])))
 
 
 def _stored_group(source: TensorSource, group: list[MatrixSpec], device: torch.device):
-    """The group as the suite reads it: on the CPU a matrix of its own is left in its file, read a band at a time
+    """The group as the suite reads it: on the CPU plan a matrix of its own is left in its file, read a band at a time
     by each pass (offline.stored): a lower peak for a little more time, the same table bit for bit (tested;
     benchmarks/bench_analyze.py); otherwise (L, m, n) read whole (``_read_group``)."""
-    if device.type == "cpu" and len(group) == 1 and StoredMatrix.fits(source, group[0]):
+    if not on_gpu_plan(device) and len(group) == 1 and StoredMatrix.fits(source, group[0]):
         return StoredMatrix(source, group[0])
     return _read_group(source, group, device)
 
@@ -419,10 +413,10 @@ def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: 
 
     need = {i: group_mb(groups[i][0].shape, len(groups[i]), k_of(groups[i][0].shape)) for i in mine}
     costliest = sorted(mine, key=lambda i: -costs[i])  # the longest first: the threads end together
-    if device.type == "cpu":
+    if not on_gpu_plan(device):
         wide = {i for i in mine if min(groups[i][0].shape) >= threads.THREADED_SIDE}
         plan = threads.phases(cfg.threads, need, cfg.memory_mb, costliest, wide)
-    else:  # a GPU measures one group at a time, with batched kernels
+    else:  # the GPU plan measures one group at a time, with batched kernels
         plan = [(costliest, 1, 0)]
     try:  # closed on an interrupt too: leave=False then clears its line for the message
         for items, n, kernel_threads in plan:

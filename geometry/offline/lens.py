@@ -25,7 +25,8 @@ import torch
 from geometry.errors import GeometryError, one_line
 from geometry.linalg import SVD, exact_svd, gram_svd, randomized_svd, spectrum
 from geometry.offline.config import AnalysisConfig
-from geometry.offline.sources import Checkpoint, MatrixSpec, TensorSource, read_matrix
+from geometry.offline.matrices import MatrixSpec, read_matrix
+from geometry.offline.sources import Checkpoint, TensorSource
 from geometry.selection import is_norm, layer_of, module_of
 
 # Modules whose output is added to the residual stream: attention outputs (o_proj; GPT-2 and Qwen-1 c_proj; OPT,

@@ -28,7 +28,8 @@ import torch
 from geometry import metrics as M
 from geometry.buffers import spare
 from geometry.kernels import long_band, mm, row_bands
-from geometry.offline.sources import Checkpoint, MatrixSpec
+from geometry.offline.matrices import MatrixSpec
+from geometry.offline.sources import Checkpoint
 from geometry.subspaces import subspace_sim
 
 PAIR_METRICS = ("pair_mask_jaccard", "pair_mask_overlap_ratio", "pair_update_cosine", "pair_sign_agreement",

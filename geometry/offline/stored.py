@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from geometry.buffers import Scratch
-from geometry.offline.sources import MatrixSpec, TensorSource, check_finite, check_shape
+from geometry.offline.matrices import MatrixSpec, check_finite, check_shape
+from geometry.offline.sources import TensorSource
 
 NARROW = (torch.float32, torch.bfloat16, torch.float16)  # float64 is used whole by the kernels (geometry.kernels)
 WIDE_BANDS = 4  # a wide matrix's bands read together (``StoredMatrix._columns``)
@@ -23,7 +24,7 @@ class StoredMatrix:
     """One selected matrix (1, m, n) of ``source`` (``one()``: the same as (m, n)): ``shape``, ``dtype`` and
     ``device`` as the tensor read whole would have, ``long_band`` and ``rows`` in place of its bands, and
     ``double()`` for the paths that take it whole (an exact SVD). NaN/Inf and a shape other than the selection's
-    are refused with the line ``sources.read_matrix`` gives, the shape at once, the values band by band."""
+    are refused with the line ``matrices.read_matrix`` gives, the shape at once, the values band by band."""
 
     device = torch.device("cpu")
 
