@@ -229,6 +229,47 @@ def test_the_kernels_on_the_gpu_plan_match_the_cpu_plan(gpu, shape, dtype, monke
     assert torch.equal(got["gram"], got["gram"].mT)
 
 
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_analyze_on_the_gpu_plan_gives_the_cpu_plans_table(gpu, tmp_path, quick):
+    # eight matrices of one shape, four of another and one alone, a base and two checkpoints: on the GPU plan every
+    # group is read whole and measured one at a time with batched kernels; on the CPU plan the single matrix is
+    # left in its file and the groups go to the measuring threads. The same table, to docs/metrics.md's accuracy
+    from safetensors.torch import save_file
+
+    from geometry.offline.analyze import analyze
+
+    rng = np.random.default_rng(9)
+    shapes = {**{f"model.layers.{i}.mlp.up_proj.weight": (48, 32) for i in range(8)},
+              **{f"model.layers.{i}.self_attn.o_proj.weight": (32, 32) for i in range(4)},
+              "model.layers.0.mlp.down_proj.weight": (32, 48)}
+    base = {name: rng.standard_normal(shape) / 6 for name, shape in shapes.items()}
+    moves = {name: rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1])) for name, shape in
+             shapes.items()}
+    (tmp_path / "base").mkdir()
+    save_file({n: torch.tensor(w, dtype=torch.float32) for n, w in base.items()},
+              tmp_path / "base" / "model.safetensors")
+    checkpoints = []
+    for step in (1, 2):
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({n: torch.tensor(w + 1e-2 * step * moves[n] + 1e-3 * rng.standard_normal(w.shape),
+                                   dtype=torch.float32) for n, w in base.items()}, folder / "model.safetensors")
+        checkpoints.append(folder)
+
+    def table(device: str) -> dict:
+        cfg = AnalysisConfig(principal_k=4, lock_k=4, mask_rank=4, quick=quick, device=device, threads=2)
+        rows = analyze(tmp_path / "base", checkpoints, config=cfg).rows
+        return {(r.step, r.matrix, r.metric): torch.tensor(r.value, dtype=torch.float64) for r in rows}
+
+    want = table("cpu")
+    with gpu.plan():
+        got = table(gpu.device)
+    assert set(got) == set(want) and {matrix for _, matrix, _ in want} == set(shapes)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key].numpy(), value.numpy(), err_msg=str(key), **_tolerance(key[2]))
+
+
 @pytest.mark.parametrize("base_device", ["cpu", "device"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
