@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from st_bytes import DOWN, UP, join, split, tiny, to_bytes
 
 from geometry.cli import main
-from geometry.offline.outputs import FILES
+from geometry.offline.outputs import FILES, PAIRS
 from geometry.table import Table
 
 ROOT = Path(__file__).parent.parent
@@ -48,10 +48,11 @@ def _analyze(capsys, *argv):
     return code, err
 
 
-def _ok(capsys, out: Path, *argv) -> tuple[dict, Table]:
+def _ok(capsys, out: Path, *argv, pairs: bool = False) -> tuple[dict, Table]:
+    """The analysis's tables, and pairs.csv exactly where runs share a base (``pairs``)."""
     code, err = _analyze(capsys, *argv, "-o", out)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted((*FILES, PAIRS) if pairs else FILES)
     return json.loads((out / "summary.json").read_text()), Table.from_csv(out / "metrics.csv")
 
 
@@ -96,7 +97,7 @@ def test_bare_files_and_labelled_runs(tmp, capsys):
     summary, _ = _ok(capsys, tmp / "out", tmp / "base.safetensors", tmp / "phi-2.safetensors")
     assert summary["runs"]["run"]["step_labels"] == ["phi-2"]
     summary, table = _ok(capsys, tmp / "out2", "--run", "a", tmp / "base.safetensors", tmp / "chat.safetensors",
-                         "--run", "b", tmp / "base", tmp / "phi-2", tmp / "chat")
+                         "--run", "b", tmp / "base", tmp / "phi-2", tmp / "chat", pairs=True)  # one base, copied
     assert table.unique("run") == ["a", "b"]
     assert summary["runs"]["a"]["step_labels"] == ["chat"] and summary["runs"]["b"]["steps"] == [1, 2]
 
