@@ -132,7 +132,7 @@ def floor(root: Path, ckpts: list[Path], memory_mb: float, quick: bool = False, 
 
     from geometry.kernels import gram
     from geometry.offline import threads as th
-    from geometry.offline.analyze import batch_size
+    from geometry.offline.batches import batch_size
     from geometry.offline.sources import open_source
     from geometry.symeig import sym_eig
 

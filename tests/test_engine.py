@@ -415,7 +415,7 @@ def test_locking_sims_match_exact_subspaces():
 MEASURE_ONE_MATRIX = """
 import sys
 import torch
-from geometry.offline.analyze import _return_freed_memory
+from geometry.offline.memory import return_freed_memory
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.engine import decompose_base, measure_step
 from geometry.offline import threads
@@ -423,7 +423,7 @@ from geometry.offline import threads
 def status(key):
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key))) / 1024
 
-_return_freed_memory()  # as analyze sets the allocator up, and its kernels on one thread
+return_freed_memory()  # as analyze sets the allocator up, and its kernels on one thread
 threads.kernels().__enter__()
 cfg = AnalysisConfig(device="cpu")
 m, n = int(sys.argv[1]), int(sys.argv[2])

@@ -1,12 +1,16 @@
 """Ctrl-C and SIGTERM in the middle of `geometry analyze` (issue 10): the real console process ends within
 seconds, says so in one line, exits 130 / 143 and leaves no output directory and no temporary file."""
 
+import fcntl
 import os
+import pty
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -29,13 +33,30 @@ def many(tmp_path_factory) -> Path:
     return d
 
 
-def _wait_for(proc: subprocess.Popen, pattern: bytes, timeout: float) -> bytes:
-    """stderr until `pattern` appears."""
+def _wait_for(proc: subprocess.Popen, fd: int, pattern: bytes, timeout: float) -> bytes:
+    """What the process wrote to ``fd`` until `pattern` appears."""
     seen, deadline = b"", time.monotonic() + timeout
     while not re.search(pattern, seen) and time.monotonic() < deadline and proc.poll() is None:
-        if select.select([proc.stderr], [], [], 0.1)[0]:
-            seen += os.read(proc.stderr.fileno(), 65536)
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # the terminal's other end closed: the process has ended
+                break
     return seen
+
+
+def _rest(fd: int) -> bytes:
+    """The rest of a terminal's output once its writer has ended (reading a closed pty raises EIO)."""
+    out = b""
+    while select.select([fd], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -44,9 +65,12 @@ def test_signal_mid_analysis_leaves_nothing(many, tmp_path, sig, code):
     argv = [sys.executable, "-m", "geometry", "analyze", many / "base.safetensors",
             *sorted(many.glob("ft-*.safetensors")), "-o", out, "--no-figures"]  # progress bar on: the start signal
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(list(map(str, argv)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    term, stderr = pty.openpty()  # stderr a terminal, as a user's: the bar is drawn there only
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns: room for the bar
+    proc = subprocess.Popen(list(map(str, argv)), env=env, stdout=subprocess.PIPE, stderr=stderr)
+    os.close(stderr)
     try:
-        started = _wait_for(proc, rb"\| *[1-9]\d*/\d+ \[", timeout=120)  # the bar has moved: checkpoints are read
+        started = _wait_for(proc, term, rb"\| *[1-9]\d*/\d+ \[", timeout=120)  # the bar has moved: checkpoints read
         assert proc.poll() is None, f"ended before the signal: {started.decode(errors='replace')[-500:]}"
         sent = time.monotonic()
         proc.send_signal(sig)
@@ -56,8 +80,8 @@ def test_signal_mid_analysis_leaves_nothing(many, tmp_path, sig, code):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    err = (started + proc.stderr.read()).decode(errors="replace")
-    proc.stderr.close()
+    err = (started + _rest(term)).decode(errors="replace")
+    os.close(term)
     proc.stdout.close()
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert proc.returncode == code and last == f"geometry: interrupted by {sig.name}", err[-2000:]

@@ -236,8 +236,8 @@ def test_checkpoints_read_a_few_at_a_time_give_the_same_rows(subspace_runs, monk
     runs = [Run(r, subspace_runs / "base", [subspace_runs / r]) for r in "abc"]
     cfg = AnalysisConfig(lock_k=4, quick=True)
     reads = []
-    real = A._stored_group
-    monkeypatch.setattr(A, "_stored_group", lambda *a: reads.append(a[0]) or real(*a))
+    real = A.stored_group
+    monkeypatch.setattr(A, "stored_group", lambda *a: reads.append(a[0]) or real(*a))
     together = analyze(runs, config=cfg)
     n_together = len(reads)
     monkeypatch.setattr(A, "group_mb", lambda *a, **k: 1e-6)  # room for one checkpoint: two read at a time

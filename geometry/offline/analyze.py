@@ -1,18 +1,16 @@
 """``analyze``: the one offline entry. Runs (a base and its checkpoints) in, an ``Analysis`` table out.
 
 Streaming order: for each group of same-shape matrices, decompose the base once, then visit every
-checkpoint of every run from that base (``_cohorts``), reading only that group's tensors. Peak memory is
+checkpoint of every run from that base (``cohorts``), reading only that group's tensors. Peak memory is
 one group plus its base factors, whatever the number of checkpoints and runs.
 """
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from itertools import groupby
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,45 +20,27 @@ import torch
 from geometry import buffers
 from geometry.errors import GeometryError
 from geometry.offline import distributed as dist
-from geometry.offline import threads
+from geometry.offline import memory, threads
 from geometry.offline.adapters import AdapterSource
+from geometry.offline.batches import batch_groups, stored_group
 from geometry.offline.config import AnalysisConfig
 from geometry.offline.engine import (
     BaseFactors,
     StepResult,
     decompose_base,
     group_mb,
-    group_size,
     locking_sims,
     measure_step,
 )
 from geometry.offline.lens import LensDirection, lens
-from geometry.offline.matrices import MatrixSpec, read_matrix, select_matrices
+from geometry.offline.matrices import MatrixSpec
 from geometry.offline.pairs import Cell, Pairs, Subspaces, compare_group
-from geometry.offline.sources import Checkpoint, TensorSource, open_base, open_run, same_tensors
-from geometry.offline.stored import StoredMatrix
+from geometry.offline.plans import Plan, Run, cohorts, plan_run
+from geometry.offline.sources import Checkpoint, TensorSource
 from geometry.plan import gpu as on_gpu_plan
 from geometry.progress import bar as progress_bar
 from geometry.selection import Coverage
 from geometry.table import Row, Table
-
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
-
-
-class Run(NamedTuple):
-    """One training run to analyze: its label, its base model, and checkpoint paths (files, model
-    dirs or Trainer output dirs with checkpoint-N folders).
-
-    Examples
-    --------
-    >>> from geometry import Run
-    >>> Run("sft", "Qwen/Qwen3-8B", ["runs/sft"])
-    Run(label='sft', base='Qwen/Qwen3-8B', checkpoints=['runs/sft'])
-    """
-
-    label: str
-    base: str | Path
-    checkpoints: Sequence[str | Path]
 
 
 class Curve(NamedTuple):
@@ -167,14 +147,14 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
         raise GeometryError(f"run labels must be unique, got {labels}")
-    _return_freed_memory()
+    memory.return_freed_memory()
     w = dist.world() if distributed else dist.World(0, 1, 0)
     rows, curves, notes, step_labels, cells = [], [], [], {}, []
     work = [(0, 0.0)] * w.size
     try:
-        plans = [_plan(run, cfg) for run in runs]  # every input opened and checked before anything is measured
+        plans = [plan_run(run, cfg) for run in runs]  # every input opened and checked before anything is measured
         outs: dict[int, _RunOut] = {}
-        for cohort in _cohorts(plans):
+        for cohort in cohorts(plans):
             outs.update(zip(cohort, _analyze_cohort([plans[i] for i in cohort], cfg, progress, w, work),
                             strict=True))
     finally:
@@ -196,127 +176,6 @@ def analyze(runs: Run | Sequence[Run] | str | Path, checkpoints: Sequence[str | 
     return analysis
 
 
-MMAP_THRESHOLD = 1 << 20  # blocks below it are reused from the heap; larger ones mapped afresh, returned when freed
-
-
-def _return_freed_memory() -> None:
-    """Reuse freed blocks within a group; give them back to the OS between groups (``_trim``).
-
-    glibc would raise its mmap threshold after the first large free and carve later groups out of a heap that
-    fragments, so that peak memory grows with the number of checkpoints. Blocks up to ``MMAP_THRESHOLD`` come
-    from the heap and are reused from one checkpoint to the next (a smaller threshold pays a page fault per
-    4 KiB of every temporary); larger ones (factors, Gram matrices, matrices as stored) are mapped afresh and
-    returned when freed, so a group's freed blocks are not kept resident; the heap is trimmed after each group.
-    The measuring threads (geometry.offline.threads) share one arena: glibc would give each its own heap, each
-    keeping its own freed blocks. benchmarks/bench_analyze.py measures peak memory and system time.
-    No-op where glibc is not the allocator.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
-        pass
-
-
-def _trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def hidden_size(config: dict | None) -> int | None:
-    """The model's hidden size from its config.json (a multimodal config keeps it in text_config)."""
-    cfg = (config or {}).get("text_config") or config or {}
-    h = cfg.get("hidden_size") if isinstance(cfg, dict) else None
-    return h if isinstance(h, int) and h > 0 else None
-
-
-def _open_checkpoints(run: Run, cfg: AnalysisConfig, base: TensorSource | None = None) -> list[Checkpoint]:
-    """The run's checkpoints in step order, every one with a step and a label unique in the run.
-
-    Checkpoints whose files give no step (a base against its fine-tunes: `phi-2 phi-2-instruct`) are
-    steps 1..N in the order given; a run mixing them with numbered ones has no order, and is refused.
-    """
-    ckpts = [c for path in run.checkpoints for c in open_run(path, allow_pickle=cfg.allow_pickle, base=base)]
-    if not ckpts:
-        raise GeometryError(f"run {run.label}: no checkpoints found")
-    unnumbered = [c for c in ckpts if c.step is None]
-    if unnumbered and len(unnumbered) < len(ckpts):
-        numbered = next(c for c in ckpts if c.step is not None)
-        raise GeometryError(f"run {run.label}: {numbered.source.label} is step {numbered.step}, but "
-                            f"{unnumbered[0].source.label} says no step (no checkpoint-N name, no trainer_state.json); "
-                            "give numbered checkpoints only, or unnumbered ones only (steps 1..N in the order given)")
-    if unnumbered:
-        ckpts = [c._replace(step=i) for i, c in enumerate(ckpts, start=1)]
-    ckpts.sort(key=lambda c: c.step)
-    steps = [c.step for c in ckpts]
-    if len(set(steps)) != len(steps):
-        dup = sorted(s for s, n in Counter(steps).items() if n > 1)
-        raise GeometryError(f"run {run.label}: two checkpoints share step {dup[0]}")
-    names = Counter(c.label for c in ckpts)  # two folders both named `final`: their paths tell them apart
-    return [c if names[c.label] == 1 else c._replace(label=c.source.label) for c in ckpts]
-
-
-# On the CPU every decomposition runs a matrix at a time (geometry.linalg), so a batch saves only the per-call
-# overhead of small matrices, and costs memory: batches are kept to this many float64 bytes (a larger cap raises
-# the peak at the same time: benchmarks/bench_analyze.py). A GPU batches its kernels: up to the budget and this
-# many float64 bytes a batch.
-CPU_BATCH_BYTES, GPU_BATCH_BYTES = 4 << 20, 32 << 20
-
-
-def _groups(specs: list[MatrixSpec], memory_mb: float, device: torch.device | None = None,
-            k_of: Callable[[tuple[int, int]], int] | None = None) -> list[list[MatrixSpec]]:
-    """Same-shape matrices batched together (``batch_size``)."""
-    out = []
-    for shape, same in groupby(sorted(specs, key=lambda s: s.shape), key=lambda s: s.shape):
-        same = list(same)
-        size = batch_size(shape, memory_mb, device, k_of and k_of(shape))
-        out += [same[i:i + size] for i in range(0, len(same), size)]
-    return out
-
-
-def batch_size(shape: tuple[int, int], memory_mb: float, device: torch.device | None = None,
-               k: int | None = None) -> int:
-    """How many (m, n) matrices are measured as one batch: within the memory budget, and their (L, m, n)
-    float64 tensor under the cap (``CPU_BATCH_BYTES`` on the CPU plan, ``GPU_BATCH_BYTES`` on the GPU plan:
-    geometry.plan)."""
-    cap = GPU_BATCH_BYTES if device is not None and on_gpu_plan(device) else CPU_BATCH_BYTES
-    return min(group_size(shape, memory_mb, k), max(1, cap // (8 * shape[0] * shape[1])))
-
-
-def _stored_group(source: TensorSource, group: list[MatrixSpec], device: torch.device):
-    """The group as the suite reads it: on the CPU plan a matrix of its own is left in its file, read a band at a time
-    by each pass (offline.stored): a lower peak for a little more time, the same table bit for bit (tested;
-    benchmarks/bench_analyze.py); otherwise (L, m, n) read whole (``_read_group``)."""
-    if not on_gpu_plan(device) and len(group) == 1 and StoredMatrix.fits(source, group[0]):
-        return StoredMatrix(source, group[0])
-    return _read_group(source, group, device)
-
-
-def _read_group(source: TensorSource, group: list[MatrixSpec], device: torch.device) -> torch.Tensor:
-    """(L, m, n) in the stored dtype; one matrix is not copied into a stack."""
-    if len(group) == 1:
-        return read_matrix(source, group[0]).to(device)[None]
-    return torch.stack([read_matrix(source, spec) for spec in group]).to(device)
-
-
-def _adapted_only(label: str, sel, ckpts: list[Checkpoint], notes: list[str]):
-    """A run of LoRA adapter checkpoints updates only the adapted weights: measure those (the others'
-    updates are exactly zero)."""
-    adapted = [c.source.adapted for c in ckpts if hasattr(c.source, "adapted")]
-    if not adapted:
-        return sel
-    keep = set.intersection(*adapted)
-    chosen = [s for s in sel.matrices if s.tensor in keep]
-    if not chosen:
-        raise GeometryError(f"run {label}: no selected matrix is adapted by its LoRA checkpoints")
-    notes.append(f"{label}: LoRA adapter checkpoints: measuring the {len(chosen)} adapted matrices of "
-                 f"{len(sel.matrices)} selected (W_t = W0 + scale B A, formed in float64)")
-    return sel._replace(matrices=chosen)
-
-
 class _GroupOut(NamedTuple):
     """What one group of matrices contributes to the analysis (what a rank sends to rank 0)."""
 
@@ -325,18 +184,6 @@ class _GroupOut(NamedTuple):
     methods: Counter
     sizes: tuple[int, int]  # (k, r) the group was measured with
     pairs: tuple[Cell, ...] = ()  # the runs compared with each other (on the first run's output)
-
-
-class _Plan(NamedTuple):
-    """A run opened and checked, its matrices chosen, before anything is measured."""
-
-    run: Run
-    base: Checkpoint
-    ckpts: list[Checkpoint]
-    matrices: list[MatrixSpec]
-    hidden: int | None
-    notes: list[str]  # on its sources and the matrices skipped
-    coverage: Coverage  # the share of the base's parameters the matrices hold, what they leave out
 
 
 class _RunOut(NamedTuple):
@@ -348,42 +195,9 @@ class _RunOut(NamedTuple):
     pairs: tuple[Cell, ...] = ()  # runs of its base compared with each other (on the first run of those)
 
 
-def _plan(run: Run, cfg: AnalysisConfig) -> _Plan:
-    """The run's base and checkpoints opened, its matrices selected (``select_matrices``), nothing read."""
-    base = open_base(run.base, allow_pickle=cfg.allow_pickle)
-    ckpts = _open_checkpoints(run, cfg, base.source)
-    notes = [f"{run.label}: {note}" for source in (base.source, *(c.source for c in ckpts)) for note in source.notes]
-    sel = select_matrices(base.source, [c.source for c in ckpts], include=cfg.include, exclude=cfg.exclude,
-                          embeddings=cfg.embeddings, on_mismatch=cfg.on_mismatch)
-    notes += [f"{run.label}: skipped {name}: {reason}" for name, reason in sel.skipped]
-    sel = _adapted_only(run.label, sel, ckpts, notes)
-    source = getattr(base.source, "base", base.source)  # an adapter's base model
-    cov = source.coverage(sel.matrices)
-    notes.append(f"{run.label}: {cov.line()}")
-    return _Plan(run, base, ckpts, sel.matrices, hidden_size(base.source.config), notes, cov)
-
-
-def _cohorts(plans: list[_Plan]) -> list[list[int]]:
-    """The runs (indices) measured together, in order of first appearance: those whose bases hold the same
-    matrices, bit for bit (the same files, or copies: ``same_tensors``), with the same hidden size, share the
-    base's decomposition, each group's base decomposed once for all of them (SFT and RLVR from one pretrained
-    model: on the 90M pair with one checkpoint, a third of a run's time)."""
-    cohorts: list[list[int]] = []
-    for i, plan in enumerate(plans):
-        for cohort in cohorts:
-            first = plans[cohort[0]]
-            if (first.matrices == plan.matrices and first.hidden == plan.hidden
-                    and same_tensors(first.base.source, plan.base.source, [m.tensor for m in plan.matrices])):
-                cohort.append(i)
-                break
-        else:
-            cohorts.append([i])
-    return cohorts
-
-
-def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: dist.World,
+def _analyze_cohort(plans: list[Plan], cfg: AnalysisConfig, progress: bool, w: dist.World,
                     work: list[tuple[int, float]]) -> list[_RunOut]:
-    """Measure runs of one base and the same matrices (``_cohorts``): each group's base decomposed once, then
+    """Measure runs of one base and the same matrices (``cohorts``): each group's base decomposed once, then
     every run's checkpoints visited. Under torchrun this rank measures its share of the groups and rank 0
     collects every group's output in group order."""
     first = plans[0]
@@ -393,7 +207,7 @@ def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: 
     def k_of(shape: tuple[int, int]) -> int:
         return cfg.principal_size(shape, hidden)
 
-    groups = _groups(first.matrices, cfg.memory_mb, device, k_of)
+    groups = batch_groups(first.matrices, cfg.memory_mb, device, k_of)
     costs = [dist.group_cost(g[0].shape, len(g)) for g in groups]
     owner = dist.assign(costs, w.size)
     mine = [i for i, r in enumerate(owner) if r == w.rank]
@@ -408,7 +222,7 @@ def _analyze_cohort(plans: list[_Plan], cfg: AnalysisConfig, progress: bool, w: 
     def measure(i: int) -> list[_GroupOut]:
         with buffers.reusing():  # the group's working buffers lent again within it (geometry.buffers)
             out = _measure_group(base, runs, groups[i], cfg, device, hidden, bar)
-        _trim()
+        memory.trim()
         return out
 
     need = {i: group_mb(groups[i][0].shape, len(groups[i]), k_of(groups[i][0].shape)) for i in mine}
@@ -473,7 +287,7 @@ def _measure_group(base: TensorSource, runs: list[tuple[str, list[Checkpoint]]],
                    cfg: AnalysisConfig, device: torch.device, hidden: int | None, bar) -> list[_GroupOut]:
     """One group of matrices: its base decomposed once, then each run's (label, checkpoints) visited; two runs or
     more are then compared with each other (``compare_group``), from the update subspaces kept for it."""
-    factors = decompose_base(_stored_group(base, group, device), cfg, hidden)
+    factors = decompose_base(stored_group(base, group, device), cfg, hidden)
     outs = []
     kept: dict[str, dict[int, Subspaces]] = {}  # run -> step -> its update's top-K subspaces (O((m + n) K) each)
     for label, ckpts in runs:
@@ -491,7 +305,7 @@ def _measure_group(base: TensorSource, runs: list[tuple[str, list[Checkpoint]]],
                               (factors.k, factors.r)))
         del results  # freed before the next run's checkpoints are visited, not after
     if len(runs) > 1:
-        cells = compare_group(factors.W0, runs, kept, group, lambda source: _stored_group(source, group, device),
+        cells = compare_group(factors.W0, runs, kept, group, lambda source: stored_group(source, group, device),
                               held_bytes=group_mb(group[0].shape, len(group), factors.k) * 2**20)  # the group's share
         outs[0] = outs[0]._replace(pairs=tuple(cells))
     return outs
@@ -513,11 +327,11 @@ def _visit_checkpoints(factors: BaseFactors, ckpts: list[Checkpoint], group: lis
                        device: torch.device, bar) -> list[StepResult]:
     results, prev = [], factors.W0
     for ckpt in ckpts:
-        Wt = _stored_group(ckpt.source, group, device)  # as stored: widened a block at a time where measured
+        Wt = stored_group(ckpt.source, group, device)  # as stored: widened a block at a time where measured
         m, n = factors.W0.shape[-2:]
         warm = None if not results else (results[-1].VK if m >= n else results[-1].UK)
         results.append(measure_step(factors, Wt, prev, cfg, warm, _update_factors(ckpt.source, group, device)))
-        _trim()  # what this checkpoint freed goes back, so that the heap does not grow with the checkpoints
+        memory.trim()  # what this checkpoint freed goes back, so that the heap does not grow with the checkpoints
         prev = Wt if not cfg.quick else factors.W0
         del Wt
         bar.update(1)
