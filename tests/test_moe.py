@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArgu
 
 from geometry import experts
 from geometry.capture.callbacks import GeometryCallback
-from geometry.capture.recorder import Recorder, RecorderConfig, matrices_of
+from geometry.capture.matrices import matrices_of
+from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.offline.analyze import analyze
 from geometry.offline.config import AnalysisConfig

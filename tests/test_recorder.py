@@ -11,7 +11,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geometry.capture.batches import UpdateBatches
-from geometry.capture.recorder import Recorder, RecorderConfig, select_parameters, unwrap
+from geometry.capture.matrices import select_parameters, unwrap
+from geometry.capture.recorder import Recorder, RecorderConfig
 from geometry.capture.store import read_manifest, read_snapshot, read_tracking
 from geometry.capture.trajectory import TRACK_METRICS, tracking_table
 from geometry.errors import GeometryError

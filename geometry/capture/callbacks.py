@@ -23,15 +23,8 @@ from transformers.trainer_callback import CallbackHandler
 from geometry.capture.adapters import is_peft
 from geometry.capture.distributed import is_sharded, is_writer
 from geometry.capture.layout import check_writable
-from geometry.capture.recorder import (
-    Live,
-    Recorder,
-    RecorderConfig,
-    RecorderStats,
-    matrices_of,
-    select_parameters,
-    unwrap,
-)
+from geometry.capture.matrices import matrices_of, select_parameters, unwrap
+from geometry.capture.recorder import Live, Recorder, RecorderConfig, RecorderStats
 from geometry.errors import GeometryError
 
 

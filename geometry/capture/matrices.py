@@ -17,7 +17,11 @@ import torch
 from torch import nn
 
 from geometry import experts
-from geometry.selection import is_norm, module_of
+from geometry.capture.adapters import AdapterParameters, is_peft
+from geometry.capture.config import RecorderConfig
+from geometry.capture.distributed import FullParameters
+from geometry.errors import GeometryError
+from geometry.selection import choose, is_norm, module_of
 
 # Non-Linear modules whose 2-D weight is a matrix of the model: MoE routers (Qwen3MoeTopKRouter, ...).
 ROUTER_MODULES = frozenset({"gate", "router"})
@@ -90,3 +94,40 @@ def _base_model(model: nn.Module | None) -> nn.Module | None:
     if model is not None and hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / DeepSpeed (``.module``) and torch.compile (``_orig_mod``)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine"):
+            model = model.module
+        else:
+            return model
+
+
+def matrices_of(model: nn.Module) -> Matrices:
+    """A model's matrices by checkpoint name (geometry.capture.matrices), of its LoRA view for a peft model."""
+    model = unwrap(model)
+    return Matrices(AdapterParameters(model) if is_peft(model) else FullParameters(model), model)
+
+
+def select_parameters(model: nn.Module | Matrices, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
+    """The tracked matrices by name, each with the parameter holding it (geometry.selection: Linear weights,
+    routers and experts; embeddings only when asked).
+
+    Names and shapes are those of the full model's checkpoints: wrapper prefixes (FSDP1, torch.compile) are
+    dropped, a shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices,
+    and a stacked expert parameter gives one matrix an expert (geometry.experts).
+    """
+    full = model if isinstance(model, Matrices) else matrices_of(model)
+    shapes = full.shapes
+    names = sorted(choose(shapes, include=cfg.include, exclude=cfg.exclude, embeddings=cfg.embeddings,
+                          linear=full.linear_weights()))
+    if not names:
+        raise GeometryError("Recorder: no parameter matches the include/exclude patterns")
+    empty = [n for n in names if shapes[n].numel() == 0]
+    if empty:
+        raise GeometryError(f"Recorder: parameter {empty[0]} is empty")
+    return {n: full.params[n] for n in names}

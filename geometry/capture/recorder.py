@@ -42,19 +42,18 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from geometry.capture.adapters import AdapterParameters, is_peft
 from geometry.capture.batches import Batch, UpdateBatches
 from geometry.capture.config import RecorderConfig
-from geometry.capture.distributed import FullParameters, broadcast, is_writer
-from geometry.capture.matrices import Matrices
+from geometry.capture.distributed import broadcast, is_writer
+from geometry.capture.matrices import matrices_of, select_parameters, unwrap
 from geometry.capture.store import Store, read_manifest, read_tracking
 from geometry.capture.tracking import Estimate, SubspaceTracker
 from geometry.capture.trajectory import run_values
 from geometry.errors import GeometryError
 from geometry.metrics import changed_mask
-from geometry.selection import choose, coverage
+from geometry.selection import coverage
 
-__all__ = ["Live", "Recorder", "RecorderConfig", "RecorderStats", "matrices_of", "select_parameters", "unwrap"]
+__all__ = ["Live", "Recorder", "RecorderConfig", "RecorderStats"]
 
 
 @dataclass
@@ -76,43 +75,6 @@ class Live(NamedTuple):
     tracked: dict[str, float]  # geometry.capture.trajectory.LIVE_METRICS there: means over the tracked matrices
     snapshot_step: int | None  # the latest snapshot step
     snapshot: dict[str, float]  # sparsity_bf16 there (SPEC item 1), pooled over the tracked matrices' entries
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / DeepSpeed (``.module``) and torch.compile (``_orig_mod``)."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine"):
-            model = model.module
-        else:
-            return model
-
-
-def matrices_of(model: nn.Module) -> Matrices:
-    """A model's matrices by checkpoint name (geometry.capture.matrices), of its LoRA view for a peft model."""
-    model = unwrap(model)
-    return Matrices(AdapterParameters(model) if is_peft(model) else FullParameters(model), model)
-
-
-def select_parameters(model: nn.Module | Matrices, cfg: RecorderConfig) -> dict[str, nn.Parameter]:
-    """The tracked matrices by name, each with the parameter holding it (geometry.selection: Linear weights,
-    routers and experts; embeddings only when asked).
-
-    Names and shapes are those of the full model's checkpoints: wrapper prefixes (FSDP1, torch.compile) are
-    dropped, a shard is judged by its full shape (geometry.distributed), so every rank selects the same matrices,
-    and a stacked expert parameter gives one matrix an expert (geometry.experts).
-    """
-    full = model if isinstance(model, Matrices) else matrices_of(model)
-    shapes = full.shapes
-    names = sorted(choose(shapes, include=cfg.include, exclude=cfg.exclude, embeddings=cfg.embeddings,
-                          linear=full.linear_weights()))
-    if not names:
-        raise GeometryError("Recorder: no parameter matches the include/exclude patterns")
-    empty = [n for n in names if shapes[n].numel() == 0]
-    if empty:
-        raise GeometryError(f"Recorder: parameter {empty[0]} is empty")
-    return {n: full.params[n] for n in names}
 
 
 class Recorder:
