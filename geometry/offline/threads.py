@@ -59,7 +59,7 @@ def phases(asked: int, costs_mb: Mapping[int, float], budget_mb: float, order: S
 def kernels(n: int = 1) -> Iterator[None]:
     """BLAS, OpenMP and torch kernels on ``n`` threads (restored on leaving); one where the measuring threads
     are the parallelism. Also with one measuring thread: a BLAS thread per core spins between a small matrix's
-    calls (measured above)."""
+    calls (benchmarks/bench_analyze.py measures both)."""
     import torch  # here: the CLI imports this module before it knows it will measure anything
     from threadpoolctl import threadpool_limits
 
