@@ -16,7 +16,8 @@ DATA_ENV = "GEOMETRY_DATA"  # the environment variable naming the directory with
 
 @dataclass
 class StudyConfig:
-    seeds: int = option(3, "training seeds per run of a verdict (95%% intervals need at least 2; 3 by default)")
+    seeds: int = option(5, "training seeds per run of a verdict (paired t-tests over seeds need at least 2; 5 "
+                        "by default)")
     steps: int | None = option(None, "optimizer steps of every run (default: RegimeConfig's 300, --quick 10)")
     quick: bool = option(False, "a smoke-test size: 10 steps, 2 seeds, small batches, no variants (under two "
                          "minutes)")

@@ -22,7 +22,7 @@ class ModelConfig:
     layers: int
     heads: int
     intermediate: int
-    max_positions: int = 32  # longest sequence is BOS + "999+999=1998" + EOS = 14 tokens; room for 9 digits
+    max_positions: int = 32  # longest sequence is BOS + "9999+9999=19998" + EOS = 17 tokens; room for 6 digits
 
     def __post_init__(self):
         if min(self.hidden, self.layers, self.heads, self.intermediate, self.max_positions) < 1:
@@ -45,7 +45,7 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
     """A freshly initialised float32 Llama sized by ``cfg``, with the char tokenizer's special ids."""
     tok = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok),  # 16: 4 specials + 12 characters
+        vocab_size=len(tok),  # 17: 4 specials + 13 characters
         hidden_size=cfg.hidden,
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
@@ -62,7 +62,7 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        do_sample=False, max_new_tokens=8,  # an answer is at most 4 digits + EOS at the default task size
+        do_sample=False, max_new_tokens=8,  # an answer is at most 5 digits + EOS on 4-digit operands
     )
     return model
 

@@ -1,8 +1,10 @@
-"""The demo's verifiable task: multi-digit addition, ``"12+345="`` -> ``"357"``.
+"""The demo's verifiable task: multi-digit arithmetic, ``"12+345="`` -> ``"357"``, ``"345-12="`` -> ``"333"``.
 
-Addition has an exact answer a program can check, so one task serves all three regimes: SFT
+Arithmetic has an exact answer a program can check, so one task serves all three regimes: SFT
 trains on the answer, RLVR rewards an exact match (0/1), and on-policy distillation needs only
-the prompt. Carries make it hard enough that a tiny model is imperfect at a moderate budget.
+the prompt. Three named distributions (``TaskConfig``): the student pretrains on ``PRETRAIN_TASK``,
+the teacher on ``TEACHER_TASK``, and every post-training run trains and is scored on ``POSTTRAIN_TASK``,
+a shift to long operands that the student has seen rarely.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from geometry.errors import GeometryError
 EOS_TEXT = "<eos>"  # the tokenizer's end token, as it appears in a decode that keeps specials
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
+    """Which problems: operations, operand lengths, and how often each length is drawn."""
+
     min_digits: int = 1  # short operands keep easy, carry-free cases in the mix: reward is never all zero
-    max_digits: int = 3  # 3-digit carries are where a ~1M-parameter model stays imperfect
+    max_digits: int = 3
+    ops: str = "+"  # one drawn uniformly per problem; "-" is a - b with a >= b (answers are never negative)
+    weights: tuple[float, ...] | None = None  # relative frequency of each digit count min..max; None: uniform
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= self.max_digits <= 9:
@@ -29,6 +35,38 @@ class TaskConfig:
                 f"task digits must satisfy 1 <= min_digits <= max_digits <= 9, got "
                 f"{self.min_digits}..{self.max_digits}"
             )
+        if not self.ops or set(self.ops) - set(OPS) or len(set(self.ops)) != len(self.ops):
+            raise GeometryError(f"task ops must be distinct characters of {OPS!r}, got {self.ops!r}")
+        n = self.max_digits - self.min_digits + 1
+        if self.weights is not None and (len(self.weights) != n or min(self.weights) < 0 or not sum(self.weights) > 0):
+            raise GeometryError(f"task weights must be {n} non-negative numbers, not all zero, got {self.weights}")
+
+    def words(self) -> str:
+        """e.g. "a+b and a-b, operands of 1-4 digits (4 digits at 0.25x the others' frequency)"."""
+        text = f"{' and '.join(f'a{op}b' for op in self.ops)}, operands of {self.min_digits}-{self.max_digits} digits"
+        if self.weights is not None and len(set(self.weights)) > 1:
+            common = max(set(self.weights), key=self.weights.count)  # the others' weight
+            odd = [f"{d} digits at {w / common:g}x" for d, w in
+                   zip(range(self.min_digits, self.max_digits + 1), self.weights, strict=True) if w != common]
+            text += f" ({', '.join(odd)} the others' frequency)"
+        return text
+
+    @property
+    def answer_digits(self) -> int:
+        """The longest answer: a sum of two max_digits numbers can have one digit more."""
+        return self.max_digits + ("+" in self.ops)
+
+
+OPS = "+-"
+# The student's pretraining distribution, broad: both operations, operands of 1-4 digits, 4-digit ones at a quarter
+# of a shorter length's frequency, so that problems with two long operands are rare (0.6%): the converged student
+# has seen them without mastering them.
+PRETRAIN_TASK = TaskConfig(min_digits=1, max_digits=4, ops="+-", weights=(1.0, 1.0, 1.0, 0.25))
+# The teacher's: the same operations and lengths, long operands half the time, so it masters them.
+TEACHER_TASK = TaskConfig(min_digits=1, max_digits=4, ops="+-", weights=(1.0, 1.0, 1.0, 3.0))
+# The post-training task, shifted from the student's pretraining to long operands: 3 or 4 digits each, so three
+# problems in four have a 4-digit operand (one in seven during pretraining), one in four two of them (1 in 170).
+POSTTRAIN_TASK = TaskConfig(min_digits=3, max_digits=4, ops="+-")
 
 
 class Problem(NamedTuple):
@@ -37,8 +75,11 @@ class Problem(NamedTuple):
 
 
 def _operand(rng: random.Random, cfg: TaskConfig) -> int:
-    # Uniform over digit counts first, so 1-digit numbers are not swamped by the 900 3-digit ones.
-    digits = rng.randint(cfg.min_digits, cfg.max_digits)
+    # A digit count first (uniform, or by weight), so 1-digit numbers are not swamped by the 900 3-digit ones.
+    if cfg.weights is None:
+        digits = rng.randint(cfg.min_digits, cfg.max_digits)
+    else:
+        digits = rng.choices(range(cfg.min_digits, cfg.max_digits + 1), weights=cfg.weights)[0]
     low = 0 if digits == 1 else 10 ** (digits - 1)
     return rng.randint(low, 10**digits - 1)
 
@@ -50,7 +91,10 @@ def make_problems(n: int, seed: int, cfg: TaskConfig | None = None) -> list[Prob
     problems = []
     for _ in range(n):
         a, b = _operand(rng, cfg), _operand(rng, cfg)
-        problems.append(Problem(f"{a}+{b}=", str(a + b)))
+        op = cfg.ops if len(cfg.ops) == 1 else rng.choice(cfg.ops)  # one op: the RNG stream of addition alone
+        if op == "-":
+            a, b = max(a, b), min(a, b)
+        problems.append(Problem(f"{a}{op}{b}=", str(a + b if op == "+" else a - b)))
     return problems
 
 

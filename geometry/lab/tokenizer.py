@@ -1,6 +1,6 @@
 """A character-level tokenizer for the arithmetic task, as a ``transformers`` fast tokenizer.
 
-One token per character keeps the vocabulary tiny (16 ids), so the embedding and lm_head are
+One token per character keeps the vocabulary tiny (17 ids), so the embedding and lm_head are
 negligible next to the transformer blocks whose geometry the demo studies. Wrapping it as a
 ``PreTrainedTokenizerFast`` lets the TRL trainers use it unchanged; it has no chat template
 because the trainers are fed plain-text prompts.
@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3; pad first so zero-initialised buffers read as padding
-CHARS = "0123456789+="  # everything the task writes
+CHARS = "0123456789+-="  # everything the task writes
 
 # Not set on the tokenizer (the trainers get plain-text prompts). Trainers that accept only
 # conversational data (trl.experimental.iw_opd) can use it: it renders messages exactly as the
