@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from geometry.capture.store import read_snapshot
 from geometry.lab.claims import (
     EARLY,
     PROJECTION_MARGIN,
@@ -31,7 +32,9 @@ from geometry.lab.claims import (
 from geometry.lab.figures import figures
 from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
 from geometry.lab.stats import ALPHA, VERDICTS, Interval, interval
+from geometry.lab.structure import FLAT_GAP, module_spectra
 from geometry.lab.study import PROJECTED, VARIANTS, StudyResult, label, save_study
+from geometry.lab.task import POSTTRAIN_TASK, PRETRAIN_TASK, TEACHER_TASK
 from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
 from geometry.offline.summary import RunSummary
 
@@ -87,6 +90,53 @@ def claim_lines(claims_: list[Claim]) -> list[str]:
     return lines
 
 
+# ---- the student's structure ----
+
+
+def structure_lines(study: StudyResult) -> list[str]:
+    """Before any verdict: per matrix type, W0's singular values above the Gavish-Donoho threshold and its gap at
+    the analyzer's k (geometry.lab.structure); a flat spectrum said plainly."""
+    first = next(iter(study.runs.values()))[0]
+    k = study.boundaries.principal_k
+    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    spectra = sorted(module_spectra(read_snapshot(first.store, None), k),
+                     key=lambda m: order.index(m.module) if m.module in order else len(order))
+
+    def noise(m) -> bool:
+        return sum(r == 0 for r in m.signal_ranks) > len(m.signal_ranks) / 2
+
+    rows = [[m.module, f"{m.shape[0]} x {m.shape[1]}", ", ".join(map(str, m.signal_ranks)),
+             f"{m.threshold_ratio:.2f}", f"{m.gap:.3f}",
+             "noise" if noise(m) else f"signal; flat at k (gap < {FLAT_GAP})" if m.flat else "signal; gap at k"]
+            for m in spectra]
+    ranks = sorted(r for m in spectra for r in m.signal_ranks)
+    words = [f"Signal rank of W0 over all {len(ranks)} matrices: {ranks[0]} to {ranks[-1]}, median "
+             f"{ranks[len(ranks) // 2]}" + (f"; noise-like (no singular value above the threshold in most layers): "
+                                           f"{', '.join(m.module for m in spectra if noise(m))}." if any(
+                                               noise(m) for m in spectra) else ": every matrix type has structure "
+                                           "above its noise bulk.")]
+    flat = [m.module for m in spectra if m.flat and not noise(m)]
+    if flat:
+        words.append(f"Flat at k = {k} (s_k / s_k+1 < {FLAT_GAP}): {', '.join(flat)}. There the analyzer's top-k "
+                     "subspace of W0 ends inside a continuum of nearly equal singular values, so principal angles, "
+                     "overlaps and the principal mask measure mixing at an undefined boundary; read them as such.")
+    few = [m.module for m in spectra if sorted(m.signal_ranks)[len(m.signal_ranks) // 2] < k]
+    if few:
+        words.append(f"Fewer than k = {k} singular values stand above the threshold in the median matrix of "
+                     f"{', '.join(few)}: their top-k subspace holds noise directions beyond the signal.")
+    words = " ".join(words)
+    return ["## The student's W0: structure at k", "",
+            f"Measured before any verdict (geometry/lab/structure.py), on the bf16 student every run starts from. "
+            "*signal rank*: singular values of W0 above the Gavish-Donoho threshold for an unknown noise level, "
+            "omega(beta) median(s), omega(beta) ~ 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43, beta = min/max of "
+            "the shape (docs/metrics.md item 12), one per layer; *threshold / s_1*: that threshold over the largest "
+            f"singular value, median over layers; *s_k / s_k+1*: the gap at the analyzer's k = {k} (SPEC 2), median "
+            "over layers; *reading*: noise when most layers have no singular value above the threshold, flat at k "
+            f"when the gap is below {FLAT_GAP}.", "",
+            table(["matrix", "shape", "signal rank per layer", "threshold / s_1", f"s_k / s_k+1 (k = {k})", "reading"],
+                  rows), "", words, ""]
+
+
 # ---- tables ----
 
 
@@ -96,18 +146,22 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
     params = _params(study)
     return [
         ["student", "Qwen3-8B (bf16 checkpoint)", f"Llama, hidden 128, 4 layers ({params:,} parameters in the "
-         "measured matrices), pretrained on 1-3 digit addition, rounded to bf16", "fits a 2-core CPU in minutes"],
+         f"measured matrices), pretrained to convergence on {PRETRAIN_TASK.words()}, rounded to bf16",
+         "fits a 2-core CPU in minutes; a broad pretraining distribution gives W0 structure (section above)"],
         ["starting point", "SFT from the base model (OPD, RLVR: its appendices)", "all runs from the pretrained "
-         "student", "one starting point keeps the regimes comparable; the student already knows the task"],
-        ["teacher", "Qwen3-32B", "Llama, hidden 192, 99% accurate", "has something to teach a 47% student"],
-        ["task, reward", "math reasoning, verifiable", "addition, exact answer (0/1)", "verifiable and cheap"],
+         "student", "one starting point keeps the regimes comparable"],
+        ["teacher", "Qwen3-32B", f"Llama, hidden 192, pretrained on {TEACHER_TASK.words()}",
+         f"has something to teach: {_teacher_words(study)}"],
+        ["task, reward", "math reasoning, verifiable", f"post-training on {POSTTRAIN_TASK.words()} (shifted from "
+         "the student's pretraining to long operands), exact answer (0/1)", "verifiable and cheap; the student "
+         "starts part-way"],
         ["lr", "SFT 1e-5, OPD and RLVR 1e-6", f"SFT {lrs['sft']:.3g}, OPD and RLVR {lrs['opd']:.3g}",
          "same ratio of lr to bf16 spacing as the paper (section below)"],
         ["schedule", "SFT cosine; OPD, RLVR not stated", "SFT cosine, OPD and RLVR constant, no warm-up",
          "as stated; constant where the paper says nothing"],
         ["steps", "SFT 5375, RLVR 1023, OPD 299", f"{cfg.steps} for every regime",
-         "time budget (20 min on 2 cores); at the rule's lr, 300 is where OPD and RLVR gain beyond the evaluation "
-         "noise (seed 0, measured before any verdict); equal steps keep the regimes comparable"],
+         "time budget (5 seeds in 20 min on 2 cores); the paper's OPD count; equal steps keep the regimes "
+         "comparable"],
         ["batch", "8 samples per prompt (batch sizes in its appendices)", f"{cfg.batch} prompts x {cfg.generations} "
          "samples per "
          f"step (SFT and the full-KL variant: {cfg.sequences} prompts)", "time budget; 8 samples as the paper"],
@@ -128,6 +182,26 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
          f"(variants {', '.join(VARIANTS)}: seed 0 only)", "paired t-tests over seeds decide "
          "the verdicts (runs of one seed share data order and prompts)"],
     ]
+
+
+def _noise_words(study: StudyResult) -> str:
+    """The evaluation noise (binomial sd of one accuracy at the student's) and each main regime's gain against it."""
+    n = study.config.eval_problems
+    p0 = next(iter(study.runs.values()))[0].acc_before
+    sd = math.sqrt(p0 * (1 - p0) / n)
+    gains = []
+    for name in ("opd", "rlvr", "sft"):
+        if name in study.runs:
+            g = interval([r.acc_after - r.acc_before for r in study.runs[name]])
+            gains.append(f"{name} {_points(g)} ({g.mean / sd:.1f} sd)" if sd > 0 else f"{name} {_points(g)}")
+    return (f"Evaluation noise: one accuracy near the student's {100 * p0:.1f}% on {n} problems has a binomial sd of "
+            f"{100 * sd:.1f} points (95%: +-{196 * sd:.1f}). Gain over the student, points, mean over seeds [95% "
+            f"interval] (in binomial sds): {'; '.join(gains)}.")
+
+
+def _teacher_words(study: StudyResult) -> str:
+    student = next(iter(study.runs.values()))[0].acc_before
+    return f"the student starts at {100 * student:.1f}% on the post-training task"
 
 
 def _k_words(bd) -> str:
@@ -163,12 +237,14 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
     n_seeds = max(len(v) for v in study.runs.values())
     lines = [
         "# geometry demo: SFT vs RLVR vs OPD on a tiny LM", "",
-        f"A tiny Llama student ({_params(study):,} parameters in its measured matrices), pretrained on multi-digit "
-        f"addition, post-trained by each regime from the same bf16 checkpoint for {cfg.steps} steps, "
+        f"A tiny Llama student ({_params(study):,} parameters in its measured matrices), pretrained to convergence "
+        f"on short-operand addition and subtraction, post-trained on long operands (a shifted task) by each regime "
+        f"from the same bf16 checkpoint for {cfg.steps} steps, "
         f"{n_seeds} training seeds per run, recorded by our callback and analysed as bf16 checkpoints. "
         f"Learning rates: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g} (the paper's precision regime, below). "
         f"K = {K}. Total time {study.seconds / 60:.1f} min. The paper (Shen et al. 2026) trains an 8B student; "
         "absolute values are not expected to match, orderings are what we test.", "",
+        *structure_lines(study),
         "## Claims at this scale", "", *claim_lines(claims_),
     ]
     lines += ["", "## Setup: differences from the paper", "",
@@ -188,8 +264,8 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
         [[n, _trainer(n), len(rs), f"{rs[0].lr:.3g}", fmt(rs[0].acc_before, "%"),
           interval([r.acc_after for r in rs]).show("%"), sum(r.skipped for r in rs),
           f"{sum(r.seconds for r in rs):.0f}"] for n, rs in study.runs.items()]),
-        "", f"Accuracy: greedy exact answer on {cfg.eval_problems} held-out problems (one seed's value has a "
-        "binomial 95% half-width of about 3 points at 1000 problems); *before*: the student's, the same for "
+        "", f"Accuracy: greedy exact answer on {cfg.eval_problems} held-out problems of the post-training task, the "
+        f"same problems for every run and seed. {_noise_words(study)} *before*: the student's, the same for "
         "every seed; *after*: mean over seeds [95% t-interval]. *steps skipped*: steps whose every prompt group "
         "had one reward (nothing to learn from). In every table below a cell is the mean over seeds [95% "
         "t-interval] of the run's final value, unless its column says otherwise; density = 1 - bf16 sparsity."]
