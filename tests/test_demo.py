@@ -11,7 +11,7 @@ from md_tables import assert_tables_keep_columns
 
 from geometry.cli import main
 from geometry.errors import GeometryError
-from geometry.lab.report import PAPER_SPARSITY
+from geometry.lab.paper import PAPER_SPARSITY
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, data_dir
 from geometry.table import Table
 

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from geometry.capture.store import read_snapshot
 from geometry.lab.claims import (
     EARLY,
     PROJECTION_MARGIN,
@@ -30,29 +29,18 @@ from geometry.lab.claims import (
     views,
 )
 from geometry.lab.figures import figures
+from geometry.lab.paper import PAPER_ANGLES, PAPER_LOCALISATION, PAPER_NSS, PAPER_SIM20, PAPER_SPARSITY
 from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
+from geometry.lab.setting import measured_params, noise_words, points, setup_rows, structure_lines, trainer_name
+from geometry.lab.sharing import sharing_lines
 from geometry.lab.stats import ALPHA, VERDICTS, Interval, interval
-from geometry.lab.structure import FLAT_GAP, module_spectra
-from geometry.lab.study import PROJECTED, VARIANTS, StudyResult, label, save_study
-from geometry.lab.task import POSTTRAIN_TASK, PRETRAIN_TASK, TEACHER_TASK
+from geometry.lab.study import MAIN, PROJECTED, StudyResult, label, save_study
 from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
 from geometry.offline.summary import RunSummary
-
-# Shen et al. 2026 (Qwen3-8B student), Table 1 and the localisation table; orders of magnitude in the text.
-PAPER_SPARSITY = {"sft": 0.081, "opd": 0.516, "rlvr": 0.772}
-PAPER_LOCALISATION = {  # density, principal-mask overlap, low-magnitude-mask overlap
-    "sft": (0.9273, 0.2966, 0.3188), "opd": (0.4628, 0.2731, 0.5359), "rlvr": (0.2776, 0.2665, 0.7348)}
-PAPER_ANGLES = {"sft": "> 10", "opd": "~ 1", "rlvr": "< 0.5"}
-PAPER_NSS = {"sft": "~1e-3", "opd": "~1e-4", "rlvr": "~1e-5"}
-PAPER_SIM20 = {"sft": "0.4-0.6", "opd": "~1", "rlvr": "0.4-0.6"}
 
 
 def _iv(values: dict[int, float]) -> Interval:
     return interval(list(values.values()))
-
-
-def _points(x: Interval) -> str:
-    return x.scaled(100).show(".1f") if x.n else "n/a"
 
 
 # ---- claims ----
@@ -93,137 +81,6 @@ def claim_lines(claims_: list[Claim]) -> list[str]:
 # ---- the student's structure ----
 
 
-def structure_lines(study: StudyResult) -> list[str]:
-    """Before any verdict: per matrix type, W0's singular values above the Gavish-Donoho threshold and its gap at
-    the analyzer's k (geometry.lab.structure); a flat spectrum said plainly."""
-    first = next(iter(study.runs.values()))[0]
-    k = study.boundaries.principal_k
-    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    spectra = sorted(module_spectra(read_snapshot(first.store, None), k),
-                     key=lambda m: order.index(m.module) if m.module in order else len(order))
-
-    def noise(m) -> bool:
-        return sum(r == 0 for r in m.signal_ranks) > len(m.signal_ranks) / 2
-
-    rows = [[m.module, f"{m.shape[0]} x {m.shape[1]}", ", ".join(map(str, m.signal_ranks)),
-             f"{m.threshold_ratio:.2f}", f"{m.gap:.3f}",
-             "noise" if noise(m) else f"signal; flat at k (gap < {FLAT_GAP})" if m.flat else "signal; gap at k"]
-            for m in spectra]
-    ranks = sorted(r for m in spectra for r in m.signal_ranks)
-    words = [f"Signal rank of W0 over all {len(ranks)} matrices: {ranks[0]} to {ranks[-1]}, median "
-             f"{ranks[len(ranks) // 2]}" + (f"; noise-like (no singular value above the threshold in most layers): "
-                                           f"{', '.join(m.module for m in spectra if noise(m))}." if any(
-                                               noise(m) for m in spectra) else ": every matrix type has structure "
-                                           "above its noise bulk.")]
-    flat = [m.module for m in spectra if m.flat and not noise(m)]
-    if flat:
-        words.append(f"Flat at k = {k} (s_k / s_k+1 < {FLAT_GAP}): {', '.join(flat)}. There the analyzer's top-k "
-                     "subspace of W0 ends inside a continuum of nearly equal singular values, so principal angles, "
-                     "overlaps and the principal mask measure mixing at an undefined boundary; read them as such.")
-    few = [m.module for m in spectra if sorted(m.signal_ranks)[len(m.signal_ranks) // 2] < k]
-    if few:
-        words.append(f"Fewer than k = {k} singular values stand above the threshold in the median matrix of "
-                     f"{', '.join(few)}: their top-k subspace holds noise directions beyond the signal.")
-    words = " ".join(words)
-    return ["## The student's W0: structure at k", "",
-            f"Measured before any verdict (geometry/lab/structure.py), on the bf16 student every run starts from. "
-            "*signal rank*: singular values of W0 above the Gavish-Donoho threshold for an unknown noise level, "
-            "omega(beta) median(s), omega(beta) ~ 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43, beta = min/max of "
-            "the shape (docs/metrics.md item 12), one per layer; *threshold / s_1*: that threshold over the largest "
-            f"singular value, median over layers; *s_k / s_k+1*: the gap at the analyzer's k = {k} (SPEC 2), median "
-            "over layers; *reading*: noise when most layers have no singular value above the threshold, flat at k "
-            f"when the gap is below {FLAT_GAP}.", "",
-            table(["matrix", "shape", "signal rank per layer", "threshold / s_1", f"s_k / s_k+1 (k = {k})", "reading"],
-                  rows), "", words, ""]
-
-
-# ---- tables ----
-
-
-def setup_rows(study: StudyResult) -> list[list[str]]:
-    """Every difference from the paper's setup, with its reason."""
-    cfg, lrs, bd = study.config, study.lrs, study.boundaries
-    params = _params(study)
-    return [
-        ["student", "Qwen3-8B (bf16 checkpoint)", f"Llama, hidden 128, 4 layers ({params:,} parameters in the "
-         f"measured matrices), pretrained to convergence on {PRETRAIN_TASK.words()}, rounded to bf16",
-         "fits a 2-core CPU in minutes; a broad pretraining distribution gives W0 structure (section above)"],
-        ["starting point", "SFT from the base model (OPD, RLVR: its appendices)", "all runs from the pretrained "
-         "student", "one starting point keeps the regimes comparable"],
-        ["teacher", "Qwen3-32B", f"Llama, hidden 192, pretrained on {TEACHER_TASK.words()}",
-         f"has something to teach: {_teacher_words(study)}"],
-        ["task, reward", "math reasoning, verifiable", f"post-training on {POSTTRAIN_TASK.words()} (shifted from "
-         "the student's pretraining to long operands), exact answer (0/1)", "verifiable and cheap; the student "
-         "starts part-way"],
-        ["lr", "SFT 1e-5, OPD and RLVR 1e-6", f"SFT {lrs['sft']:.3g}, OPD and RLVR {lrs['opd']:.3g}",
-         "same ratio of lr to bf16 spacing as the paper (section below)"],
-        ["schedule", "SFT cosine; OPD, RLVR not stated", "SFT cosine, OPD and RLVR constant, no warm-up",
-         "as stated; constant where the paper says nothing"],
-        ["steps", "SFT 5375, RLVR 1023, OPD 299", f"{cfg.steps} for every regime",
-         "time budget (5 seeds in 20 min on 2 cores); the paper's OPD count; equal steps keep the regimes "
-         "comparable"],
-        ["batch", "8 samples per prompt (batch sizes in its appendices)", f"{cfg.batch} prompts x {cfg.generations} "
-         "samples per "
-         f"step (SFT and the full-KL variant: {cfg.sequences} prompts)", "time budget; 8 samples as the paper"],
-        ["optimizer", "AdamW (0.9, 0.98), wd 0.1, RLVR eps 1e-15", "the same; gradient clipping 1.0",
-         "the paper's; clipping is TRL's default (the paper does not state one)"],
-        ["RLVR", "GRPO, zero-variance batches skipped", "GRPO (TRL), zero-variance prompt groups dropped from the "
-         "loss, an all-flat step skipped", "the paper's filter at group level (DAPO-style, no refill)"],
-        ["OPD", "student samples, A = -(log p_s - log p_t) per token", "the same, as a TRL GRPOTrainer subclass "
-         "(lab/trainers.py)", "-"],
-        ["precision", "bf16 checkpoints", "float32 master weights from a bf16 student; bf16 snapshots analysed; "
-         "per-step tracking and accuracy on the float32 weights", "as mixed-precision training saves checkpoints"],
-        ["K (locking)", "16, just below OPD's update stable rank", _k_words(bd), "the paper's rule on this model"],
-        ["k, r, alpha", "512, 64 of 4096; 30%", f"k = {bd.principal_k}, r = round(64 h / 4096), alpha "
-         f"{study.analysis.config.alpha:g}", "SPEC 2, 5: scaled with the hidden size"],
-        ["matrices", "trajectories on attention q/k/v/o", "the same for Sim_K, stable rank and onset; sparsity, "
-         "masks, angles, NSS over all Linear weights (embeddings and lm_head left out)", "-"],
-        ["seeds", "one run each", f"{max(len(v) for v in study.runs.values())} seeds per run of a verdict "
-         f"(variants {', '.join(VARIANTS)}: seed 0 only)", "paired t-tests over seeds decide "
-         "the verdicts (runs of one seed share data order and prompts)"],
-    ]
-
-
-def _noise_words(study: StudyResult) -> str:
-    """The evaluation noise (binomial sd of one accuracy at the student's) and each main regime's gain against it."""
-    n = study.config.eval_problems
-    p0 = next(iter(study.runs.values()))[0].acc_before
-    sd = math.sqrt(p0 * (1 - p0) / n)
-    gains = []
-    for name in ("opd", "rlvr", "sft"):
-        if name in study.runs:
-            g = interval([r.acc_after - r.acc_before for r in study.runs[name]])
-            gains.append(f"{name} {_points(g)} ({g.mean / sd:.1f} sd)" if sd > 0 else f"{name} {_points(g)}")
-    return (f"Evaluation noise: one accuracy near the student's {100 * p0:.1f}% on {n} problems has a binomial sd of "
-            f"{100 * sd:.1f} points (95%: +-{196 * sd:.1f}). Gain over the student, points, mean over seeds [95% "
-            f"interval] (in binomial sds): {'; '.join(gains)}.")
-
-
-def _teacher_words(study: StudyResult) -> str:
-    student = next(iter(study.runs.values()))[0].acc_before
-    return f"the student starts at {100 * student:.1f}% on the post-training task"
-
-
-def _k_words(bd) -> str:
-    if bd.lock_k < math.ceil(bd.opd_stable_rank) - 1:
-        return (f"{bd.lock_k}, capped (the recorder tracks {bd.lock_k} directions; the paper's value): OPD's float32 "
-                f"update stable rank is {bd.opd_stable_rank:.2f}")
-    return f"{bd.lock_k}, just below OPD's float32 update stable rank {bd.opd_stable_rank:.2f}"
-
-
-def _params(study: StudyResult) -> int:
-    first = study.analysis.rows[0]
-    return sum(int(r.value) for r in study.analysis.where(run=first.run, step=first.step, metric="n_params"))
-
-
-def _trainer(name: str) -> str:
-    base = name.removesuffix("_proj")
-    t = {"sft": "TRL SFTTrainer", "rlvr": "RLVRTrainer (TRL GRPO)", "opd": "OPDTrainer (TRL GRPO)",
-         "opd_offpolicy": "OPDTrainer, teacher rollouts", "opd_mix0.05": "OPDTrainer, alpha 0.05",
-         "opd_mix0.5": "OPDTrainer, alpha 0.5", "opd_fullkl": "TRL DistillationTrainer (full-vocabulary KL)"}
-    return t.get(base, "") + (" + projection" if name.endswith("_proj") else "")
-
-
 def seed_cells(study: StudyResult, S: dict[str, RunSummary]) -> list[tuple[str, Callable[[str, str], str]]]:
     """markdown.metric_table rows: each run's final value as mean [95% interval] over its seeds."""
     def cell(name: str) -> Callable[[str, str], str]:
@@ -237,9 +94,9 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
     n_seeds = max(len(v) for v in study.runs.values())
     lines = [
         "# geometry demo: SFT vs RLVR vs OPD on a tiny LM", "",
-        f"A tiny Llama student ({_params(study):,} parameters in its measured matrices), pretrained to convergence "
-        f"on short-operand addition and subtraction, post-trained on long operands (a shifted task) by each regime "
-        f"from the same bf16 checkpoint for {cfg.steps} steps, "
+        f"A tiny Llama student ({measured_params(study):,} parameters in its measured matrices), pretrained to "
+        f"convergence on short-operand addition and subtraction, post-trained on long operands (a shifted task) "
+        f"by each regime from the same bf16 checkpoint for {cfg.steps} steps, "
         f"{n_seeds} training seeds per run, recorded by our callback and analysed as bf16 checkpoints. "
         f"Learning rates: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g} (the paper's precision regime, below). "
         f"K = {K}. Total time {study.seconds / 60:.1f} min. The paper (Shen et al. 2026) trains an 8B student; "
@@ -261,11 +118,11 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
     lines += ["## Runs", "", table(
         ["run", "trainer", "seeds", "lr", "accuracy before (%)", "accuracy after (%)",
          "steps skipped, sum over seeds", "time (s), sum over seeds"],
-        [[n, _trainer(n), len(rs), f"{rs[0].lr:.3g}", fmt(rs[0].acc_before, "%"),
+        [[n, trainer_name(n), len(rs), f"{rs[0].lr:.3g}", fmt(rs[0].acc_before, "%"),
           interval([r.acc_after for r in rs]).show("%"), sum(r.skipped for r in rs),
           f"{sum(r.seconds for r in rs):.0f}"] for n, rs in study.runs.items()]),
         "", f"Accuracy: greedy exact answer on {cfg.eval_problems} held-out problems of the post-training task, the "
-        f"same problems for every run and seed. {_noise_words(study)} *before*: the student's, the same for "
+        f"same problems for every run and seed. {noise_words(study)} *before*: the student's, the same for "
         "every seed; *after*: mean over seeds [95% t-interval]. *steps skipped*: steps whose every prompt group "
         "had one reward (nothing to learn from). In every table below a cell is the mean over seeds [95% "
         "t-interval] of the run's final value, unless its column says otherwise; density = 1 - bf16 sparsity."]
@@ -283,6 +140,9 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               "", "*principal-mask overlap*: share of the changed entries inside the top-alpha entries of |rank-r "
               "reconstruction of W0|; *low-magnitude-mask overlap*: inside the bottom-alpha entries of |W0| "
               "(SPEC 5), pooled over matrices."]
+    pairs = getattr(study.analysis, "pairs", None)
+    if pairs is not None and (section := sharing_lines(pairs, [n for n in MAIN if n in study.runs])):
+        lines += ["", *section]  # do seeds of one regime share more changed entries than two regimes do?
     lines += ["", "## Principal angles and spectral shift", "",
               metric_table(ANGLES, cells, ["paper angle, NSS"],
                            lambda r: [f"{PAPER_ANGLES[r]} deg, {PAPER_NSS[r]}" if r in PAPER_ANGLES else ""]),
@@ -343,8 +203,8 @@ def _projection_rows(study: StudyResult) -> list[list[str]]:
         acc, start = accuracy(study, free), {r.seed: r.acc_before for r in study.runs[free]}
         pacc = accuracy(study, proj)
         rows.append([free, _iv(acc).show("%"), _iv(pacc).show("%"),
-                     _points(_iv({s: acc[s] - start[s] for s in acc})),
-                     _points(_iv({s: acc[s] - pacc[s] for s in acc if s in pacc})),
+                     points(_iv({s: acc[s] - start[s] for s in acc})),
+                     points(_iv({s: acc[s] - pacc[s] for s in acc if s in pacc})),
                      gain_share(study, free, proj).show("%")])
     return rows
 

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -48,9 +47,7 @@ from geometry.selection import module_of
 from geometry.table import Table
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
-INSTALLED_DATA = Path(sysconfig.get_path("data")) / "share" / "geometry" / "data"  # where a wheel puts data/
 INSTALLED_DATA = Path(sys.prefix) / "share" / "geometry" / "data"  # where a wheel puts data/ (pyproject data-files)
-DATA = REPO_DATA  # kept for notebooks that import it; code resolves the directory with data_dir()
 MARKER = ".geometry-demo"  # marks a directory as a demo output, which a new demo may overwrite
 MAIN = ("sft", "rlvr", "opd")
 CONTROLS = ("opd_offpolicy", "opd_mix0.05")  # compared with on-policy "opd"

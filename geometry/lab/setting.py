@@ -1,0 +1,149 @@
+"""The demo report's account of its setting, stated before any verdict: the setup beside the paper's, the
+evaluation noise, and the structure of the student's W0 at the analyzer's k."""
+
+from __future__ import annotations
+
+import math
+
+from geometry.capture.store import read_snapshot
+from geometry.lab.stats import Interval, interval
+from geometry.lab.structure import FLAT_GAP, module_spectra
+from geometry.lab.study import VARIANTS, StudyResult
+from geometry.lab.task import POSTTRAIN_TASK, PRETRAIN_TASK, TEACHER_TASK
+from geometry.offline.markdown import table
+
+
+def structure_lines(study: StudyResult) -> list[str]:
+    """Before any verdict: per matrix type, W0's singular values above the Gavish-Donoho threshold and its gap at
+    the analyzer's k (geometry.lab.structure); a flat spectrum said plainly."""
+    first = next(iter(study.runs.values()))[0]
+    k = study.boundaries.principal_k
+    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    spectra = sorted(module_spectra(read_snapshot(first.store, None), k),
+                     key=lambda m: order.index(m.module) if m.module in order else len(order))
+
+    def noise(m) -> bool:
+        return sum(r == 0 for r in m.signal_ranks) > len(m.signal_ranks) / 2
+
+    rows = [[m.module, f"{m.shape[0]} x {m.shape[1]}", ", ".join(map(str, m.signal_ranks)),
+             f"{m.threshold_ratio:.2f}", f"{m.gap:.3f}",
+             "noise" if noise(m) else f"signal; flat at k (gap < {FLAT_GAP})" if m.flat else "signal; gap at k"]
+            for m in spectra]
+    ranks = sorted(r for m in spectra for r in m.signal_ranks)
+    words = [f"Signal rank of W0 over all {len(ranks)} matrices: {ranks[0]} to {ranks[-1]}, median "
+             f"{ranks[len(ranks) // 2]}" + (f"; noise-like (no singular value above the threshold in most layers): "
+                                           f"{', '.join(m.module for m in spectra if noise(m))}." if any(
+                                               noise(m) for m in spectra) else ": every matrix type has structure "
+                                           "above its noise bulk.")]
+    flat = [m.module for m in spectra if m.flat and not noise(m)]
+    if flat:
+        words.append(f"Flat at k = {k} (s_k / s_k+1 < {FLAT_GAP}): {', '.join(flat)}. There the analyzer's top-k "
+                     "subspace of W0 ends inside a continuum of nearly equal singular values, so principal angles, "
+                     "overlaps and the principal mask measure mixing at an undefined boundary; read them as such.")
+    few = [m.module for m in spectra if sorted(m.signal_ranks)[len(m.signal_ranks) // 2] < k]
+    if few:
+        words.append(f"Fewer than k = {k} singular values stand above the threshold in the median matrix of "
+                     f"{', '.join(few)}: their top-k subspace holds noise directions beyond the signal.")
+    words = " ".join(words)
+    return ["## The student's W0: structure at k", "",
+            f"Measured before any verdict (geometry/lab/structure.py), on the bf16 student every run starts from. "
+            "*signal rank*: singular values of W0 above the Gavish-Donoho threshold for an unknown noise level, "
+            "omega(beta) median(s), omega(beta) ~ 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43, beta = min/max of "
+            "the shape (docs/metrics.md item 12), one per layer; *threshold / s_1*: that threshold over the largest "
+            f"singular value, median over layers; *s_k / s_k+1*: the gap at the analyzer's k = {k} (SPEC 2), median "
+            "over layers; *reading*: noise when most layers have no singular value above the threshold, flat at k "
+            f"when the gap is below {FLAT_GAP}.", "",
+            table(["matrix", "shape", "signal rank per layer", "threshold / s_1", f"s_k / s_k+1 (k = {k})", "reading"],
+                  rows), "", words, ""]
+
+
+# ---- tables ----
+
+
+def setup_rows(study: StudyResult) -> list[list[str]]:
+    """Every difference from the paper's setup, with its reason."""
+    cfg, lrs, bd = study.config, study.lrs, study.boundaries
+    params = measured_params(study)
+    return [
+        ["student", "Qwen3-8B (bf16 checkpoint)", f"Llama, hidden 128, 4 layers ({params:,} parameters in the "
+         f"measured matrices), pretrained to convergence on {PRETRAIN_TASK.words()}, rounded to bf16",
+         "fits a 2-core CPU in minutes; a broad pretraining distribution gives W0 structure (section above)"],
+        ["starting point", "SFT from the base model (OPD, RLVR: its appendices)", "all runs from the pretrained "
+         "student", "one starting point keeps the regimes comparable"],
+        ["teacher", "Qwen3-32B", f"Llama, hidden 192, pretrained on {TEACHER_TASK.words()}",
+         f"has something to teach: {_teacher_words(study)}"],
+        ["task, reward", "math reasoning, verifiable", f"post-training on {POSTTRAIN_TASK.words()} (shifted from "
+         "the student's pretraining to long operands), exact answer (0/1)", "verifiable and cheap; the student "
+         "starts part-way"],
+        ["lr", "SFT 1e-5, OPD and RLVR 1e-6", f"SFT {lrs['sft']:.3g}, OPD and RLVR {lrs['opd']:.3g}",
+         "same ratio of lr to bf16 spacing as the paper (section below)"],
+        ["schedule", "SFT cosine; OPD, RLVR not stated", "SFT cosine, OPD and RLVR constant, no warm-up",
+         "as stated; constant where the paper says nothing"],
+        ["steps", "SFT 5375, RLVR 1023, OPD 299", f"{cfg.steps} for every regime",
+         "time budget (5 seeds in 20 min on 2 cores); the paper's OPD count; equal steps keep the regimes "
+         "comparable"],
+        ["batch", "8 samples per prompt (batch sizes in its appendices)", f"{cfg.batch} prompts x {cfg.generations} "
+         "samples per "
+         f"step (SFT and the full-KL variant: {cfg.sequences} prompts)", "time budget; 8 samples as the paper"],
+        ["optimizer", "AdamW (0.9, 0.98), wd 0.1, RLVR eps 1e-15", "the same; gradient clipping 1.0",
+         "the paper's; clipping is TRL's default (the paper does not state one)"],
+        ["RLVR", "GRPO, zero-variance batches skipped", "GRPO (TRL), zero-variance prompt groups dropped from the "
+         "loss, an all-flat step skipped", "the paper's filter at group level (DAPO-style, no refill)"],
+        ["OPD", "student samples, A = -(log p_s - log p_t) per token", "the same, as a TRL GRPOTrainer subclass "
+         "(lab/trainers.py)", "-"],
+        ["precision", "bf16 checkpoints", "float32 master weights from a bf16 student; bf16 snapshots analysed; "
+         "per-step tracking and accuracy on the float32 weights", "as mixed-precision training saves checkpoints"],
+        ["K (locking)", "16, just below OPD's update stable rank", _k_words(bd), "the paper's rule on this model"],
+        ["k, r, alpha", "512, 64 of 4096; 30%", f"k = {bd.principal_k}, r = round(64 h / 4096), alpha "
+         f"{study.analysis.config.alpha:g}", "SPEC 2, 5: scaled with the hidden size"],
+        ["matrices", "trajectories on attention q/k/v/o", "the same for Sim_K, stable rank and onset; sparsity, "
+         "masks, angles, NSS over all Linear weights (embeddings and lm_head left out)", "-"],
+        ["seeds", "one run each", f"{max(len(v) for v in study.runs.values())} seeds per run of a verdict "
+         f"(variants {', '.join(VARIANTS)}: seed 0 only)", "paired t-tests over seeds decide "
+         "the verdicts (runs of one seed share data order and prompts)"],
+    ]
+
+
+def noise_words(study: StudyResult) -> str:
+    """The evaluation noise (binomial sd of one accuracy at the student's) and each main regime's gain against it."""
+    n = study.config.eval_problems
+    p0 = next(iter(study.runs.values()))[0].acc_before
+    sd = math.sqrt(p0 * (1 - p0) / n)
+    gains = []
+    for name in ("opd", "rlvr", "sft"):
+        if name in study.runs:
+            g = interval([r.acc_after - r.acc_before for r in study.runs[name]])
+            gains.append(f"{name} {points(g)} ({g.mean / sd:.1f} sd)" if sd > 0 else f"{name} {points(g)}")
+    return (f"Evaluation noise: one accuracy near the student's {100 * p0:.1f}% on {n} problems has a binomial sd of "
+            f"{100 * sd:.1f} points (95%: +-{196 * sd:.1f}). Gain over the student, points, mean over seeds [95% "
+            f"interval] (in binomial sds): {'; '.join(gains)}.")
+
+
+def _teacher_words(study: StudyResult) -> str:
+    student = next(iter(study.runs.values()))[0].acc_before
+    return f"the student starts at {100 * student:.1f}% on the post-training task"
+
+
+def _k_words(bd) -> str:
+    if bd.lock_k < math.ceil(bd.opd_stable_rank) - 1:
+        return (f"{bd.lock_k}, capped (the recorder tracks {bd.lock_k} directions; the paper's value): OPD's float32 "
+                f"update stable rank is {bd.opd_stable_rank:.2f}")
+    return f"{bd.lock_k}, just below OPD's float32 update stable rank {bd.opd_stable_rank:.2f}"
+
+
+def measured_params(study: StudyResult) -> int:
+    first = study.analysis.rows[0]
+    return sum(int(r.value) for r in study.analysis.where(run=first.run, step=first.step, metric="n_params"))
+
+
+def trainer_name(name: str) -> str:
+    base = name.removesuffix("_proj")
+    t = {"sft": "TRL SFTTrainer", "rlvr": "RLVRTrainer (TRL GRPO)", "opd": "OPDTrainer (TRL GRPO)",
+         "opd_offpolicy": "OPDTrainer, teacher rollouts", "opd_mix0.05": "OPDTrainer, alpha 0.05",
+         "opd_mix0.5": "OPDTrainer, alpha 0.5", "opd_fullkl": "TRL DistillationTrainer (full-vocabulary KL)"}
+    return t.get(base, "") + (" + projection" if name.endswith("_proj") else "")
+
+
+def points(x: Interval) -> str:
+    """An interval of accuracies (0-1) in points, one decimal."""
+    return x.scaled(100).show(".1f") if x.n else "n/a"
