@@ -22,7 +22,7 @@ from geometry.offline.outputs import load
 from geometry.offline.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDENT = ROOT / "data" / "student"  # a real HF tokenizer of vocabulary 16
+STUDENT = ROOT / "data" / "student"  # a real HF tokenizer of vocabulary 17
 TINY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=16, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False)
 PLANTED = "model.layers.1.mlp.down_proj.weight"  # (64, 96)
