@@ -21,14 +21,10 @@ from typing import NamedTuple
 
 import torch
 
+from geometry.concentration import gd_omega  # Gavish & Donoho's omega(beta), docs/metrics.md item 12
 from geometry.selection import module_of
 
 FLAT_GAP = 1.1  # s_k / s_{k+1} below this: the two directions are within 10%, the boundary at k is weak
-
-
-def gd_omega(beta: float) -> float:
-    """Gavish & Donoho (2014), eq. (5): omega(beta) for an unknown noise level, beta = min(m, n) / max(m, n)."""
-    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
 
 
 def gd_threshold(s: torch.Tensor, shape: tuple[int, int]) -> float:
