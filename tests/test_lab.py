@@ -1,6 +1,7 @@
 """The demo lab: task, tokenizer, models, and the shipped pretrained student and teacher."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,23 @@ def test_pretrain_smoke(tmp_path):
         p.name for p in tmp_path.iterdir()
     }
     assert next(load_model(tmp_path).parameters()).dtype == torch.float32
+
+
+def test_pretrain_phases_continue_the_count_and_checkpoints_are_saved_beside(tmp_path):
+    """A second phase (``then``) continues training the same model on its own task with a fresh schedule, its
+    checks numbered after the first phase's; a checkpoint is the model at its step, saved beside the result."""
+    torch.set_num_threads(2)
+    then = PretrainConfig(steps=2, target=None, task=POSTTRAIN_TASK, batch=8, warmup=1, eval_every=2, eval_size=8)
+    cfg = PretrainConfig(steps=3, target=None, batch=8, warmup=1, eval_every=3, eval_size=8,
+                         checkpoints=((2, "mid"),), then=then)
+    res = pretrain("student", tmp_path / "student", seed=0, cfg=cfg, log=lambda _: None)
+    assert res.steps == 5 and [c.step for c in res.curve] == [3, 5]
+    one = pretrain("student", None, seed=0, cfg=replace(cfg, then=None, checkpoints=()), log=lambda _: None)
+    assert one.curve == res.curve[:1]  # the first phase is the one-phase schedule, check for check
+    mid, final = load_model(tmp_path / "mid").state_dict(), load_model(tmp_path / "student").state_dict()
+    assert any(not torch.equal(mid[n], final[n]) for n in final)
+    with pytest.raises(GeometryError, match="checkpoints must lie within"):
+        PretrainConfig(steps=3, target=None, checkpoints=((4, "late"),))
 
 
 def test_shipped_models_load_and_teacher_beats_student():

@@ -186,13 +186,15 @@ def claim(text: str, pairs: list[Pair], evidence: str, kind: str = "g") -> Claim
 
 
 def claims(study: StudyResult, V: Views) -> list[Claim]:
-    """SPEC's claims as pairs, in its order, then the paper's controls; no pair is tested twice."""
+    """SPEC's claims as pairs, in its order, then the paper's controls where the study ran them; no pair is tested
+    twice."""
     def final(metric: str) -> dict[str, PerSeed]:
         return {r: per_seed(study, V.all, r, lambda s: s.final(metric)) for r in ORDER}
 
     sp, low, prin = final("sparsity_bf16"), final("mask_overlap_lowmag"), final("mask_overlap_principal")
     ratio2s, ang, nss = final("overlap_2s_ratio"), final("angle_max_u"), final("nss")
-    traj = trajectory_values(study, V, (*ORDER, *CONTROLS))
+    controls = all(c in study.runs for c in CONTROLS)  # the reference study runs none
+    traj = trajectory_values(study, V, (*ORDER, *CONTROLS) if controls else ORDER)
     sim = {r: traj.sim_early[r] for r in ORDER}
     g, b = {r: traj.growth[r] for r in ORDER}, {r: traj.band[r] for r in ORDER}
     K, tau = study.config.lock_k, study.analysis.config.tau
@@ -233,6 +235,8 @@ def claims(study: StudyResult, V: Views) -> list[Claim]:
          Pair(f"OPD not hurt (share of gain lost < {100 * m:g}%)", m, shares["opd"])],
         f"share of the training gain lost, (acc_free - acc_projected) / (acc_free - acc_start), paired by seed "
         f"(%): {_shown(shares, '%')}; margin {100 * m:g}% of the gain, fixed before the run", "%"))
+    if not controls:
+        return out
     d = {r: control_distance(study, traj, r) for r in CONTROLS}
     out.append(claim(
         "the paper's controls: off-policy (teacher) rollouts keep OPD's rank dynamics closer than mixing in "

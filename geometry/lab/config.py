@@ -23,6 +23,9 @@ class StudyConfig:
                          "minutes)")
     jobs: int = option(min(2, os.cpu_count() or 1), "runs trained at once, one process and one thread each "
                        "(default: 2, or 1 on a one-core machine); results do not depend on it")
+    reference: bool = option(False, "the reference study at the paper's proportions (docs/study/): SFT from a "
+                             "less-trained base for 5375 steps, then OPD (299) and RLVR (1023) from each seed's SFT "
+                             "checkpoint, 10 snapshots a run; about an hour on 2 cores")
     no_variants: bool = option(False, "skip the one-seed variant (TRL full-vocabulary KL distillation)")
     data: str | None = option(None, f"directory with student/ and teacher/ (default: ${DATA_ENV}, else the "
                               "repository's data/, else an installed wheel's share/geometry/data)")
@@ -31,6 +34,9 @@ class StudyConfig:
         if self.seeds < 1 or self.jobs < 1 or (self.steps is not None and self.steps < 1):
             raise GeometryError(f"demo: --seeds, --jobs and --steps must be >= 1, got {self.seeds}, {self.jobs}, "
                                 f"{self.steps}")
+
+        if self.reference and self.steps is not None:
+            raise GeometryError("demo: --reference runs the paper's step counts; --steps does not apply to it")
 
     @property
     def n_seeds(self) -> int:

@@ -16,7 +16,7 @@ import csv
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,20 +42,32 @@ class PretrainConfig:
     eval_every: int = 250  # steps between checks: mean training loss since the last one, held-out accuracies
     eval_size: int = 500  # held-out problems per task: accuracy to about +-4 points (95%)
     weight_decay: float = 0.01
+    checkpoints: tuple[tuple[int, str], ...] = ()  # (step, directory name): the model as it was at that step,
+    # saved beside the finished one (``out_dir.parent / name``), e.g. a less-trained base
+    then: PretrainConfig | None = None  # a further phase on the same model, fresh optimizer and schedule
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.eval_every < 1 or self.eval_size < 1:
             raise GeometryError(f"pretraining sizes must be positive, got {self}")
+        if any(not 0 < step <= self.steps for step, _ in self.checkpoints):
+            raise GeometryError(f"pretraining checkpoints must lie within the {self.steps} steps, got "
+                                f"{self.checkpoints}")
         if self.target is not None and not 0.0 < self.target <= 1.0:
             raise GeometryError(f"pretraining target accuracy must be in (0, 1], got {self.target}")
 
 
 # Why these: the student trains its whole schedule, its loss flat over the last steps (data/README.md): it has
-# converged on its task. The teacher (2.2x the student's parameters, ~2x its cost per step) stops at 98% on
-# its own task, every length equally often, which puts it near 100% on the post-training task too.
+# converged on its task; its checkpoint at BASE_STEP, half-way, is the reference study's less-trained base (SFT
+# starts there). The teacher (2.2x the student's parameters, ~2x its cost per step) trains on every length, long
+# operands most, then a second phase on the post-training task itself: the paper's teacher (Qwen3-32B) is strong on
+# the task it distils, and a teacher wrong on a third of some problems pulls the student towards wrong answers.
+BASE_STEP = 2000
+PRETRAIN_STEPS = 4000  # the student's
 DEFAULTS = {
-    "student": PretrainConfig(steps=4000, target=None, task=PRETRAIN_TASK),
-    "teacher": PretrainConfig(steps=4000, target=0.98, task=TEACHER_TASK),
+    "student": PretrainConfig(steps=PRETRAIN_STEPS, target=None, task=PRETRAIN_TASK,
+                              checkpoints=((BASE_STEP, "base"),)),
+    "teacher": PretrainConfig(steps=4000, target=0.98, task=TEACHER_TASK,
+                              then=PretrainConfig(steps=2000, target=None, task=POSTTRAIN_TASK, lr=3e-4, warmup=50)),
 }
 
 
@@ -101,8 +113,10 @@ def _lr_factor(step: int, cfg: PretrainConfig) -> float:
 
 def pretrain(kind: str, out_dir: str | Path | None, seed: int = 0, cfg: PretrainConfig | None = None,
              log=print) -> PretrainResult:
-    """Train the ``kind`` model from a seeded init on ``cfg.task`` for ``cfg.steps`` (or until ``cfg.target``);
-    score it on the post-training task; save it to ``out_dir`` with its curve (``CURVE``).
+    """Train the ``kind`` model from a seeded init on ``cfg.task`` for ``cfg.steps`` (or until ``cfg.target``),
+    then through ``cfg.then`` (a further phase with a fresh optimizer and schedule) if set; score it on the
+    post-training task; save it to ``out_dir`` with its curve (``CURVE``; a later phase's steps continue the
+    count).
 
     Deterministic for a given seed on a given machine (torch's CPU kernels with a fixed thread count).
     Saves config.json, model.safetensors, generation_config.json and tokenizer files, in float32.
@@ -112,11 +126,33 @@ def pretrain(kind: str, out_dir: str | Path | None, seed: int = 0, cfg: Pretrain
     cfg = cfg or DEFAULTS[kind]
     tokenizer = build_tokenizer()
     model = build_model(KINDS[kind], seed=seed)
+    start, curve, phase, offset = time.perf_counter(), [], cfg, 0
+    while phase is not None:
+        # phase i draws its problems from seed + i: the first phase's stream is the one-phase schedule's
+        curve += train_phase(model, tokenizer, phase, seed + offset, kind, out_dir, log, first_step=curve[-1].step
+                             if curve else 0)
+        phase, offset = phase.then, offset + 1
+    last = cfg
+    while last.then is not None:
+        last = last.then
+    shifted = accuracy(model, tokenizer, make_problems(last.eval_size, seed + EVAL_SEED_OFFSET, POSTTRAIN_TASK))
+    result = PretrainResult(kind, curve[-1].step, curve[-1].accuracy, shifted, n_params(model),
+                            time.perf_counter() - start, curve)
+    if out_dir is not None:
+        save(model, tokenizer, Path(out_dir), curve)
+    return result
+
+
+def train_phase(model, tokenizer, cfg: PretrainConfig, seed: int, kind: str, out_dir: str | Path | None, log=print,
+                first_step: int = 0) -> list[Check]:
+    """One phase of pretraining in place: AdamW with warm-up and cosine decay over ``cfg.steps``, fresh problems of
+    ``cfg.task`` each step (stream seeded by ``seed``), checks every ``cfg.eval_every`` steps on held-out
+    problems of that task; stops early at ``cfg.target``; saves ``cfg.checkpoints`` beside ``out_dir``."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     rng = random.Random(seed)  # the training stream: one fresh seed per step
     held_out = make_problems(cfg.eval_size, seed + EVAL_SEED_OFFSET, cfg.task)
-    start, step, losses, curve = time.perf_counter(), 0, [], []
+    step, losses, curve = 0, [], []
     model.train()
     while step < cfg.steps:
         ids, mask, labels = batch_tensors(make_problems(cfg.batch, rng.getrandbits(32), cfg.task), tokenizer)
@@ -129,18 +165,15 @@ def pretrain(kind: str, out_dir: str | Path | None, seed: int = 0, cfg: Pretrain
         step += 1
         losses.append(loss.item())
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            check = Check(step, sum(losses) / len(losses), accuracy(model, tokenizer, held_out))
+            check = Check(first_step + step, sum(losses) / len(losses), accuracy(model, tokenizer, held_out))
             losses = []
             curve.append(check)
-            log(f"{kind} step {step}: loss {check.loss:.4f}, held-out accuracy {check.accuracy:.3f}")
+            log(f"{kind} step {check.step}: loss {check.loss:.4f}, held-out accuracy {check.accuracy:.3f}")
             if cfg.target is not None and check.accuracy >= cfg.target:
                 break
-    shifted = accuracy(model, tokenizer, make_problems(cfg.eval_size, seed + EVAL_SEED_OFFSET, POSTTRAIN_TASK))
-    result = PretrainResult(kind, step, curve[-1].accuracy, shifted, n_params(model), time.perf_counter() - start,
-                            curve)
-    if out_dir is not None:
-        save(model, tokenizer, Path(out_dir), curve)
-    return result
+        if out_dir is not None and (name := dict(cfg.checkpoints).get(step)):
+            save(model, tokenizer, Path(out_dir).parent / name, curve)
+    return curve
 
 
 def save(model, tokenizer, out_dir: Path, curve: list[Check] = ()) -> None:
@@ -154,6 +187,13 @@ def save(model, tokenizer, out_dir: Path, curve: list[Check] = ()) -> None:
             w.writerows([c.step, f"{c.loss:.6f}", f"{c.accuracy:.4f}"] for c in curve)
 
 
+def _quick(cfg: PretrainConfig) -> PretrainConfig:
+    """The same phases and checkpoints at 30 steps each: a smoke test of the pipeline."""
+    return replace(cfg, steps=30, warmup=10, eval_every=30, eval_size=100,
+                   checkpoints=tuple((min(30, step), name) for step, name in cfg.checkpoints),
+                   then=cfg.then and _quick(cfg.then))
+
+
 def main_pretrain(out: str = "data", seed: int = 0, quick: bool = False, threads: int = 1,
                   log=print) -> list[PretrainResult]:
     """``geometry lab pretrain [--out data] [--seed 0] [--quick]``: write ``out/student`` and ``out/teacher``.
@@ -165,9 +205,7 @@ def main_pretrain(out: str = "data", seed: int = 0, quick: bool = False, threads
     torch.set_num_threads(threads)
     results = []
     for kind in ("student", "teacher"):
-        cfg = DEFAULTS[kind]
-        if quick:
-            cfg = PretrainConfig(steps=30, target=cfg.target, task=cfg.task, warmup=10, eval_every=30, eval_size=100)
+        cfg = _quick(DEFAULTS[kind]) if quick else DEFAULTS[kind]
         res = pretrain(kind, Path(out) / kind, seed=seed, cfg=cfg, log=log)
         log(f"{kind}: {res.params:,} params, {res.steps} steps, accuracy {res.accuracy:.3f} (post-training task "
             f"{res.posttrain_accuracy:.3f}), {res.seconds:.0f} s")

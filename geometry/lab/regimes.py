@@ -157,6 +157,11 @@ def _accuracy_before(student: Path, n: int) -> float:
     return accuracy(load_student(student), load_tokenizer(student), make_problems(n, EVAL_SEED, POSTTRAIN_TASK))
 
 
+def teacher_accuracy(teacher: Path, n: int) -> float:
+    """The teacher's accuracy on the evaluation problems, as OPD runs it (float32, not rounded)."""
+    return accuracy(load_model(teacher), load_tokenizer(teacher), make_problems(n, EVAL_SEED, POSTTRAIN_TASK))
+
+
 @contextmanager
 def _session(cfg: RegimeConfig) -> Iterator[None]:
     """cfg.threads torch threads, and quiet: no progress bars from model loading or TRL's dataset preparation,
@@ -212,9 +217,10 @@ def _grpo_args(cfg: RegimeConfig, work: Path, lr: float, **extra):
 
 
 def _train(name: str, student: Path, out: Path, cfg: RegimeConfig, lr: float, build: Callable[..., object],
-           projection: bool = False, teacher: Path | None = None) -> TrainResult:
+           projection: bool = False, teacher: Path | None = None, keep: Path | None = None) -> TrainResult:
     """Load the student (and teacher), build the trainer with ``build(model, tokenizer, output_dir, callbacks,
-    teacher_model)``, train with the recorder (and the projection) attached, evaluate."""
+    teacher_model)``, train with the recorder (and the projection) attached, evaluate. ``keep``: a directory to
+    save the trained model to (HF layout, float32 master weights), the starting point of a later regime."""
     out, student = Path(out), Path(student)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _session(cfg):
@@ -236,6 +242,9 @@ def _train(name: str, student: Path, out: Path, cfg: RegimeConfig, lr: float, bu
         finally:
             shutil.rmtree(work, ignore_errors=True)
         acc_after = accuracy(model, tok, make_problems(cfg.eval_problems, EVAL_SEED, POSTTRAIN_TASK))
+        if keep is not None:
+            model.save_pretrained(str(keep))
+            tok.save_pretrained(str(keep))
     return TrainResult(name, cfg.seed, out, state.global_step, lr, acc_before, acc_after,
                        getattr(trainer, "skipped_steps", 0), seconds)
 
@@ -244,8 +253,9 @@ def _train(name: str, student: Path, out: Path, cfg: RegimeConfig, lr: float, bu
 
 
 def train_sft(student: Path, out: Path, cfg: RegimeConfig, *, name: str = "sft",
-              projection: bool = False) -> TrainResult:
-    """SFT: TRL SFTTrainer, cross-entropy on the reference answer (+ EOS), completion tokens only, cosine decay."""
+              projection: bool = False, keep: Path | None = None) -> TrainResult:
+    """SFT: TRL SFTTrainer, cross-entropy on the reference answer (+ EOS), completion tokens only, cosine decay.
+    ``keep``: where to save the trained model (the reference study's OPD and RLVR start from it)."""
     from trl import SFTConfig, SFTTrainer
 
     lr = learning_rates(cfg, student)["sft"]
@@ -255,7 +265,7 @@ def train_sft(student: Path, out: Path, cfg: RegimeConfig, *, name: str = "sft",
         args = _trl_args(SFTConfig, cfg, work, cfg.sequences, lr, schedule="cosine", max_length=32)
         return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=callbacks)
 
-    return _train(name, student, out, cfg, lr, build, projection)
+    return _train(name, student, out, cfg, lr, build, projection, keep=keep)
 
 
 def train_rlvr(student: Path, out: Path, cfg: RegimeConfig, *, name: str = "rlvr") -> TrainResult:

@@ -30,11 +30,12 @@ from geometry.lab.claims import (
 )
 from geometry.lab.figures import figures
 from geometry.lab.paper import PAPER_ANGLES, PAPER_LOCALISATION, PAPER_NSS, PAPER_SIM20, PAPER_SPARSITY
-from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, paper_spacing
+from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, SFT_LR_RATIO, paper_spacing
+from geometry.lab.pretrain import BASE_STEP, PRETRAIN_STEPS
 from geometry.lab.setting import measured_params, noise_words, points, setup_rows, structure_lines, trainer_name
 from geometry.lab.sharing import sharing_lines
 from geometry.lab.stats import ALPHA, VERDICTS, Interval, interval
-from geometry.lab.study import MAIN, PROJECTED, StudyResult, label, save_study
+from geometry.lab.study import CONTROLS, MAIN, PROJECTED, StudyResult, label, save_study
 from geometry.offline.markdown import ANGLES, LOCALISATION, SPARSITY, final_value, fmt, metric_table, table
 from geometry.offline.summary import RunSummary
 
@@ -92,18 +93,29 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
     cfg, bd, lrs = study.config, study.boundaries, study.lrs
     tau, K = study.analysis.config.tau, cfg.lock_k
     n_seeds = max(len(v) for v in study.runs.values())
+    if study.reference:
+        steps = {n: study.runs[n][0].steps for n in MAIN}
+        what = ("# geometry reference study: SFT, then RLVR and OPD from it, at the paper's proportions", "",
+                f"A tiny Llama student ({measured_params(study):,} parameters in its measured matrices): SFT on long "
+                f"operands (a shifted task) from a less-trained base (its pretraining checkpoint at step {BASE_STEP} "
+                f"of {PRETRAIN_STEPS}) for {steps['sft']} steps with cosine decay, then OPD for {steps['opd']} and "
+                f"RLVR for {steps['rlvr']} steps from each seed's SFT checkpoint (the paper's counts)")
+    else:
+        what = ("# geometry demo: SFT vs RLVR vs OPD on a tiny LM", "",
+                f"A tiny Llama student ({measured_params(study):,} parameters in its measured matrices), pretrained "
+                f"to convergence on short-operand addition and subtraction, post-trained on long operands (a shifted "
+                f"task) by each regime from the same bf16 checkpoint for {cfg.steps} steps")
     lines = [
-        "# geometry demo: SFT vs RLVR vs OPD on a tiny LM", "",
-        f"A tiny Llama student ({measured_params(study):,} parameters in its measured matrices), pretrained to "
-        f"convergence on short-operand addition and subtraction, post-trained on long operands (a shifted task) "
-        f"by each regime from the same bf16 checkpoint for {cfg.steps} steps, "
-        f"{n_seeds} training seeds per run, recorded by our callback and analysed as bf16 checkpoints. "
-        f"Learning rates: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g} (the paper's precision regime, below). "
-        f"K = {K}. Total time {study.seconds / 60:.1f} min. The paper (Shen et al. 2026) trains an 8B student; "
-        "absolute values are not expected to match, orderings are what we test.", "",
+        *what[:2], what[2] + f", {n_seeds} training seeds per run, recorded by our callback and analysed as bf16 "
+        f"checkpoints. Learning rates: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g} (the paper's precision "
+        f"regime, below). K = {K}. Total time {study.seconds / 60:.1f} min. The paper (Shen et al. 2026) trains an "
+        "8B student; absolute values are not expected to match, orderings are what we test.", "",
         *structure_lines(study),
         "## Claims at this scale", "", *claim_lines(claims_),
     ]
+    if not all(c in study.runs for c in CONTROLS):
+        lines += ["", "Not run in this study, so not decided: the paper's controls (off-policy OPD, and OPD's "
+                  "advantage mixed with GRPO's); `geometry demo` runs them."]
     lines += ["", "## Setup: differences from the paper", "",
               table(["", "paper", "here", "why"], setup_rows(study))]
     lines += ["", "## Learning rates: the precision regime", "",
@@ -114,16 +126,21 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
               f"{PAPER_WEIGHT_STD}^2) (the initializer range of 4096-wide Llama/Qwen models, about the spread of "
               f"trained 7-8B projections): G(8B) = {paper_spacing():.3g}; with std 0.015 or 0.03 it would be "
               f"{paper_spacing(0.015):.3g} or {paper_spacing(0.03):.3g}, moving the lr by the inverse ratio. "
-              f"G(student) = {lrs['opd'] / PAPER_LR * paper_spacing():.3g}.", ""]
+              + (f"G of each run's starting model: the base's "
+                 f"{lrs['sft'] / SFT_LR_RATIO / PAPER_LR * paper_spacing():.3g} "
+                 f"(SFT), seed 0's SFT checkpoint's {lrs['opd'] / PAPER_LR * paper_spacing():.3g} (OPD and RLVR; "
+                 "each seed's from its own checkpoint)." if study.reference else
+                 f"G(student) = {lrs['opd'] / PAPER_LR * paper_spacing():.3g}."), ""]
     lines += ["## Runs", "", table(
-        ["run", "trainer", "seeds", "lr", "accuracy before (%)", "accuracy after (%)",
+        ["run", "trainer", "seeds", "steps", "lr", "accuracy before (%)", "accuracy after (%)",
          "steps skipped, sum over seeds", "time (s), sum over seeds"],
-        [[n, trainer_name(n), len(rs), f"{rs[0].lr:.3g}", fmt(rs[0].acc_before, "%"),
+        [[n, trainer_name(n), len(rs), rs[0].steps, f"{rs[0].lr:.3g}", interval([r.acc_before for r in rs]).show("%"),
           interval([r.acc_after for r in rs]).show("%"), sum(r.skipped for r in rs),
           f"{sum(r.seconds for r in rs):.0f}"] for n, rs in study.runs.items()]),
         "", f"Accuracy: greedy exact answer on {cfg.eval_problems} held-out problems of the post-training task, the "
-        f"same problems for every run and seed. {noise_words(study)} *before*: the student's, the same for "
-        "every seed; *after*: mean over seeds [95% t-interval]. *steps skipped*: steps whose every prompt group "
+        f"same problems for every run and seed. {noise_words(study)} *before*: the accuracy of the model the run "
+        "starts from (bf16), *after*: the trained model's (float32), each the mean over seeds [95% t-interval]; "
+        "*lr*: seed 0's. *steps skipped*: steps whose every prompt group "
         "had one reward (nothing to learn from). In every table below a cell is the mean over seeds [95% "
         "t-interval] of the run's final value, unless its column says otherwise; density = 1 - bf16 sparsity."]
     cells = seed_cells(study, V.all)

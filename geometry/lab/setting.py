@@ -6,18 +6,41 @@ from __future__ import annotations
 import math
 
 from geometry.capture.store import read_snapshot
+from geometry.lab.claims import UP
+from geometry.lab.pretrain import BASE_STEP
+from geometry.lab.regimes import TrainResult
 from geometry.lab.stats import Interval, interval
 from geometry.lab.structure import FLAT_GAP, module_spectra
-from geometry.lab.study import VARIANTS, StudyResult
+from geometry.lab.study import MAIN, VARIANTS, StudyResult
 from geometry.lab.task import POSTTRAIN_TASK, PRETRAIN_TASK, TEACHER_TASK
 from geometry.offline.markdown import table
 
 
+def starting_points(study: StudyResult) -> list[tuple[str, TrainResult]]:
+    """Each distinct W0 of the study, named, with the seed-0 run that starts from it."""
+    if not study.reference:
+        return [("the bf16 student every run starts from", next(iter(study.runs.values()))[0])]
+    return [("the less-trained base SFT starts from (bf16)", study.runs["sft"][0]),
+            ("seed 0's SFT checkpoint, where its OPD and RLVR start (bf16)", study.runs["opd"][0])]
+
+
 def structure_lines(study: StudyResult) -> list[str]:
-    """Before any verdict: per matrix type, W0's singular values above the Gavish-Donoho threshold and its gap at
-    the analyzer's k (geometry.lab.structure); a flat spectrum said plainly."""
-    first = next(iter(study.runs.values()))[0]
-    k = study.boundaries.principal_k
+    """Before any verdict: per matrix type and starting point, W0's singular values above the Gavish-Donoho
+    threshold and its gap at the analyzer's k (geometry.lab.structure); a flat spectrum said plainly."""
+    lines = ["## W0: structure at k", "",
+             "Measured before any verdict (geometry/lab/structure.py). *signal rank*: singular values of W0 above "
+             "the Gavish-Donoho threshold for an unknown noise level, omega(beta) median(s), omega(beta) ~ 0.56 "
+             "beta^3 - 0.95 beta^2 + 1.82 beta + 1.43, beta = min/max of the shape (docs/metrics.md item 12), one "
+             "per layer; *threshold / s_1*: that threshold over the largest singular value, median over layers; "
+             f"*s_k / s_k+1*: the gap at the analyzer's k = {study.boundaries.principal_k} (SPEC 2), median over "
+             f"layers; *reading*: noise when most layers have no singular value above the threshold, flat at k when "
+             f"the gap is below {FLAT_GAP}.", ""]
+    for title, run in starting_points(study):
+        lines += [f"W0 = {title}:", "", *_structure(run, study.boundaries.principal_k)]
+    return lines
+
+
+def _structure(first: TrainResult, k: int) -> list[str]:
     order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     spectra = sorted(module_spectra(read_snapshot(first.store, None), k),
                      key=lambda m: order.index(m.module) if m.module in order else len(order))
@@ -44,17 +67,8 @@ def structure_lines(study: StudyResult) -> list[str]:
     if few:
         words.append(f"Fewer than k = {k} singular values stand above the threshold in the median matrix of "
                      f"{', '.join(few)}: their top-k subspace holds noise directions beyond the signal.")
-    words = " ".join(words)
-    return ["## The student's W0: structure at k", "",
-            f"Measured before any verdict (geometry/lab/structure.py), on the bf16 student every run starts from. "
-            "*signal rank*: singular values of W0 above the Gavish-Donoho threshold for an unknown noise level, "
-            "omega(beta) median(s), omega(beta) ~ 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43, beta = min/max of "
-            "the shape (docs/metrics.md item 12), one per layer; *threshold / s_1*: that threshold over the largest "
-            f"singular value, median over layers; *s_k / s_k+1*: the gap at the analyzer's k = {k} (SPEC 2), median "
-            "over layers; *reading*: noise when most layers have no singular value above the threshold, flat at k "
-            f"when the gap is below {FLAT_GAP}.", "",
-            table(["matrix", "shape", "signal rank per layer", "threshold / s_1", f"s_k / s_k+1 (k = {k})", "reading"],
-                  rows), "", words, ""]
+    return [table(["matrix", "shape", "signal rank per layer", "threshold / s_1", f"s_k / s_k+1 (k = {k})",
+                   "reading"], rows), "", " ".join(words), ""]
 
 
 # ---- tables ----
@@ -68,8 +82,11 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
         ["student", "Qwen3-8B (bf16 checkpoint)", f"Llama, hidden 128, 4 layers ({params:,} parameters in the "
          f"measured matrices), pretrained to convergence on {PRETRAIN_TASK.words()}, rounded to bf16",
          "fits a 2-core CPU in minutes; a broad pretraining distribution gives W0 structure (section above)"],
-        ["starting point", "SFT from the base model (OPD, RLVR: its appendices)", "all runs from the pretrained "
-         "student", "one starting point keeps the regimes comparable"],
+        ["starting point", "SFT from the base model; OPD and RLVR from the SFT model (its appendices)",
+         "SFT from the less-trained base (the student's pretraining at step "
+         f"{BASE_STEP}, rounded to bf16); OPD and RLVR from each seed's SFT checkpoint, rounded to bf16"
+         if study.reference else "all runs from the pretrained student",
+         "the paper's pipeline" if study.reference else "one starting point keeps the regimes comparable"],
         ["teacher", "Qwen3-32B", f"Llama, hidden 192, pretrained on {TEACHER_TASK.words()}",
          f"has something to teach: {_teacher_words(study)}"],
         ["task, reward", "math reasoning, verifiable", f"post-training on {POSTTRAIN_TASK.words()} (shifted from "
@@ -79,9 +96,10 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
          "same ratio of lr to bf16 spacing as the paper (section below)"],
         ["schedule", "SFT cosine; OPD, RLVR not stated", "SFT cosine, OPD and RLVR constant, no warm-up",
          "as stated; constant where the paper says nothing"],
-        ["steps", "SFT 5375, RLVR 1023, OPD 299", f"{cfg.steps} for every regime",
-         "time budget (5 seeds in 20 min on 2 cores); the paper's OPD count; equal steps keep the regimes "
-         "comparable"],
+        ["steps", "SFT 5375, RLVR 1023, OPD 299", ", ".join(f"{UP[n]} {study.runs[n][0].steps}" for n in MAIN)
+         if study.reference else f"{cfg.steps} for every regime",
+         "the paper's counts; 10 bf16 snapshots a run" if study.reference else "time budget (5 seeds in 20 min on "
+         "2 cores); the paper's OPD count; equal steps keep the regimes comparable"],
         ["batch", "8 samples per prompt (batch sizes in its appendices)", f"{cfg.batch} prompts x {cfg.generations} "
          "samples per "
          f"step (SFT and the full-KL variant: {cfg.sequences} prompts)", "time budget; 8 samples as the paper"],
@@ -105,23 +123,28 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
 
 
 def noise_words(study: StudyResult) -> str:
-    """The evaluation noise (binomial sd of one accuracy at the student's) and each main regime's gain against it."""
+    """The evaluation noise (binomial sd of one accuracy at each regime's starting accuracy) and each main regime's
+    gain over its start against it."""
     n = study.config.eval_problems
-    p0 = next(iter(study.runs.values()))[0].acc_before
-    sd = math.sqrt(p0 * (1 - p0) / n)
     gains = []
     for name in ("opd", "rlvr", "sft"):
         if name in study.runs:
-            g = interval([r.acc_after - r.acc_before for r in study.runs[name]])
-            gains.append(f"{name} {points(g)} ({g.mean / sd:.1f} sd)" if sd > 0 else f"{name} {points(g)}")
-    return (f"Evaluation noise: one accuracy near the student's {100 * p0:.1f}% on {n} problems has a binomial sd of "
-            f"{100 * sd:.1f} points (95%: +-{196 * sd:.1f}). Gain over the student, points, mean over seeds [95% "
-            f"interval] (in binomial sds): {'; '.join(gains)}.")
+            rs = study.runs[name]
+            p0 = sum(r.acc_before for r in rs) / len(rs)
+            sd = math.sqrt(p0 * (1 - p0) / n)
+            g = interval([r.acc_after - r.acc_before for r in rs])
+            gains.append(f"{UP[name]} from {100 * p0:.1f}%: {points(g)}" + (
+                f" ({g.mean / sd:.1f} sd; one accuracy's binomial sd there {100 * sd:.1f} points)" if sd > 0 else ""))
+    return (f"Evaluation noise: one accuracy on {n} problems has a binomial sd of sqrt(p (1 - p) / {n}) at its "
+            f"level p (95%: +-1.96 sd). Gain over the run's start, points, mean over seeds [95% interval] (in "
+            f"binomial sds at the start): {'; '.join(gains)}.")
 
 
 def _teacher_words(study: StudyResult) -> str:
-    student = next(iter(study.runs.values()))[0].acc_before
-    return f"the student starts at {100 * student:.1f}% on the post-training task"
+    opd = study.runs["opd"]
+    start = sum(r.acc_before for r in opd) / len(opd)
+    return (f"{100 * study.teacher_accuracy:.1f}% on the post-training task, where OPD starts at {100 * start:.1f}%"
+            if math.isfinite(study.teacher_accuracy) else f"OPD starts at {100 * start:.1f}% on the post-training task")
 
 
 def _k_words(bd) -> str:

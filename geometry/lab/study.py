@@ -12,6 +12,11 @@ on the attention matrices of OPD's final float32 update (the per-step tracking),
 (which need K) are trained.
 The student is already trained on the task, so it plays the part of the paper's SFT anchor from which OPD
 and RLVR start; all runs here start from it.
+
+The reference study (``--reference``) follows the paper's pipeline and step counts instead: SFT from a less-trained
+base (the student's pretraining checkpoint half-way, data/base) for 5375 steps with cosine decay, then OPD (299 steps)
+and RLVR (1023) from each seed's SFT checkpoint, rounded to bf16, with 10 snapshots a run; the projected twins of
+SFT and OPD as in the default study, and no controls. Its report is committed under docs/study/.
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ MAIN = ("sft", "rlvr", "opd")
 CONTROLS = ("opd_offpolicy", "opd_mix0.05")  # compared with on-policy "opd"
 PROJECTED = {"sft_proj": "sft", "opd_proj": "opd"}  # projected run -> its unconstrained run
 VARIANTS = ("opd_fullkl",)  # one seed, shown, in no verdict (plan() also has "opd_mix0.5", in no default list)
+# The reference study (--reference): the paper's step counts (its appendices), SFT from a less-trained base, OPD and
+# RLVR from each seed's SFT checkpoint; projected runs take their unconstrained run's count.
+REFERENCE_STEPS = {"sft": 5375, "rlvr": 1023, "opd": 299}
+REFERENCE_SNAPSHOTS = 10  # bf16 snapshots a run (the default study takes 5)
+REFERENCE_QUICK = 25  # --quick --reference: every count divided by this (a smoke test of the pipeline)
 
 
 class Boundaries(NamedTuple):
@@ -77,6 +87,8 @@ class StudyResult(NamedTuple):
     lrs: dict[str, float]  # learning rate by regime
     boundaries: Boundaries
     seconds: float
+    reference: bool = False  # the reference study: SFT from the base, OPD and RLVR from its checkpoints
+    teacher_accuracy: float = math.nan  # on the evaluation problems
 
 
 def label(name: str, seed: int) -> str:
@@ -108,14 +120,15 @@ def prepare_out(out: Path) -> None:
     (out / MARKER).write_text("geometry demo output; `geometry demo` may overwrite this directory\n")
 
 
-def plan(student: Path, teacher: Path, runs_dir: Path, cfg: RegimeConfig, names: tuple[str, ...]
-         ) -> dict[str, Callable[[], TrainResult]]:
-    """The named runs at cfg's seed, each as a call that trains and records it."""
+def plan(student: Path, teacher: Path, runs_dir: Path, cfg: RegimeConfig, names: tuple[str, ...],
+         keep: Path | None = None) -> dict[str, Callable[[], TrainResult]]:
+    """The named runs at cfg's seed, each as a call that trains and records it; ``keep``: where SFT saves its
+    trained model."""
     def store(name: str) -> Path:
         return runs_dir / name / f"s{cfg.seed}"
 
     calls = {
-        "sft": lambda: regimes.train_sft(student, store("sft"), cfg, name="sft"),
+        "sft": lambda: regimes.train_sft(student, store("sft"), cfg, name="sft", keep=keep),
         "rlvr": lambda: regimes.train_rlvr(student, store("rlvr"), cfg, name="rlvr"),
         "opd": lambda: regimes.train_opd(student, teacher, store("opd"), cfg, name="opd"),
         "opd_offpolicy": lambda: regimes.train_opd(student, teacher, store("opd_offpolicy"), cfg,
@@ -130,10 +143,6 @@ def plan(student: Path, teacher: Path, runs_dir: Path, cfg: RegimeConfig, names:
                                               projection=True),
     }
     return {n: calls[n] for n in names}
-
-
-def _train_one(name: str, cfg: RegimeConfig, student: Path, teacher: Path, runs_dir: Path) -> TrainResult:
-    return plan(student, teacher, runs_dir, cfg, (name,))[name]()
 
 
 def _map(fn: Callable[..., TrainResult], jobs: list[tuple], pool: ProcessPoolExecutor | None
@@ -212,7 +221,7 @@ def save_study(study: StudyResult) -> Path:
     doc = {"runs": {n: [{**r._asdict(), "store": str(r.store.relative_to(study.out))} for r in rs]
                     for n, rs in study.runs.items()},
            "config": asdict(study.config), "lrs": study.lrs, "boundaries": study.boundaries._asdict(),
-           "seconds": study.seconds}
+           "seconds": study.seconds, "reference": study.reference, "teacher_accuracy": study.teacher_accuracy}
     path = study.out / STUDY_JSON
     path.write_text(json.dumps(doc, indent=1))
     return path
@@ -228,7 +237,8 @@ def load_study(out: str | Path) -> StudyResult:
     doc = json.loads((out / STUDY_JSON).read_text())
     runs = {n: [TrainResult(**{**r, "store": out / r["store"]}) for r in rs] for n, rs in doc["runs"].items()}
     return StudyResult(out, runs, load(out / "analysis"), Table.from_csv(out / "analysis" / "tracking.csv"),
-                       RegimeConfig(**doc["config"]), doc["lrs"], Boundaries(**doc["boundaries"]), doc["seconds"])
+                       RegimeConfig(**doc["config"]), doc["lrs"], Boundaries(**doc["boundaries"]), doc["seconds"],
+                       doc.get("reference", False), doc.get("teacher_accuracy", math.nan))
 
 
 def run_study(out: str | Path, config: StudyConfig | None = None, *,
@@ -253,34 +263,78 @@ def _no_library_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class Job(NamedTuple):
+    """One training run of the study: which regime, seed and size, and where it starts."""
+
+    name: str
+    cfg: RegimeConfig  # its size; seed = the training seed
+    student: Path  # the model it starts from
+    keep: Path | None = None  # where to save the trained model when a later run starts from it
+
+
+def _train_one(job: Job, teacher: Path, runs_dir: Path) -> TrainResult:
+    return plan(job.student, teacher, runs_dir, job.cfg, (job.name,), keep=job.keep)[job.name]()
+
+
+def demo_stages(sc: StudyConfig, student: Path) -> tuple[RegimeConfig, Callable[[str, int, RegimeConfig], Job]]:
+    """The default study's size, and a run's job: every run starts from the shipped student."""
+    cfg = RegimeConfig.quick() if sc.quick else RegimeConfig()
+    cfg = cfg if sc.steps is None else replace(cfg, steps=sc.steps)
+    return cfg, lambda name, seed, rc: Job(name, replace(rc, seed=seed), student)
+
+
+def reference_job(sc: StudyConfig, base: Path, checkpoints: Path) -> Callable[[str, int, RegimeConfig], Job]:
+    """A run of the reference study: SFT (and its projected twin) from the less-trained base, kept per seed;
+    OPD, RLVR (and OPD's projected twin) from that seed's SFT checkpoint; each at the paper's step count
+    (REFERENCE_STEPS, a REFERENCE_QUICK-th of it with --quick) and REFERENCE_SNAPSHOTS snapshots."""
+    def job(name: str, seed: int, rc: RegimeConfig) -> Job:
+        regime = PROJECTED.get(name, name)
+        steps = max(1, round(REFERENCE_STEPS[regime] / (REFERENCE_QUICK if sc.quick else 1)))
+        cfg = replace(rc, seed=seed, steps=steps, snapshot_every=max(1, steps // REFERENCE_SNAPSHOTS))
+        if regime == "sft":
+            return Job(name, cfg, base, checkpoints / label("sft", seed) if name == "sft" else None)
+        return Job(name, cfg, checkpoints / label("sft", seed))
+    return job
+
+
 def _study(out: Path, sc: StudyConfig, log: Callable[[str], None], progress: bool) -> StudyResult:
     t0 = time.perf_counter()
     data = data_dir(sc.data)
     student, teacher = data / "student", data / "teacher"
     prepare_out(out)
-    cfg = RegimeConfig.quick() if sc.quick else RegimeConfig()
-    cfg = cfg if sc.steps is None else replace(cfg, steps=sc.steps)
-    lrs = regimes.learning_rates(cfg, student)
-    log(f"learning rates by the precision rule: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g}")
     seeds = range(sc.n_seeds)
-    first = [(n, s) for s in seeds for n in (*MAIN, *CONTROLS)]
-    if not (sc.no_variants or sc.quick):
-        first += [(n, 0) for n in VARIANTS]
+    if sc.reference:
+        student = data / "base"
+        if not (student / "config.json").is_file():
+            raise GeometryError(f"{student}: no less-trained base here; rebuild with `geometry lab pretrain --out "
+                                f"{data}`")
+        cfg = RegimeConfig.quick() if sc.quick else RegimeConfig()
+        job = reference_job(sc, student, out / "checkpoints")
+        stages = [[("sft", s) for s in seeds], [(n, s) for s in seeds for n in ("rlvr", "opd")]]
+    else:
+        cfg, job = demo_stages(sc, student)
+        first = [(n, s) for s in seeds for n in (*MAIN, *CONTROLS)]
+        stages = [first + ([] if sc.no_variants or sc.quick else [(n, 0) for n in VARIANTS])]
+    lr = regimes.learning_rates(cfg, student)
+    log(f"learning rates by the precision rule: SFT {lr['sft']:.3g}, " + (
+        "RLVR and OPD from each SFT checkpoint" if sc.reference else f"RLVR and OPD {lr['opd']:.3g}"))
     results: dict[str, list[TrainResult]] = {}
-    bar = progress_bar(len(first) + len(PROJECTED) * len(seeds), "training", "run", progress)
+    runs = sum(map(len, stages)) + len(PROJECTED) * len(seeds)
+    bar = progress_bar(runs, "training", "run", progress)
     log = around_bars(log)
 
     def train(todo: list[tuple[str, int]], rc: RegimeConfig, pool) -> None:
-        jobs = [(name, replace(rc, seed=seed), student, teacher, out / "runs") for name, seed in todo]
+        jobs = [(job(name, seed, rc), teacher, out / "runs") for name, seed in todo]
         for res in _map(_train_one, jobs, pool):
             results.setdefault(res.name, []).append(res)
             bar.update(1)
             log(f"  {res.name}, seed {res.seed}: accuracy {100 * res.acc_before:.1f}% -> {100 * res.acc_after:.1f}% "
-                f"({rc.steps} steps in {res.seconds:.0f} s)")
+                f"({res.steps} steps in {res.seconds:.0f} s, lr {res.lr:.3g})")
 
     with _pool(sc.jobs) as pool, bar:
-        log(f"training {len(first)} runs, {sc.jobs} at a time")
-        train(first, cfg, pool)
+        for todo in stages:
+            log(f"training {len(todo)} runs, {sc.jobs} at a time")
+            train(todo, cfg, pool)
         hidden = int(regimes.load_model(student).config.hidden_size)
         bounds = boundaries(results["opd"], hidden)
         cfg = replace(cfg, lock_k=bounds.lock_k)
@@ -288,6 +342,7 @@ def _study(out: Path, sc: StudyConfig, log: Callable[[str], None], progress: boo
             f"weights; K is the largest integer below it, at most {TRACK_K})")
         log(f"training {len(PROJECTED) * len(seeds)} projected runs")
         train([(n, s) for s in seeds for n in PROJECTED], cfg, pool)
+    lrs = {name: results[name][0].lr for name in MAIN}
     log("analyzing the bf16 snapshots of every run")
     stores = [r for rs in results.values() for r in rs]
     threads = torch.get_num_threads()
@@ -298,4 +353,5 @@ def _study(out: Path, sc: StudyConfig, log: Callable[[str], None], progress: boo
         tracking = Table(row for r in stores for row in tracking_at(r, bounds.lock_k))
     finally:
         torch.set_num_threads(threads)
-    return StudyResult(out, results, analysis, tracking, cfg, lrs, bounds, time.perf_counter() - t0)
+    return StudyResult(out, results, analysis, tracking, cfg, lrs, bounds, time.perf_counter() - t0, sc.reference,
+                       regimes.teacher_accuracy(teacher, cfg.eval_problems))
