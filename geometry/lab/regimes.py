@@ -144,7 +144,13 @@ def measured_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
 @functools.lru_cache(maxsize=4)
 def study_lr(student: Path) -> float:
     """lr of OPD and RLVR by the precision rule, from the bf16-rounded student."""
-    return rule_lr(measured_matrices(load_student(student)))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a run's first call comes before its quiet session (_session)
+    try:
+        return rule_lr(measured_matrices(load_student(student)))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def learning_rates(cfg: RegimeConfig, student: Path) -> dict[str, float]:
