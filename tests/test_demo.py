@@ -157,6 +157,26 @@ def test_tracking_at_k_matches_the_capture_reader(demo):
     assert any(abs(small[k] - got[k]) > 1e-3 for k in got if k[2] == "track_sim_final_v" and k[0] < 10)
 
 
+def test_a_long_runs_tracking_keeps_evenly_spaced_steps_with_unchanged_values(demo, monkeypatch):
+    """A run tracked at more than TRACKED_ROWS steps keeps that many, first and last included, each row equal to
+    the full table's (Sim_K to the previous step still refers to the previous tracked step)."""
+    from pathlib import Path
+
+    from geometry.capture.trajectory import tracking_table
+    from geometry.lab import study as study_mod
+    from geometry.lab.regimes import TrainResult
+
+    store = demo / "runs" / "opd" / "s0"
+    res = TrainResult("opd", 0, Path(store), 10, 1e-6, 0.0, 0.0, 0, 0.0)
+    monkeypatch.setattr(study_mod, "TRACKED_ROWS", 4)
+    few = study_mod.tracking_at(res, 16)
+    assert sorted(few.unique("step")) == [1, 4, 7, 10]
+    full = {(r.step, r.matrix, r.metric): r.value for r in tracking_table(store, run="opd/s0")}
+    got = {(r.step, r.matrix, r.metric): r.value for r in few}
+    assert got.keys() == {k for k in full if k[0] in (1, 4, 7, 10)}
+    assert all(got[k] == full[k] or (math.isnan(got[k]) and math.isnan(full[k])) for k in got)
+
+
 def test_k_is_just_below_opds_stable_rank(demo):
     from geometry.lab.study import load_study
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -19,22 +20,26 @@ TRACK_METRICS = ("track_sim_final_u", "track_sim_final_v", "track_sim_prev_u", "
 LIVE_METRICS = ("track_fro_norm", "track_stable_rank", "track_sim_prev_u", "track_sim_prev_v")
 
 
-def tracking_table(run_dir: str | Path, run: str | None = None, lock_k: int | None = None) -> Table:
+def tracking_table(run_dir: str | Path, run: str | None = None, lock_k: int | None = None,
+                   steps: Collection[int] | None = None) -> Table:
     """Per-step locking curves from a store's tracking state (metric names: TRACK_METRICS).
 
     Per matrix and tracked step t: Sim_K of the tracked top-K subspaces (U and V) to those of the
     final tracked step T and of the previous tracked step (geometry.locking.step_sims: NaN for the
     first, and where either update is zero), stable rank ||D_t||_F^2 / s_1^2, ||D_t||_F and s_1.
     ``lock_k``: K, the leading columns of the tracked subspaces compared (default: all the recorder kept).
+    ``steps``: rows only for these tracked steps (default: all); every step is still read, so "previous" stays
+    the previous tracked step.
     Matrices of one shape are compared together, batched. The store is checked first
     (geometry.capture.store.check_store): a damaged one is refused, not half-read.
     """
     man = check_store(run_dir)
-    steps = man.tracking_steps
+    tracked = man.tracking_steps
     label = run if run is not None else Path(run_dir).name
-    if not steps:
+    if not tracked:
         return Table()
-    final = read_tracking(run_dir, steps[-1], man.chunk_of(steps[-1]))
+    keep = set(tracked if steps is None else steps)
+    final = read_tracking(run_dir, tracked[-1], man.chunk_of(tracked[-1]))
     names = sorted(final)
     shape = {n: (tuple(final[n].u.shape), tuple(final[n].v.shape)) for n in names}
     groups = [[n for n in names if shape[n] == sh] for sh in dict.fromkeys(shape.values())]
@@ -43,6 +48,9 @@ def tracking_table(run_dir: str | Path, run: str | None = None, lock_k: int | No
     prev = None
     for step, cur in iter_tracking(run_dir, man):
         now = [_stack(cur, g, lock_k) for g in groups]
+        if step not in keep:
+            prev = now
+            continue
         for group, (u, v, fro, s1), (fu, fv, ffro, _), before in zip(groups, now, fin, prev or [None] * len(groups),
                                                                     strict=True):
             pu, pv, pfro = (None, None, None) if before is None else before[:3]

@@ -87,7 +87,8 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
          f"{BASE_STEP}, rounded to bf16); OPD and RLVR from each seed's SFT checkpoint, rounded to bf16"
          if study.reference else "all runs from the pretrained student",
          "the paper's pipeline" if study.reference else "one starting point keeps the regimes comparable"],
-        ["teacher", "Qwen3-32B", f"Llama, hidden 192, pretrained on {TEACHER_TASK.words()}",
+        ["teacher", "Qwen3-32B", f"Llama, hidden 192, pretrained on {TEACHER_TASK.words()}, then on the "
+         "post-training task",
          f"has something to teach: {_teacher_words(study)}"],
         ["task, reward", "math reasoning, verifiable", f"post-training on {POSTTRAIN_TASK.words()} (shifted from "
          "the student's pretraining to long operands), exact answer (0/1)", "verifiable and cheap; the student "

@@ -207,10 +207,18 @@ def _stable_rank(s: torch.Tensor) -> float:
     return float((s ** 2).sum() / s[0] ** 2)
 
 
+TRACKED_ROWS = 500  # tracked steps a run keeps in the study's table: every step up to this, else evenly spaced
+
+
 def tracking_at(res: TrainResult, k: int) -> Table:
     """Per-step tracking curves of one run at K = k, from the top k of the recorder's TRACK_K columns
-    (geometry.capture.trajectory.tracking_table)."""
-    return tracking_table(res.store, run=label(res.name, res.seed), lock_k=k)
+    (geometry.capture.trajectory.tracking_table): every tracked step of a run of up to TRACKED_ROWS steps; of a
+    longer one (the reference study's SFT: 5375), TRACKED_ROWS steps evenly spaced, first and last included, which
+    keeps the table the size of the default study's."""
+    steps = check_store(res.store).tracking_steps
+    if len(steps) > TRACKED_ROWS:
+        steps = sorted({steps[round(i * (len(steps) - 1) / (TRACKED_ROWS - 1))] for i in range(TRACKED_ROWS)})
+    return tracking_table(res.store, run=label(res.name, res.seed), lock_k=k, steps=steps)
 
 
 STUDY_JSON = "study.json"  # the runs' results and the study's choices, so a report can be re-rendered
