@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -145,12 +145,25 @@ def plan(student: Path, teacher: Path, runs_dir: Path, cfg: RegimeConfig, names:
     return {n: calls[n] for n in names}
 
 
-def _map(fn: Callable[..., TrainResult], jobs: list[tuple], pool: ProcessPoolExecutor | None
-         ) -> Iterator[TrainResult]:
-    """fn over jobs, yielded in order as they finish; in the pool's processes when there is one."""
-    if pool is None or len(jobs) <= 1:
-        return (fn(*job) for job in jobs)
-    return pool.map(fn, *zip(*jobs, strict=True))
+def _run(jobs: list[Job], after: Callable[[TrainResult], list[Job]], teacher: Path, runs_dir: Path,
+         pool: ProcessPoolExecutor | None, done: Callable[[TrainResult], None]) -> None:
+    """Train ``jobs`` and the jobs each result unlocks (``after``: the reference study's OPD and RLVR once their
+    seed's SFT is trained), in the pool's processes when there is one, so no worker idles while a run it could
+    start waits for a stage to end. ``done`` gets each result as it finishes."""
+    if pool is None:
+        queue = list(jobs)
+        while queue:
+            res = _train_one(queue.pop(0), teacher, runs_dir)
+            done(res)
+            queue += after(res)
+        return
+    running = {pool.submit(_train_one, j, teacher, runs_dir) for j in jobs}
+    while running:
+        finished, running = wait(running, return_when=FIRST_COMPLETED)
+        for f in finished:
+            res = f.result()
+            done(res)
+            running |= {pool.submit(_train_one, j, teacher, runs_dir) for j in after(res)}
 
 
 @contextmanager
@@ -284,7 +297,7 @@ def _train_one(job: Job, teacher: Path, runs_dir: Path) -> TrainResult:
     return plan(job.student, teacher, runs_dir, job.cfg, (job.name,), keep=job.keep)[job.name]()
 
 
-def demo_stages(sc: StudyConfig, student: Path) -> tuple[RegimeConfig, Callable[[str, int, RegimeConfig], Job]]:
+def demo_job(sc: StudyConfig, student: Path) -> tuple[RegimeConfig, Callable[[str, int, RegimeConfig], Job]]:
     """The default study's size, and a run's job: every run starts from the shipped student."""
     cfg = RegimeConfig.quick() if sc.quick else RegimeConfig()
     cfg = cfg if sc.steps is None else replace(cfg, steps=sc.steps)
@@ -311,6 +324,7 @@ def _study(out: Path, sc: StudyConfig, log: Callable[[str], None], progress: boo
     student, teacher = data / "student", data / "teacher"
     prepare_out(out)
     seeds = range(sc.n_seeds)
+    unlocks: dict[str, tuple[str, ...]] = {}  # run name -> the runs of its seed that start from its result
     if sc.reference:
         student = data / "base"
         if not (student / "config.json").is_file():
@@ -318,38 +332,39 @@ def _study(out: Path, sc: StudyConfig, log: Callable[[str], None], progress: boo
                                 f"{data}`")
         cfg = RegimeConfig.quick() if sc.quick else RegimeConfig()
         job = reference_job(sc, student, out / "checkpoints")
-        stages = [[("sft", s) for s in seeds], [(n, s) for s in seeds for n in ("rlvr", "opd")]]
+        first = [("sft", s) for s in seeds]
+        unlocks = {"sft": ("rlvr", "opd")}
     else:
-        cfg, job = demo_stages(sc, student)
+        cfg, job = demo_job(sc, student)
         first = [(n, s) for s in seeds for n in (*MAIN, *CONTROLS)]
-        stages = [first + ([] if sc.no_variants or sc.quick else [(n, 0) for n in VARIANTS])]
+        first += [] if sc.no_variants or sc.quick else [(n, 0) for n in VARIANTS]
     lr = regimes.learning_rates(cfg, student)
     log(f"learning rates by the precision rule: SFT {lr['sft']:.3g}, " + (
         "RLVR and OPD from each SFT checkpoint" if sc.reference else f"RLVR and OPD {lr['opd']:.3g}"))
     results: dict[str, list[TrainResult]] = {}
-    runs = sum(map(len, stages)) + len(PROJECTED) * len(seeds)
-    bar = progress_bar(runs, "training", "run", progress)
+    runs = len(first) + sum(len(unlocks.get(n, ())) for n, _ in first)
+    bar = progress_bar(runs + len(PROJECTED) * len(seeds), "training", "run", progress)
     log = around_bars(log)
 
-    def train(todo: list[tuple[str, int]], rc: RegimeConfig, pool) -> None:
-        jobs = [(job(name, seed, rc), teacher, out / "runs") for name, seed in todo]
-        for res in _map(_train_one, jobs, pool):
-            results.setdefault(res.name, []).append(res)
-            bar.update(1)
-            log(f"  {res.name}, seed {res.seed}: accuracy {100 * res.acc_before:.1f}% -> {100 * res.acc_after:.1f}% "
-                f"({res.steps} steps in {res.seconds:.0f} s, lr {res.lr:.3g})")
+    def done(res: TrainResult) -> None:
+        results.setdefault(res.name, []).append(res)
+        bar.update(1)
+        log(f"  {res.name}, seed {res.seed}: accuracy {100 * res.acc_before:.1f}% -> {100 * res.acc_after:.1f}% "
+            f"({res.steps} steps in {res.seconds:.0f} s, lr {res.lr:.3g})")
 
     with _pool(sc.jobs) as pool, bar:
-        for todo in stages:
-            log(f"training {len(todo)} runs, {sc.jobs} at a time")
-            train(todo, cfg, pool)
+        log(f"training {runs} runs, {sc.jobs} at a time")
+        _run([job(n, s, cfg) for n, s in first], lambda res: [job(n, res.seed, cfg) for n in unlocks.get(res.name, ())],
+             teacher, out / "runs", pool, done)
         hidden = int(regimes.load_model(student).config.hidden_size)
-        bounds = boundaries(results["opd"], hidden)
+        bounds = boundaries(sorted(results["opd"], key=lambda r: r.seed), hidden)
         cfg = replace(cfg, lock_k=bounds.lock_k)
         log(f"K = {bounds.lock_k} (OPD's update stable rank {bounds.opd_stable_rank:.2f}, attention matrices, float32 "
             f"weights; K is the largest integer below it, at most {TRACK_K})")
         log(f"training {len(PROJECTED) * len(seeds)} projected runs")
-        train([(n, s) for s in seeds for n in PROJECTED], cfg, pool)
+        _run([job(n, s, cfg) for s in seeds for n in PROJECTED], lambda res: [], teacher, out / "runs", pool, done)
+    order = [*MAIN, *CONTROLS, *VARIANTS, *PROJECTED]  # the report's order of runs, each run's seeds ascending
+    results = {n: sorted(results[n], key=lambda r: r.seed) for n in order if n in results}
     lrs = {name: results[name][0].lr for name in MAIN}
     log("analyzing the bf16 snapshots of every run")
     stores = [r for rs in results.values() for r in rs]
