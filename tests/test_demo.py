@@ -83,9 +83,10 @@ def test_notes_collapse_to_one_line_per_setting():
 
     labels = ["sft/s0", "sft/s1", "opd/s0"]
     notes = ["sft/s0: k = 16", "sft/s1: k = 16", "opd/s0: k = 16", "sft/s0, opd/s0: one base decomposition",
-             "a note about no run", "opd/s0: k = 8"]
+             "a note about no run", "opd/s0: k = 8", "sft/s0: one for these runs", "sft/s1: one for these runs"]
     assert collapse_notes(notes, labels) == ["all runs: k = 16", "sft/s0, opd/s0: one base decomposition",
-                                             "a note about no run", "opd/s0: k = 8"]
+                                             "a note about no run", "opd/s0: k = 8", "sft/s0: one for these runs",
+                                             "sft/s1: one for these runs"]
 
 
 def test_every_table_of_the_report_keeps_its_columns(demo):

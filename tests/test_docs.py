@@ -73,3 +73,17 @@ def test_every_test_docs_design_names_exists():
             if not any(re.search(rf"^def {name}\(", tests.get(f, ""), re.M) for f in where):
                 missing.append(f"{current or 'tests/'}::{name}")
     assert not missing, f"docs/design.md names tests that do not exist: {missing}"
+
+
+def test_the_committed_reference_study_is_linked_and_whole():
+    """README links docs/study/report.md; every figure and file the report links is committed beside it, and it is
+    the reference study's report with a verdict per claim."""
+    assert "(docs/study/report.md)" in (ROOT / "README.md").read_text()
+    study = ROOT / "docs" / "study"
+    text = (study / "report.md").read_text()
+    assert text.startswith("# geometry reference study")
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        if not link.startswith("http"):
+            assert (study / link).is_file(), f"docs/study/report.md links {link}, not committed"
+    assert len(re.findall(r"^- \*\*(?:reproduced|contradicted|partly|inconclusive)\*\* \(claim \d+\)", text,
+                          flags=re.M)) == 9

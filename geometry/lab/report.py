@@ -232,12 +232,13 @@ def study_labels(study: StudyResult) -> list[str]:
 
 def collapse_notes(notes: list[str], labels: list[str]) -> list[str]:
     """One line per distinct note: notes that differ only in the run labels before their first ': ' merged,
-    the labels listed once ("all runs" when every run of the study has it)."""
+    the labels listed once ("all runs" when every run of the study has it). A note on "these runs" (a group
+    sharing something) is kept whole: merging groups would read as one group."""
     known, merged = set(labels), {}
     for note in notes:
         who, sep, text = note.partition(": ")
         runs = who.split(", ")
-        if not sep or not set(runs) <= known:
+        if not sep or not set(runs) <= known or "these runs" in text:  # a note on a group stays with its group
             merged.setdefault(note, [])
             continue
         merged.setdefault(text, []).extend(r for r in runs if r not in merged.get(text, []))

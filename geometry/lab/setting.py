@@ -170,4 +170,4 @@ def trainer_name(name: str) -> str:
 
 def points(x: Interval) -> str:
     """An interval of accuracies (0-1) in points, one decimal."""
-    return x.scaled(100).show(".1f") if x.n else "n/a"
+    return x.scaled(100).show("pts") if x.n else "n/a"

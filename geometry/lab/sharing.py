@@ -73,6 +73,10 @@ def sharing_lines(pairs: Pairs, regimes: Sequence[str]) -> list[str]:
         verdict = "yes" if len(more) == len(others) else "no" if not more else "partly"
         answers.append(f"- **{name}**: {verdict}: its seeds share {fmt(w.ratio)}x chance; with "
                        + ", ".join(f"{r.b if r.a == name else r.a} {fmt(r.ratio)}x" for r in others) + ".")
+    missing = [r for r in regimes if r not in within]
+    if missing:  # runs are compared only where they start from the same model (docs/metrics.md item 10)
+        answers.append(f"Not compared: {', '.join(missing)}, whose runs of different seeds start from different "
+                       "models (each seed's own starting checkpoint), so their changed entries are not comparable.")
     return ["## Do seeds of one regime share more changed entries than two regimes do?", "",
             "Changed entries (bf16) shared by two runs at their final steps over those two independent masks of "
             "the same densities would share (1: chance; docs/metrics.md item 10), and their Jaccard; mean over "

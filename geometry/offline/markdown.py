@@ -41,6 +41,8 @@ def fmt(v: float | None, kind: str = "g") -> str:
         return f"{v:.2e}"
     if kind == "int":
         return f"{v:.0f}"
+    if kind == "pts":  # percentage points, already scaled
+        return f"{v:.1f}"
     return f"{v:.4g}"
 
 
