@@ -72,7 +72,8 @@ def figures(study: StudyResult, final: dict[str, RunSummary], fig_dir: Path) -> 
     plots.locking(track_attn, ax[1], tracked=True, tau=tau, runs=main)
     ax[1].set_title(f"per step (float32 weights), Sim_{K}, attention", fontsize=10)
     plots.locking(track_attn, ax[2], tracked=True, tau=tau, runs=controls)
-    ax[2].set_title("OPD, its controls and variants, per step, attention", fontsize=10)
+    ax[2].set_title(("OPD, its controls and variants" if len(controls) > 1 else "OPD") + ", per step, attention",
+                    fontsize=10)
     save(fig, "locking.png")
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
