@@ -126,16 +126,14 @@ def pretrain(kind: str, out_dir: str | Path | None, seed: int = 0, cfg: Pretrain
     cfg = cfg or DEFAULTS[kind]
     tokenizer = build_tokenizer()
     model = build_model(KINDS[kind], seed=seed)
-    start, curve, phase, offset = time.perf_counter(), [], cfg, 0
-    while phase is not None:
-        # phase i draws its problems from seed + i: the first phase's stream is the one-phase schedule's
-        curve += train_phase(model, tokenizer, phase, seed + offset, kind, out_dir, log, first_step=curve[-1].step
-                             if curve else 0)
-        phase, offset = phase.then, offset + 1
-    last = cfg
-    while last.then is not None:
-        last = last.then
-    shifted = accuracy(model, tokenizer, make_problems(last.eval_size, seed + EVAL_SEED_OFFSET, POSTTRAIN_TASK))
+    phases = [cfg]
+    while phases[-1].then is not None:
+        phases.append(phases[-1].then)
+    start, curve = time.perf_counter(), []
+    for i, phase in enumerate(phases):  # phase i draws from seed + i: the first's stream is the one-phase schedule's
+        curve += train_phase(model, tokenizer, phase, seed + i, kind, out_dir, log,
+                             first_step=curve[-1].step if curve else 0)
+    shifted = accuracy(model, tokenizer, make_problems(phases[-1].eval_size, seed + EVAL_SEED_OFFSET, POSTTRAIN_TASK))
     result = PretrainResult(kind, curve[-1].step, curve[-1].accuracy, shifted, n_params(model),
                             time.perf_counter() - start, curve)
     if out_dir is not None:

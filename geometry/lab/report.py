@@ -95,18 +95,18 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
     n_seeds = max(len(v) for v in study.runs.values())
     if study.reference:
         steps = {n: study.runs[n][0].steps for n in MAIN}
-        what = ("# geometry reference study: SFT, then RLVR and OPD from it, at the paper's proportions", "",
+        title, what = ("# geometry reference study: SFT, then RLVR and OPD from it, at the paper's proportions",
                 f"A tiny Llama student ({measured_params(study):,} parameters in its measured matrices): SFT on long "
                 f"operands (a shifted task) from a less-trained base (its pretraining checkpoint at step {BASE_STEP} "
                 f"of {PRETRAIN_STEPS}) for {steps['sft']} steps with cosine decay, then OPD for {steps['opd']} and "
                 f"RLVR for {steps['rlvr']} steps from each seed's SFT checkpoint (the paper's counts)")
     else:
-        what = ("# geometry demo: SFT vs RLVR vs OPD on a tiny LM", "",
+        title, what = ("# geometry demo: SFT vs RLVR vs OPD on a tiny LM",
                 f"A tiny Llama student ({measured_params(study):,} parameters in its measured matrices), pretrained "
                 f"to convergence on short-operand addition and subtraction, post-trained on long operands (a shifted "
                 f"task) by each regime from the same bf16 checkpoint for {cfg.steps} steps")
     lines = [
-        *what[:2], what[2] + f", {n_seeds} training seeds per run, recorded by our callback and analysed as bf16 "
+        title, "", what + f", {n_seeds} training seeds per run, recorded by our callback and analysed as bf16 "
         f"checkpoints. Learning rates: SFT {lrs['sft']:.3g}, RLVR and OPD {lrs['opd']:.3g} (the paper's precision "
         f"regime, below). K = {K}. Total time {study.seconds / 60:.1f} min. The paper (Shen et al. 2026) trains an "
         "8B student; absolute values are not expected to match, orderings are what we test.", "",
