@@ -199,3 +199,24 @@ def test_a_finished_demo_reads_back_and_rerenders_the_same_report(demo, tmp_path
     assert {r.seed for r in study.runs["opd"]} == {0, 1} and study.config.lock_k == study.boundaries.lock_k
     write_report(study, rerender=True)
     assert (copy / "report.md").read_text() == (demo / "report.md").read_text()
+
+
+@pytest.mark.parametrize("variant_gain", [0.15, 0.0])
+def test_the_teaching_section_reads_each_gain_against_one_binomial_sd(demo, variant_gain):
+    """Planted gains on the demo's own runs: OPD +0.2 points, the SFT-budget variant +15 (clear:
+    above one sd, 5 points at 100 problems) or +0 (not)."""
+    from geometry.lab.setting import teaching_lines
+    from geometry.lab.study import load_study
+
+    study = load_study(demo)
+    jitter = [0.0, 0.002]  # two seeds, so each gain has an interval
+    opd = [r._replace(acc_after=r.acc_before + 0.002 + j) for r, j in zip(study.runs["opd"], jitter, strict=True)]
+    var = [r._replace(name="opd_sftlr", acc_after=r.acc_before + variant_gain + j)
+           for r, j in zip(study.runs["opd"], jitter, strict=True)]
+    text = "\n".join(teaching_lines(study._replace(runs={**study.runs, "opd": opd, "opd_sftlr": var})))
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| opd")}
+    assert "not clear" in rows["opd"] and "OPD's gain is not clear." in text
+    if variant_gain:
+        assert "| clear |" in rows["opd_sftlr"] and "the teacher teaches once OPD has SFT's update budget" in text
+    else:
+        assert "not clear" in rows["opd_sftlr"] and "not clear either." in text

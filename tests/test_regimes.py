@@ -253,3 +253,15 @@ def test_rlvr_skips_steps_whose_groups_all_agree(tmp_path):
     trainer.train()
     assert trainer.skipped_steps == MICRO.steps and trainer.skipped_groups == MICRO.steps * MICRO.batch
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_the_sft_budget_variant_is_opd_at_sfts_lr_in_groups_of_two(tmp_path):
+    """The study's opd_sftlr: OPDTrainer at SFT's learning rate, the same sequences a step in groups of two."""
+    from geometry.lab.study import plan, sft_budget
+
+    cfg = sft_budget(MICRO, STUDENT)
+    assert (cfg.batch, cfg.generations, cfg.sequences) == (MICRO.sequences // 2, 2, MICRO.sequences)
+    res = plan(STUDENT, TEACHER, tmp_path, MICRO, ("opd_sftlr",))["opd_sftlr"]()
+    assert res.lr == learning_rates(MICRO, STUDENT)["sft"] == 10 * learning_rates(MICRO, STUDENT)["opd"]
+    assert (res.name, res.steps, res.store) == ("opd_sftlr", MICRO.steps, tmp_path / "opd_sftlr" / "s0")
+    assert read_manifest(res.store).final_step == MICRO.steps

@@ -26,7 +26,8 @@ class StudyConfig:
     reference: bool = option(False, "the reference study at the paper's proportions (docs/study/): SFT from a "
                              "less-trained base for 5375 steps, then OPD (299) and RLVR (1023) from each seed's SFT "
                              "checkpoint, 10 snapshots a run; about an hour on 2 cores")
-    no_variants: bool = option(False, "skip the one-seed variant (TRL full-vocabulary KL distillation)")
+    no_variants: bool = option(False, "skip the labelled variants (TRL full-vocabulary KL distillation, seed 0; OPD "
+                               "at SFT's learning rate, every seed)")
     data: str | None = option(None, f"directory with student/ and teacher/ (default: ${DATA_ENV}, else the "
                               "repository's data/, else an installed wheel's share/geometry/data)")
 

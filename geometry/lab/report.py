@@ -32,7 +32,15 @@ from geometry.lab.figures import figures
 from geometry.lab.paper import PAPER_ANGLES, PAPER_LOCALISATION, PAPER_NSS, PAPER_SIM20, PAPER_SPARSITY
 from geometry.lab.precision import PAPER_LR, PAPER_WEIGHT_STD, SFT_LR_RATIO, paper_spacing
 from geometry.lab.pretrain import BASE_STEP, PRETRAIN_STEPS
-from geometry.lab.setting import measured_params, noise_words, points, setup_rows, structure_lines, trainer_name
+from geometry.lab.setting import (
+    measured_params,
+    noise_words,
+    points,
+    setup_rows,
+    structure_lines,
+    teaching_lines,
+    trainer_name,
+)
 from geometry.lab.sharing import sharing_lines
 from geometry.lab.stats import ALPHA, VERDICTS, Interval, interval
 from geometry.lab.study import CONTROLS, MAIN, PROJECTED, StudyResult, label, save_study
@@ -142,7 +150,8 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
         "starts from (bf16), *after*: the trained model's (float32), each the mean over seeds [95% t-interval]; "
         "*lr*: seed 0's. *steps skipped*: steps whose every prompt group "
         "had one reward (nothing to learn from). In every table below a cell is the mean over seeds [95% "
-        "t-interval] of the run's final value, unless its column says otherwise; density = 1 - bf16 sparsity."]
+        "t-interval] of the run's final value, unless its column says otherwise; density = 1 - bf16 sparsity.",
+        "", *teaching_lines(study)]
     cells = seed_cells(study, V.all)
     lines += ["", "## Update sparsity (Table 1)", "",
               metric_table(SPARSITY, cells, ["paper bf16 sparsity (%)"],

@@ -11,7 +11,7 @@ from geometry.lab.pretrain import BASE_STEP
 from geometry.lab.regimes import TrainResult
 from geometry.lab.stats import Interval, interval
 from geometry.lab.structure import FLAT_GAP, module_spectra
-from geometry.lab.study import MAIN, VARIANTS, StudyResult
+from geometry.lab.study import MAIN, ONE_SEED, StudyResult
 from geometry.lab.task import POSTTRAIN_TASK, PRETRAIN_TASK, TEACHER_TASK
 from geometry.offline.markdown import table
 
@@ -103,7 +103,9 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
          "2 cores); the paper's OPD count; equal steps keep the regimes comparable"],
         ["batch", "8 samples per prompt (batch sizes in its appendices)", f"{cfg.batch} prompts x {cfg.generations} "
          "samples per "
-         f"step (SFT and the full-KL variant: {cfg.sequences} prompts)", "time budget; 8 samples as the paper"],
+         f"step (SFT and the full-KL variant: {cfg.sequences} prompts" + (
+             f"; the variant opd_sftlr {_shape('opd_sftlr', study)})" if "opd_sftlr" in study.runs else ")"),
+         "time budget; 8 samples as the paper"],
         ["optimizer", "AdamW (0.9, 0.98), wd 0.1, RLVR eps 1e-15", "the same; gradient clipping 1.0",
          "the paper's; clipping is TRL's default (the paper does not state one)"],
         ["RLVR", "GRPO, zero-variance batches skipped", "GRPO (TRL), zero-variance prompt groups dropped from the "
@@ -118,7 +120,7 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
         ["matrices", "trajectories on attention q/k/v/o", "the same for Sim_K, stable rank and onset; sparsity, "
          "masks, angles, NSS over all Linear weights (embeddings and lm_head left out)", "-"],
         ["seeds", "one run each", f"{max(len(v) for v in study.runs.values())} seeds per run of a verdict "
-         f"(variants {', '.join(VARIANTS)}: seed 0 only)", "paired t-tests over seeds decide "
+         f"(variants {', '.join(ONE_SEED)}: seed 0 only)", "paired t-tests over seeds decide "
          "the verdicts (runs of one seed share data order and prompts)"],
     ]
 
@@ -139,6 +141,51 @@ def noise_words(study: StudyResult) -> str:
     return (f"Evaluation noise: one accuracy on {n} problems has a binomial sd of sqrt(p (1 - p) / {n}) at its "
             f"level p (95%: +-1.96 sd). Gain over the run's start, points, mean over seeds [95% interval] (in "
             f"binomial sds at the start): {'; '.join(gains)}.")
+
+
+TEACHING_RUNS = ("opd", "opd_sftlr", "opd_fullkl", "sft")  # the teaching section's rows, those the study ran
+
+
+def teaching_lines(study: StudyResult) -> list[str]:
+    """Does the teacher teach? Each OPD run's gain over its start, beside SFT's, at its learning rate and batch
+    shape, read against the evaluation noise by a rule fixed before the run: a gain is clear when its 95%
+    interval over seeds lies above one binomial sd of one accuracy at the start."""
+    rows, clear = [], {}
+    for name in (n for n in TEACHING_RUNS if n in study.runs):
+        rs = study.runs[name]
+        p0 = sum(r.acc_before for r in rs) / len(rs)
+        sd = math.sqrt(p0 * (1 - p0) / study.config.eval_problems)
+        g = interval([r.acc_after - r.acc_before for r in rs])
+        clear[name] = g.n >= 2 and g.lo > sd
+        shape = f"{rs[0].lr:.3g}", _shape(name, study)
+        rows.append([name, *shape, points(g), f"{g.mean / sd:.1f}" if sd > 0 else "n/a",
+                     ("clear" if clear[name] else "not clear") if g.n >= 2 else "one seed: not read"])
+    words = []
+    if "opd" in clear:
+        words.append("At the paper's learning rates OPD's gain is " + ("clear." if clear["opd"] else "not clear."))
+    if "opd_sftlr" in clear:
+        words.append(
+            f"opd_sftlr is a labelled variant in no verdict: OPD at SFT's learning rate, {_shape('opd_sftlr', study)} "
+            f"prompts x samples a step (the same number of sequences; at {study.config.batch} prompts a step OPD's "
+            "updates follow the few problems of each step, data/README.md measures the two changes apart). Its gain "
+            "is " + ("clear" if clear["opd_sftlr"] else "not clear either") + (
+                ": the teacher teaches once OPD has SFT's update budget, so at the paper's rates what OPD lacks "
+                "is that budget (its lr is a tenth of SFT's), not a teacher." if clear["opd_sftlr"] and not
+                clear.get("opd", True) else "."))
+    return ["## Does the teacher teach?", "",
+            table(["run", "lr", "prompts x samples a step", "gain (points)", "gain / sd", "reading"], rows), "",
+            "*gain*: accuracy after minus before, mean over seeds [95% interval]; *sd*: the binomial sd of one "
+            "accuracy at the run's start; *clear*: the interval lies above one sd (a rule fixed before the run). "
+            + " ".join(words)]
+
+
+def _shape(name: str, study: StudyResult) -> str:
+    cfg = study.config
+    if name == "opd_sftlr":
+        return f"{cfg.sequences // 2} x 2"
+    if name in ("sft", "opd_fullkl"):
+        return f"{cfg.sequences} x 1"
+    return f"{cfg.batch} x {cfg.generations}"
 
 
 def _teacher_words(study: StudyResult) -> str:
@@ -164,7 +211,8 @@ def trainer_name(name: str) -> str:
     base = name.removesuffix("_proj")
     t = {"sft": "TRL SFTTrainer", "rlvr": "RLVRTrainer (TRL GRPO)", "opd": "OPDTrainer (TRL GRPO)",
          "opd_offpolicy": "OPDTrainer, teacher rollouts", "opd_mix0.05": "OPDTrainer, alpha 0.05",
-         "opd_mix0.5": "OPDTrainer, alpha 0.5", "opd_fullkl": "TRL DistillationTrainer (full-vocabulary KL)"}
+         "opd_mix0.5": "OPDTrainer, alpha 0.5", "opd_fullkl": "TRL DistillationTrainer (full-vocabulary KL)",
+         "opd_sftlr": "OPDTrainer, SFT's lr, groups of 2"}
     return t.get(base, "") + (" + projection" if name.endswith("_proj") else "")
 
 

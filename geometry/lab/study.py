@@ -5,7 +5,9 @@ data/), with TRL trainers and our callback (geometry.lab.regimes):
 - the three regimes: SFT, RLVR (GRPO), OPD (the paper's sampled-token estimator);
 - the paper's controls: off-policy OPD (teacher rollouts) and OPD's advantage mixed with GRPO's (alpha 0.05);
 - the causal test (SPEC 9): SFT and OPD with gradients projected on the rank-K update subspace from 20%;
-- a labelled variant, one seed, in no verdict: TRL's full-vocabulary DistillationTrainer.
+- labelled variants, in no verdict: TRL's full-vocabulary DistillationTrainer (seed 0), and OPD with SFT's update
+  budget (every seed): SFT's learning rate, 16 prompts x 2 samples a step (the same 32 sequences), which asks
+  whether the teacher teaches once OPD may move the weights as far as SFT does (data/README.md).
 
 K follows the paper's rule (docs/metrics.md item 7): just below OPD's measured update stable rank, here measured
 on the attention matrices of OPD's final float32 update (the per-step tracking), before the projected runs
@@ -57,7 +59,8 @@ MARKER = ".geometry-demo"  # marks a directory as a demo output, which a new dem
 MAIN = ("sft", "rlvr", "opd")
 CONTROLS = ("opd_offpolicy", "opd_mix0.05")  # compared with on-policy "opd"
 PROJECTED = {"sft_proj": "sft", "opd_proj": "opd"}  # projected run -> its unconstrained run
-VARIANTS = ("opd_fullkl",)  # one seed, shown, in no verdict (plan() also has "opd_mix0.5", in no default list)
+VARIANTS = ("opd_fullkl", "opd_sftlr")  # shown, in no verdict (plan() also has "opd_mix0.5", in no default list)
+ONE_SEED = ("opd_fullkl",)  # variants trained at seed 0 only
 # The reference study (--reference): the paper's step counts (its appendices), SFT from a less-trained base, OPD and
 # RLVR from each seed's SFT checkpoint; projected runs take their unconstrained run's count.
 REFERENCE_STEPS = {"sft": 5375, "rlvr": 1023, "opd": 299}
@@ -138,11 +141,21 @@ def plan(student: Path, teacher: Path, runs_dir: Path, cfg: RegimeConfig, names:
         "opd_mix0.5": lambda: regimes.train_opd(student, teacher, store("opd_mix0.5"), cfg, name="opd_mix0.5",
                                                 alpha=0.5),
         "opd_fullkl": lambda: regimes.train_opd_fullkl(student, teacher, store("opd_fullkl"), cfg),
+        "opd_sftlr": lambda: regimes.train_opd(student, teacher, store("opd_sftlr"), sft_budget(cfg, student),
+                                               name="opd_sftlr"),
         "sft_proj": lambda: regimes.train_sft(student, store("sft_proj"), cfg, name="sft_proj", projection=True),
         "opd_proj": lambda: regimes.train_opd(student, teacher, store("opd_proj"), cfg, name="opd_proj",
                                               projection=True),
     }
     return {n: calls[n] for n in names}
+
+
+def sft_budget(cfg: RegimeConfig, student: Path) -> RegimeConfig:
+    """OPD's size with SFT's update budget: SFT's learning rate, and as many prompts a step as groups of two
+    allow within the same ``cfg.sequences`` sequences (SFT takes that many prompts; at 4 prompts a step OPD's
+    updates follow the few problems of each step; measured in data/README.md)."""
+    lr = regimes.learning_rates(cfg, student)["sft"]
+    return replace(cfg, lr=lr, batch=cfg.sequences // 2, generations=2)
 
 
 def _run(jobs: list[Job], after: Callable[[TrainResult], list[Job]], teacher: Path, runs_dir: Path,
@@ -337,7 +350,8 @@ def _study(out: Path, sc: StudyConfig, log: Callable[[str], None], progress: boo
     else:
         cfg, job = demo_job(sc, student)
         first = [(n, s) for s in seeds for n in (*MAIN, *CONTROLS)]
-        first += [] if sc.no_variants or sc.quick else [(n, 0) for n in VARIANTS]
+        first += [] if sc.no_variants or sc.quick else [(n, s) for n in VARIANTS for s in seeds
+                                                         if s == 0 or n not in ONE_SEED]
     lr = regimes.learning_rates(cfg, student)
     log(f"learning rates by the precision rule: SFT {lr['sft']:.3g}, " + (
         "RLVR and OPD from each SFT checkpoint" if sc.reference else f"RLVR and OPD {lr['opd']:.3g}"))
