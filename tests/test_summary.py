@@ -144,3 +144,24 @@ def test_reading_ties_each_phrase_to_its_value_and_threshold():
     assert "partly sparse at bf16 (45.0% unchanged)" in reading([run("x", 0.45, 1, 1, 1, 1, 0.5)], 16)[2]
     text = "\n".join(reading([run("rlvr", 0.8, 0.5, 1.6, 0.2, 3.0, 0.2)], 16))
     assert "paper" not in text and "closest" not in text and "resembl" not in text  # no regime labels
+
+
+def test_where_by_index_gives_the_rows_a_plain_scan_gives_in_order():
+    """Table.where answers from per-column-set indexes; a plain filter over the rows is the reference."""
+    import random
+
+    rng = random.Random(0)
+    t = Table(Row(rng.choice("abc"), rng.randrange(4), rng.choice("mn"), rng.choice([0, 1, None]),
+                  rng.choice(["q_proj", "k_proj", "v_proj"]), rng.choice(["x", "y"]), rng.random())
+              for _ in range(500))
+
+    def scan(**eq):
+        return [r for r in t if all(getattr(r, c) in (v if isinstance(v, (list, tuple, set)) else [v])
+                                    for c, v in eq.items())]
+
+    queries = [dict(run="a"), dict(run="a", metric="y"), dict(module=["v_proj", "q_proj"], run="b"),
+               dict(step=(3, 1, 3), layer=None), dict(metric={"x"}, module="k_proj", matrix="n"), dict(run="z"),
+               dict(run=[]), dict(run="a")]  # the last asks an index already built
+    for q in queries:
+        assert t.where(**q).rows == scan(**q), q
+    assert t.where().rows == t.rows
