@@ -126,7 +126,7 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, 
     for i, name in enumerate(names):
         vals = np.asarray(series[name], dtype=float)
         pos = x - 0.4 + width * (i + 0.5)
-        rects = ax.bar(pos, np.nan_to_num(vals), width, label=name,
+        ax.bar(pos, np.nan_to_num(vals), width, label=name,
                        color=(colors or {}).get(name, color(name, names)))
         if errors and name in errors:
             lo, hi = np.asarray(errors[name], dtype=float).T
@@ -139,10 +139,16 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, 
                 ax.scatter([pos[j]], [v], marker="D", s=30, color="k", zorder=4,
                            label=marks_label if not marked else None)
                 marked = True
-        if len(names) * len(groups) <= 24:  # inside the bar where dots and error bars sit on its top
-            inside = bool(points or errors)
-            ax.bar_label(rects, labels=[fmt.format(v) if np.isfinite(v) else "n/a" for v in vals], fontsize=8,
-                         padding=1, label_type="center" if inside else "edge")
+        if len(names) * len(groups) <= 24:  # at the bar's end, beyond its dots, error bar and mark
+            dots, refs = (points or {}).get(name, ()), (marks or {}).get(name, ())
+            for j, v in enumerate(vals):
+                ends = [v, *(dots[j] if j < len(dots) else ()), *(errors[name][j] if errors and name in errors else ()),
+                        *refs[j:j + 1]]
+                ends = [e for e in ends if np.isfinite(e)] or [0.0]
+                up = not np.isfinite(v) or v >= 0
+                ax.annotate(fmt.format(v) if np.isfinite(v) else "n/a", (pos[j], max(ends) if up else min(ends)),
+                            xytext=(0, 5 if up else -5), textcoords="offset points", ha="center",
+                            va="bottom" if up else "top", fontsize=8)
     if baseline is not None:
         ax.axhline(baseline, color="k", ls="--", lw=0.8, label=baseline_label)
     ax.set_xticks(x, groups, rotation=45 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center",

@@ -205,6 +205,7 @@ def test_a_finished_demo_reads_back_and_rerenders_the_same_report(demo, tmp_path
 def test_the_teaching_section_reads_each_gain_against_one_binomial_sd(demo, variant_gain):
     """Planted gains on the demo's own runs: OPD +0.2 points, the SFT-budget variant +15 (clear:
     above one sd, 5 points at 100 problems) or +0 (not)."""
+    from geometry.lab.claims import views
     from geometry.lab.setting import teaching_lines
     from geometry.lab.study import load_study
 
@@ -213,10 +214,14 @@ def test_the_teaching_section_reads_each_gain_against_one_binomial_sd(demo, vari
     opd = [r._replace(acc_after=r.acc_before + 0.002 + j) for r, j in zip(study.runs["opd"], jitter, strict=True)]
     var = [r._replace(name="opd_sftlr", acc_after=r.acc_before + variant_gain + j)
            for r, j in zip(study.runs["opd"], jitter, strict=True)]
-    text = "\n".join(teaching_lines(study._replace(runs={**study.runs, "opd": opd, "opd_sftlr": var})))
+    V = views(study)
+    V.all.update({f"opd_sftlr/s{r.seed}": V.all[f"opd/s{r.seed}"] for r in var})  # its update: OPD's, planted
+    text = "\n".join(teaching_lines(study._replace(runs={**study.runs, "opd": opd, "opd_sftlr": var}), V.all))
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| opd")}
     assert "not clear" in rows["opd"] and "OPD's gain is not clear." in text
     if variant_gain:
         assert "| clear |" in rows["opd_sftlr"] and "the teacher teaches once OPD has SFT's update budget" in text
     else:
         assert "not clear" in rows["opd_sftlr"] and "not clear either." in text
+    variant, sft, own = re.findall(r"(?:update is|SFT's|at its own) (\S+ \[\S+, \S+\])% bf16-sparse", text)
+    assert variant == own != sft  # the variant's planted update is OPD's

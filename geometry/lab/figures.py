@@ -104,15 +104,15 @@ def figures(study: StudyResult, final: dict[str, RunSummary], fig_dir: Path) -> 
 
     pairs = [(b, p) for p, b in PROJECTED.items() if p in study.runs and b in study.runs]
     if pairs:
-        def gains(name: str) -> list[float]:  # points gained over the student, by seed
+        def gains(name: str) -> list[float]:  # points gained over the run's start, by seed
             return [100 * (r.acc_after - r.acc_before) for r in study.runs[name]]
 
         series = {"unconstrained": [gains(b) for b, _ in pairs], "projected from 20%": [gains(p) for _, p in pairs]}
         fig = plots.bars([b.upper() for b, _ in pairs], {k: [mean_ci(v)[0] for v in vs] for k, vs in series.items()},
-                         ylabel="accuracy gained over the student (points)", points=series,
+                         ylabel="accuracy gained over the run's start (points)", points=series,
                          errors={k: [mean_ci(v)[1] for v in vs] for k, vs in series.items()},
                          colors={"unconstrained": "#4c72b0", "projected from 20%": "#dd8452"},
-                         baseline=0.0, baseline_label="the student before training")
+                         baseline=0.0, baseline_label="the model the run starts from")
         fig.axes[0].set_title(f"gradient projection on the rank-{K} update subspace from 20%\n"
                               "gain: mean over seeds, 95% interval, each seed", fontsize=10)
         save(fig, "projection.png")

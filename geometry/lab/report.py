@@ -151,7 +151,7 @@ def render(study: StudyResult, claims_: list[Claim], V: Views, figures: list[str
         "*lr*: seed 0's. *steps skipped*: steps whose every prompt group "
         "had one reward (nothing to learn from). In every table below a cell is the mean over seeds [95% "
         "t-interval] of the run's final value, unless its column says otherwise; density = 1 - bf16 sparsity.",
-        "", *teaching_lines(study)]
+        "", *teaching_lines(study, V.all)]
     cells = seed_cells(study, V.all)
     lines += ["", "## Update sparsity (Table 1)", "",
               metric_table(SPARSITY, cells, ["paper bf16 sparsity (%)"],

@@ -4,9 +4,10 @@ evaluation noise, and the structure of the student's W0 at the analyzer's k."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from geometry.capture.store import read_snapshot
-from geometry.lab.claims import UP
+from geometry.lab.claims import UP, per_seed
 from geometry.lab.pretrain import BASE_STEP
 from geometry.lab.regimes import TrainResult
 from geometry.lab.stats import Interval, interval
@@ -14,6 +15,7 @@ from geometry.lab.structure import FLAT_GAP, module_spectra
 from geometry.lab.study import MAIN, ONE_SEED, StudyResult
 from geometry.lab.task import POSTTRAIN_TASK, PRETRAIN_TASK, TEACHER_TASK
 from geometry.offline.markdown import table
+from geometry.offline.summary import RunSummary
 
 
 def starting_points(study: StudyResult) -> list[tuple[str, TrainResult]]:
@@ -146,10 +148,12 @@ def noise_words(study: StudyResult) -> str:
 TEACHING_RUNS = ("opd", "opd_sftlr", "opd_fullkl", "sft")  # the teaching section's rows, those the study ran
 
 
-def teaching_lines(study: StudyResult) -> list[str]:
+def teaching_lines(study: StudyResult, S: Mapping[str, RunSummary]) -> list[str]:
     """Does the teacher teach? Each OPD run's gain over its start, beside SFT's, at its learning rate and batch
     shape, read against the evaluation noise by a rule fixed before the run: a gain is clear when its 95%
-    interval over seeds lies above one binomial sd of one accuracy at the start."""
+    interval over seeds lies above one binomial sd of one accuracy at the start. With the SFT-budget variant, its
+    update's bf16 sparsity and principal-mask overlap beside SFT's and OPD's (``S``: summaries by run label),
+    which separates what the learning rate does to them from what the estimator does."""
     rows, clear = [], {}
     for name in (n for n in TEACHING_RUNS if n in study.runs):
         rs = study.runs[name]
@@ -172,11 +176,27 @@ def teaching_lines(study: StudyResult) -> list[str]:
                 ": the teacher teaches once OPD has SFT's update budget, so at the paper's rates what OPD lacks "
                 "is that budget (its lr is a tenth of SFT's), not a teacher." if clear["opd_sftlr"] and not
                 clear.get("opd", True) else "."))
+        sparsity = {n: _final(study, S, n, "sparsity_bf16") for n in ("opd_sftlr", "sft", "opd")}
+        words.append(f"At SFT's learning rate OPD's update is {_geometry(study, S, 'opd_sftlr')}; SFT's "
+                     f"{_geometry(study, S, 'sft')}; OPD's at its own {_geometry(study, S, 'opd')}." + (
+                         " Its sparsity is nearer SFT's than OPD's: in this model the learning rate, more than the "
+                         "estimator, sets how many bf16 entries an update changes." if abs(
+                             sparsity["opd_sftlr"].mean - sparsity["sft"].mean) < abs(
+                             sparsity["opd_sftlr"].mean - sparsity["opd"].mean) else ""))
     return ["## Does the teacher teach?", "",
             table(["run", "lr", "prompts x samples a step", "gain (points)", "gain / sd", "reading"], rows), "",
             "*gain*: accuracy after minus before, mean over seeds [95% interval]; *sd*: the binomial sd of one "
             "accuracy at the run's start; *clear*: the interval lies above one sd (a rule fixed before the run). "
             + " ".join(words)]
+
+
+def _final(study: StudyResult, S: Mapping[str, RunSummary], name: str, metric: str) -> Interval:
+    return interval(list(per_seed(study, S, name, lambda s: s.final(metric)).values()))
+
+
+def _geometry(study: StudyResult, S: Mapping[str, RunSummary], name: str) -> str:
+    return (f"{_final(study, S, name, 'sparsity_bf16').show('%')}% bf16-sparse with a principal-mask overlap of "
+            f"{_final(study, S, name, 'mask_overlap_principal').show('%')}%")
 
 
 def _shape(name: str, study: StudyResult) -> str:
