@@ -11,16 +11,23 @@ from geometry.lab.study import CONTROLS, MAIN, PROJECTED, VARIANTS, StudyResult,
 from geometry.offline.summary import ATTENTION_MODULES, RunSummary
 from geometry.table import Row, Table
 
+FRACTION = "fraction of training (step / the run's last step)"
+
 
 def seed_pooled(table: Table, names: Sequence[str]) -> Table:
     """Rows relabelled run=name (seed dropped) and matrix=matrix@seed, so a plot's mean over matrices is a
-    mean over matrices and seeds."""
+    mean over matrices and seeds, and each step as a fraction of its run's last step, so that runs of different
+    lengths (the reference study's) line up at 20% of training, where the locking claims are read."""
     keep = set(names)
+    last: dict[str, int] = {}
+    for r in table:
+        last[r.run] = max(last.get(r.run, 0), r.step)
     out = []
     for r in table:
         name, _, seed = r.run.rpartition("/")
         if name in keep:
-            out.append(Row(name, r.step, f"{r.matrix}@{seed}", r.layer, r.module, r.metric, r.value))
+            step = r.step / last[r.run] if last[r.run] else r.step
+            out.append(Row(name, step, f"{r.matrix}@{seed}", r.layer, r.module, r.metric, r.value))
     return Table(out)
 
 
@@ -64,6 +71,8 @@ def figures(study: StudyResult, final: dict[str, RunSummary], fig_dir: Path) -> 
                             ylabel="stable rank of D_t (per step, attention)")
     plots.metric_over_steps(track_attn, "track_fro_norm", ax[1], runs=main, ylabel="||D_t||_F (per step, attention)",
                             logy=True)
+    for x in ax:
+        x.set_xlabel(FRACTION)
     save(fig, "rank_norm.png")
 
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.2), layout="constrained")
@@ -74,6 +83,8 @@ def figures(study: StudyResult, final: dict[str, RunSummary], fig_dir: Path) -> 
     plots.locking(track_attn, ax[2], tracked=True, tau=tau, runs=controls)
     ax[2].set_title(("OPD, its controls and variants" if len(controls) > 1 else "OPD") + ", per step, attention",
                     fontsize=10)
+    for x in ax:
+        x.set_xlabel(FRACTION)
     save(fig, "locking.png")
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
