@@ -126,8 +126,7 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], ax=None, *, 
     for i, name in enumerate(names):
         vals = np.asarray(series[name], dtype=float)
         pos = x - 0.4 + width * (i + 0.5)
-        ax.bar(pos, np.nan_to_num(vals), width, label=name,
-                       color=(colors or {}).get(name, color(name, names)))
+        ax.bar(pos, np.nan_to_num(vals), width, label=name, color=(colors or {}).get(name, color(name, names)))
         if errors and name in errors:
             lo, hi = np.asarray(errors[name], dtype=float).T
             ax.errorbar(pos, vals, yerr=[vals - lo, hi - vals], fmt="none", ecolor="k", elinewidth=1, capsize=3)

@@ -161,8 +161,7 @@ def teaching_lines(study: StudyResult, S: Mapping[str, RunSummary]) -> list[str]
         sd = math.sqrt(p0 * (1 - p0) / study.config.eval_problems)
         g = interval([r.acc_after - r.acc_before for r in rs])
         clear[name] = g.n >= 2 and g.lo > sd
-        shape = f"{rs[0].lr:.3g}", _shape(name, study)
-        rows.append([name, *shape, points(g), f"{g.mean / sd:.1f}" if sd > 0 else "n/a",
+        rows.append([name, f"{rs[0].lr:.3g}", _shape(name, study), points(g), f"{g.mean / sd:.1f}" if sd > 0 else "n/a",
                      ("clear" if clear[name] else "not clear") if g.n >= 2 else "one seed: not read"])
     words = []
     if "opd" in clear:
