@@ -127,6 +127,15 @@ def setup_rows(study: StudyResult) -> list[list[str]]:
     ]
 
 
+def gain(study: StudyResult, name: str) -> tuple[float, float, Interval]:
+    """A run's mean starting accuracy p0 over its seeds, one accuracy's binomial sd there on the evaluation
+    problems, and its gain over its start (accuracy after - before, by seed) as a mean and 95% interval."""
+    rs = study.runs[name]
+    p0 = sum(r.acc_before for r in rs) / len(rs)
+    g = interval([r.acc_after - r.acc_before for r in rs])
+    return p0, math.sqrt(p0 * (1 - p0) / study.config.eval_problems), g
+
+
 def noise_words(study: StudyResult) -> str:
     """The evaluation noise (binomial sd of one accuracy at each regime's starting accuracy) and each main regime's
     gain over its start against it."""
@@ -134,10 +143,7 @@ def noise_words(study: StudyResult) -> str:
     gains = []
     for name in ("opd", "rlvr", "sft"):
         if name in study.runs:
-            rs = study.runs[name]
-            p0 = sum(r.acc_before for r in rs) / len(rs)
-            sd = math.sqrt(p0 * (1 - p0) / n)
-            g = interval([r.acc_after - r.acc_before for r in rs])
+            p0, sd, g = gain(study, name)
             gains.append(f"{UP[name]} from {100 * p0:.1f}%: {points(g)}" + (
                 f" ({g.mean / sd:.1f} sd; one accuracy's binomial sd there {100 * sd:.1f} points)" if sd > 0 else ""))
     return (f"Evaluation noise: one accuracy on {n} problems has a binomial sd of sqrt(p (1 - p) / {n}) at its "
@@ -156,12 +162,10 @@ def teaching_lines(study: StudyResult, S: Mapping[str, RunSummary]) -> list[str]
     which separates what the learning rate does to them from what the estimator does."""
     rows, clear = [], {}
     for name in (n for n in TEACHING_RUNS if n in study.runs):
-        rs = study.runs[name]
-        p0 = sum(r.acc_before for r in rs) / len(rs)
-        sd = math.sqrt(p0 * (1 - p0) / study.config.eval_problems)
-        g = interval([r.acc_after - r.acc_before for r in rs])
+        _, sd, g = gain(study, name)
         clear[name] = g.n >= 2 and g.lo > sd
-        rows.append([name, f"{rs[0].lr:.3g}", _shape(name, study), points(g), f"{g.mean / sd:.1f}" if sd > 0 else "n/a",
+        rows.append([name, f"{study.runs[name][0].lr:.3g}", _shape(name, study), points(g),
+                     f"{g.mean / sd:.1f}" if sd > 0 else "n/a",
                      ("clear" if clear[name] else "not clear") if g.n >= 2 else "one seed: not read"])
     words = []
     if "opd" in clear:
