@@ -12,7 +12,7 @@ from geometry.lab.pretrain import BASE_STEP
 from geometry.lab.regimes import TrainResult
 from geometry.lab.stats import Interval, interval
 from geometry.lab.structure import FLAT_GAP, module_spectra
-from geometry.lab.study import MAIN, ONE_SEED, StudyResult
+from geometry.lab.study import MAIN, ONE_SEED, SFT_BUDGET_GENERATIONS, StudyResult
 from geometry.lab.task import POSTTRAIN_TASK, PRETRAIN_TASK, TEACHER_TASK
 from geometry.offline.markdown import table
 from geometry.offline.summary import RunSummary
@@ -205,7 +205,7 @@ def _geometry(study: StudyResult, S: Mapping[str, RunSummary], name: str) -> str
 def _shape(name: str, study: StudyResult) -> str:
     cfg = study.config
     if name == "opd_sftlr":
-        return f"{cfg.sequences // 2} x 2"
+        return f"{cfg.sequences // SFT_BUDGET_GENERATIONS} x {SFT_BUDGET_GENERATIONS}"
     if name in ("sft", "opd_fullkl"):
         return f"{cfg.sequences} x 1"
     return f"{cfg.batch} x {cfg.generations}"

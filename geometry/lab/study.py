@@ -61,6 +61,7 @@ CONTROLS = ("opd_offpolicy", "opd_mix0.05")  # compared with on-policy "opd"
 PROJECTED = {"sft_proj": "sft", "opd_proj": "opd"}  # projected run -> its unconstrained run
 VARIANTS = ("opd_fullkl", "opd_sftlr")  # shown, in no verdict (plan() also has "opd_mix0.5", in no default list)
 ONE_SEED = ("opd_fullkl",)  # variants trained at seed 0 only
+SFT_BUDGET_GENERATIONS = 2  # opd_sftlr's samples per prompt: the most prompts a step a group can give
 # The reference study (--reference): the paper's step counts (its appendices), SFT from a less-trained base, OPD and
 # RLVR from each seed's SFT checkpoint; projected runs take their unconstrained run's count.
 REFERENCE_STEPS = {"sft": 5375, "rlvr": 1023, "opd": 299}
@@ -155,7 +156,7 @@ def sft_budget(cfg: RegimeConfig, student: Path) -> RegimeConfig:
     allow within the same ``cfg.sequences`` sequences (SFT takes that many prompts; at 4 prompts a step OPD's
     updates follow the few problems of each step; measured in data/README.md)."""
     lr = regimes.learning_rates(cfg, student)["sft"]
-    return replace(cfg, lr=lr, batch=cfg.sequences // 2, generations=2)
+    return replace(cfg, lr=lr, batch=cfg.sequences // SFT_BUDGET_GENERATIONS, generations=SFT_BUDGET_GENERATIONS)
 
 
 def _run(jobs: list[Job], after: Callable[[TrainResult], list[Job]], teacher: Path, runs_dir: Path,
